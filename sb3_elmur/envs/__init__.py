@@ -1,0 +1,27 @@
+import gymnasium as gym
+
+from sb3_elmur.envs.tmaze import TMazeEnv, TMazeOracle, TMazeVecEnv
+
+# id -> default kwargs
+_ENV_IDS = {
+    "sb3_elmur/TMaze-v0": {"variant": "reference"},
+    "sb3_elmur/PassiveTMaze-v0": {"variant": "passive"},
+}
+
+
+def register_envs() -> None:
+    """
+    Register the T-Maze environments with gymnasium (safe to call several times).
+
+    ``gym.make("sb3_elmur/TMaze-v0", corridor_length=100)`` then creates a
+    :class:`TMazeEnv`. No ``max_episode_steps`` is given: the env truncates itself
+    since its time limit depends on ``corridor_length``.
+    """
+    for env_id, kwargs in _ENV_IDS.items():
+        # Re-registering an id makes gymnasium warn, so skip known ids
+        if env_id in gym.registry:
+            continue
+        gym.register(id=env_id, entry_point="sb3_elmur.envs.tmaze:TMazeEnv", kwargs=dict(kwargs))
+
+
+__all__ = ["TMazeEnv", "TMazeOracle", "TMazeVecEnv", "register_envs"]

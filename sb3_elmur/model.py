@@ -1,0 +1,428 @@
+"""ELMUR: External Layer Memory with Update/Rewrite, in plain PyTorch.
+
+Every transformer layer owns M memory slots. Tokens of a segment (K consecutive steps) read the memory
+through cross-attention; when a segment is complete, the layer's output tokens are written into one slot
+chosen by an LRU rule (first empty slot, else the least recently written), by convex blending.
+
+The model is a recurrent function of (inputs, state): processing T steps one call at a time or in a single
+call gives the same outputs and final state. A long sequence is processed segment-parallel: one batched
+pass per segment, causal inside it. See ``ELMUR_SPEC.md`` in the shared folder for the specification.
+
+This module has no dependency on Stable-Baselines3.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DISTANCE_BIAS_MODES = ("clamped", "log")
+EMPTY_SLOT_WRITE_MODES = ("hard", "blend")
+NORM_MODES = ("pre", "post")
+
+
+@dataclass
+class ElmurConfig:
+    """Hyper-parameters of :class:`ElmurModel`.
+
+    :param d_model: token and memory width D
+    :param n_layers: number of transformer layers L (each owns its memory)
+    :param n_heads: attention heads H (must divide ``d_model``)
+    :param memory_size: memory slots per layer M
+    :param context_length: segment length K (the attention window, in steps)
+    :param alpha: LRU blend factor in (0, 1]: ``slot <- alpha * new + (1 - alpha) * slot``; 1 replaces
+    :param empty_slot_write: "hard" writes the candidate into a never-written slot (the paper);
+        "blend" blends it with the initial content like any other slot (the reference code)
+    :param memory_init_std: std of the fixed initial memory content (0 = zeros). It is drawn once at
+        construction and stored as a buffer, so every episode start resets to the same content.
+    :param dropout: dropout on residual branches
+    :param attn_dropout: dropout on attention weights
+    :param memory_dropout: dropout on the memory vectors the tokens read
+    :param norm: "pre" (LayerNorm before each sub-layer) or "post" (after the residual sum)
+    :param mlp_ratio: hidden width of the feed-forward blocks, as a multiple of ``d_model``
+    :param distance_bias: "log" (T5-style log buckets: ages stay distinguishable up to ``max_distance``)
+        or "clamped" (one entry per step up to ``max_distance``, the reference code's table)
+    :param max_distance: largest distance the bias tells apart, in steps (default: 2**24 for "log",
+        1023 for "clamped", the reference code's table size)
+    :param distance_buckets: number of buckets in "log" mode (the first ``distance_buckets // 4`` are exact)
+    :param use_memory_read: ablation switch for the memory read
+    :param use_memory_write: ablation switch for the memory write (memory then stays at its initial value)
+    :param use_distance_bias: ablation switch for the distance bias of read and write
+    :param detach_memory: cut gradients between segments (the reference code's behaviour)
+    """
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    memory_size: int = 2
+    context_length: int = 10
+    alpha: float = 1.0
+    empty_slot_write: str = "hard"
+    memory_init_std: float = 0.0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    memory_dropout: float = 0.0
+    norm: str = "pre"
+    mlp_ratio: int = 4
+    distance_bias: str = "log"
+    max_distance: Optional[int] = None
+    distance_buckets: int = 64
+    use_memory_read: bool = True
+    use_memory_write: bool = True
+    use_distance_bias: bool = True
+    detach_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_distance is None:
+            self.max_distance = 2**24 if self.distance_bias == "log" else 1023
+        for name in ("d_model", "n_layers", "n_heads", "memory_size", "context_length", "mlp_ratio", "max_distance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ElmurConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"ElmurConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"ElmurConfig.alpha must be in (0, 1], got {self.alpha!r}")
+        for name, allowed in (
+            ("empty_slot_write", EMPTY_SLOT_WRITE_MODES),
+            ("norm", NORM_MODES),
+            ("distance_bias", DISTANCE_BIAS_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ElmurConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("dropout", "attn_dropout", "memory_dropout", "memory_init_std"):
+            value = getattr(self, name)
+            if not (0.0 <= value < 1.0 or (name == "memory_init_std" and value >= 0.0)):
+                raise ValueError(f"ElmurConfig.{name} must be in [0, 1), got {value!r}")
+        if self.distance_bias == "log" and not 8 <= self.distance_buckets <= self.max_distance:
+            raise ValueError(
+                f"ElmurConfig.distance_buckets must be in [8, max_distance], got {self.distance_buckets!r}"
+            )
+
+
+class ElmurState(NamedTuple):
+    """Recurrent state of :class:`ElmurModel`, batched along the first dimension.
+
+    ``memory`` [B, L, M, D] slot vectors; ``positions`` [B, L, M] step of each slot's last write (-1 = empty);
+    ``segment`` [B, K-1, D] input tokens of the current, incomplete segment (the first ``step % K`` are
+    valid, the rest zeros); ``step`` [B] steps taken in the current episode.
+    """
+
+    memory: torch.Tensor
+    positions: torch.Tensor
+    segment: torch.Tensor
+    step: torch.Tensor
+
+
+def lru_write(
+    memory: torch.Tensor,
+    positions: torch.Tensor,
+    candidates: torch.Tensor,
+    newest_step: torch.Tensor,
+    alpha: float,
+    hard_write_empty: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Write one slot per row: the first never-written slot, else the least recently written one.
+
+    :param memory: [N, M, D] slot vectors
+    :param positions: [N, M] step of each slot's last write, -1 for never written
+    :param candidates: [N, M, D] candidate content for every slot (only the chosen one is used)
+    :param newest_step: [N] step of the newest token of the segment being written
+    :param alpha: blend factor: ``slot <- alpha * candidate + (1 - alpha) * slot``
+    :param hard_write_empty: write the candidate as is into a never-written slot
+    :return: new memory and positions
+    """
+    n_slots = positions.shape[-1]
+    slot_index = torch.arange(n_slots, device=positions.device)
+    empty = positions < 0
+    # Empty slots get keys below every valid position, in slot order, so argmin picks the first empty one.
+    key = torch.where(empty, slot_index - n_slots - 1, positions)
+    chosen = F.one_hot(key.argmin(dim=-1), n_slots).bool()  # [N, M]
+    weight = torch.full_like(positions, alpha, dtype=memory.dtype)
+    if hard_write_empty:
+        weight = torch.where(empty, torch.ones_like(weight), weight)
+    weight = torch.where(chosen, weight, torch.zeros_like(weight)).unsqueeze(-1)
+    new_memory = weight * candidates + (1.0 - weight) * memory
+    new_positions = torch.where(chosen, newest_step.unsqueeze(-1).to(positions.dtype), positions)
+    return new_memory, new_positions
+
+
+class DistanceBias(nn.Module):
+    """Learned per-head additive attention bias indexed by the age of a memory slot (in steps).
+
+    Bucket 0 is reserved for never-written slots. Initialised at zero, so ages never seen in training
+    add nothing rather than noise.
+    """
+
+    def __init__(self, config: ElmurConfig) -> None:
+        super().__init__()
+        self.mode = config.distance_bias
+        self.max_distance = config.max_distance
+        if self.mode == "clamped":
+            n_buckets = config.max_distance + 1
+            self.n_exact = config.max_distance + 1
+        else:
+            n_buckets = config.distance_buckets
+            self.n_exact = config.distance_buckets // 4
+        self.n_buckets = n_buckets
+        self.table = nn.Parameter(torch.zeros(n_buckets, config.n_heads))
+
+    def bucket(self, distance: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """Bucket index of integer distances >= 1 (bucket 0 where ``empty``)."""
+        distance = distance.clamp(min=1)
+        if self.mode == "clamped":
+            index = distance.clamp(max=self.max_distance)
+        else:
+            # Distances below n_exact get their own bucket; above, buckets are log-spaced up to max_distance.
+            log_ratio = torch.log(distance.float() / self.n_exact) / math.log(self.max_distance / self.n_exact)
+            log_index = self.n_exact + (log_ratio * (self.n_buckets - self.n_exact)).long()
+            index = torch.where(distance < self.n_exact, distance, log_index.clamp(max=self.n_buckets - 1))
+        return torch.where(empty, torch.zeros_like(index), index)
+
+    def forward(self, distance: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """:return: bias [..., H] for integer distances [...]."""
+        return self.table[self.bucket(distance, empty)]
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose scores take an additive bias (position, distance and causal masks)."""
+
+    def __init__(self, config: ElmurConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.query = nn.Linear(config.d_model, config.d_model)
+        self.key_value = nn.Linear(config.d_model, 2 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.attn_dropout = config.attn_dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """:param queries: [N, Tq, D]; :param keys: [N, Tk, D]; :param bias: [N or 1, H, Tq, Tk] or None."""
+        n, tq, d = queries.shape
+        h = self.n_heads
+        q = self.query(queries).view(n, tq, h, d // h).transpose(1, 2)
+        k, v = self.key_value(keys).view(n, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        dropout = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        return self.resid_dropout(self.proj(out.transpose(1, 2).reshape(n, tq, d)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ElmurConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_ratio * config.d_model
+        self.net = nn.Sequential(
+            nn.Linear(config.d_model, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, config.d_model),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ElmurLayer(nn.Module):
+    """One layer: causal self-attention, memory read, feed-forward; and the write candidate for its memory."""
+
+    def __init__(self, config: ElmurConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, k = config.d_model, config.context_length
+        self.self_attn, self.ln_self_attn = Attention(config), nn.LayerNorm(d)
+        self.read, self.ln_read = Attention(config), nn.LayerNorm(d)
+        self.mlp, self.ln_mlp = MLP(config), nn.LayerNorm(d)
+        self.write, self.ln_write = Attention(config), nn.LayerNorm(d)
+        self.memory_mlp, self.ln_memory_mlp = MLP(config), nn.LayerNorm(d)
+        # Ends every write in a LayerNorm (also in pre-norm mode), so that blended slots stay bounded.
+        self.ln_candidate = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
+        self.memory_dropout = nn.Dropout(config.memory_dropout)
+        self.read_bias = DistanceBias(config)
+        self.write_bias = DistanceBias(config)
+        # Relative position bias inside a segment (depends on i - j only), with the causal mask built in.
+        self.relative_bias = nn.Parameter(torch.zeros(config.n_heads, k))
+        offsets = torch.arange(k).view(k, 1) - torch.arange(k).view(1, k)
+        self.register_buffer("offsets", offsets.clamp(min=0), persistent=False)
+        self.register_buffer("causal", offsets >= 0, persistent=False)
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
+        if self.config.norm == "pre":
+            return x + fn(norm(x))
+        return norm(x + fn(x))
+
+    def _memory_bias(self, bias: DistanceBias, token_steps: torch.Tensor, positions: torch.Tensor, slots_query: bool):
+        """Distance bias [N, H, Tq, Tk] between tokens [N, K] and slots [N, M]."""
+        if not self.config.use_distance_bias:
+            return None
+        distance = token_steps.unsqueeze(-1) - positions.unsqueeze(-2)  # [N, K, M]
+        empty = (positions < 0).unsqueeze(-2).expand_as(distance)
+        out = bias(distance, empty).permute(0, 3, 1, 2)  # [N, H, K, M]
+        return out.transpose(-1, -2) if slots_query else out
+
+    def forward(
+        self, x: torch.Tensor, token_steps: torch.Tensor, memory: torch.Tensor, positions: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:param x: [N, K, D] segment tokens; :param token_steps: [N, K] their steps in the episode;
+        :param memory: [N, M, D]; :param positions: [N, M].
+        :return: output tokens [N, K, D] and the write candidates [N, M, D] (None if writing is off)."""
+        causal_bias = self.relative_bias[:, self.offsets].masked_fill(~self.causal, float("-inf")).unsqueeze(0)
+        x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias))
+        if self.config.use_memory_read:
+            read_bias = self._memory_bias(self.read_bias, token_steps, positions, slots_query=False)
+            mem = self.memory_dropout(memory)
+            x = self._sublayer(x, self.ln_read, lambda h: self.read(h, mem, read_bias))
+        x = self._sublayer(x, self.ln_mlp, self.mlp)
+        if not self.config.use_memory_write:
+            return x, None
+        write_bias = self._memory_bias(self.write_bias, token_steps, positions, slots_query=True)
+        m = self._sublayer(memory, self.ln_write, lambda h: self.write(h, x, write_bias))
+        m = self._sublayer(m, self.ln_memory_mlp, self.memory_mlp)
+        return x, self.ln_candidate(m)
+
+
+class _SegmentPlan(NamedTuple):
+    """Where each input step lands in the [N, S, K] grid of segments (see ``ElmurModel._plan``)."""
+
+    segment_index: torch.Tensor  # [N, T] segment of each step
+    slot: torch.Tensor  # [N, T] position of each step inside its segment (its step % K)
+    steps: torch.Tensor  # [N, T] episode step of each input step
+    segment_start_step: torch.Tensor  # [N, S] episode step at position 0 of each segment
+    reset: torch.Tensor  # [N, S] memory resets before the segment (episode start)
+    complete: torch.Tensor  # [N, S] segment holds its last position: commit the memory write
+    keep_prefix: torch.Tensor  # [N] the first segment continues the state's incomplete segment
+
+
+class ElmurModel(nn.Module):
+    """ELMUR backbone: embeds inputs into tokens and runs them through memory layers.
+
+    :param input_dim: size of each step's input vector
+    :param config: model hyper-parameters
+    """
+
+    def __init__(self, input_dim: int, config: Optional[ElmurConfig] = None) -> None:
+        super().__init__()
+        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+        self.input_dim = input_dim
+        self.config = config = config if config is not None else ElmurConfig()
+        self.embed = nn.Linear(input_dim, config.d_model)
+        self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.n_layers))
+        self.ln_out = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()
+        self.apply(self._init_weights)
+        init = torch.randn(config.n_layers, config.memory_size, config.d_model) * config.memory_init_std
+        self.register_buffer("memory_init", init)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Small weights (as in GPT-2) keep attention near-uniform and residual branches small at the start.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def initial_state(self, batch_size: int, device: Optional[torch.device] = None) -> ElmurState:
+        """State at the start of an episode, for ``batch_size`` independent rows."""
+        cfg = self.config
+        device = device if device is not None else self.memory_init.device
+        return ElmurState(
+            memory=self.memory_init.to(device).unsqueeze(0).expand(batch_size, -1, -1, -1).clone(),
+            positions=torch.full((batch_size, cfg.n_layers, cfg.memory_size), -1, dtype=torch.long, device=device),
+            segment=torch.zeros(batch_size, cfg.context_length - 1, cfg.d_model, device=device),
+            step=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def _plan(self, step: torch.Tensor, episode_starts: torch.Tensor) -> _SegmentPlan:
+        """Cut every row's steps into segments counted from its episode start, resets and all."""
+        k = self.config.context_length
+        n, t = episode_starts.shape
+        time = torch.arange(t, device=step.device).expand(n, t)
+        last_start = torch.where(episode_starts, time, torch.full_like(time, -1)).cummax(dim=1).values
+        steps = torch.where(last_start >= 0, time - last_start, step.unsqueeze(1) + time)
+        slot = steps % k
+        begins = episode_starts | (slot == 0)
+        begins[:, 0] = True
+        segment_index = begins.long().cumsum(dim=1) - 1
+        n_segments = int(segment_index.max()) + 1
+        segment_start_step = torch.zeros(n, n_segments, dtype=torch.long, device=step.device)
+        segment_start_step.scatter_(1, segment_index, steps - slot)  # equal for all steps of a segment
+        # scatter_add, not scatter_: several steps share a segment and any one of them may carry the flag.
+        flags = torch.zeros(n, n_segments, dtype=torch.long, device=step.device)
+        reset = flags.scatter_add(1, segment_index, episode_starts.long()) > 0
+        complete = flags.scatter_add(1, segment_index, (slot == k - 1).long()) > 0
+        return _SegmentPlan(segment_index, slot, steps, segment_start_step, reset, complete, ~episode_starts[:, 0])
+
+    def forward(
+        self, x: torch.Tensor, state: ElmurState, episode_starts: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, ElmurState]:
+        """Process T steps of N rows, segment-parallel.
+
+        :param x: [N, T, input_dim] inputs
+        :param state: state before the first step (from :meth:`initial_state` or a previous call)
+        :param episode_starts: [N, T] bool, True where a new episode begins (resets that row's memory)
+        :return: outputs [N, T, d_model] and the state after the last step
+        """
+        if x.dim() != 3 or x.shape[-1] != self.input_dim:
+            raise ValueError(f"expected inputs of shape [batch, time, {self.input_dim}], got {tuple(x.shape)}")
+        n, t, _ = x.shape
+        if state.step.shape != (n,):
+            raise ValueError(f"state is for batch size {state.step.shape[0]}, inputs for {n}")
+        if episode_starts is None:
+            episode_starts = torch.zeros(n, t, dtype=torch.bool, device=x.device)
+        episode_starts = episode_starts.to(device=x.device, dtype=torch.bool)
+        if episode_starts.shape != (n, t):
+            raise ValueError(f"episode_starts must have shape {(n, t)}, got {tuple(episode_starts.shape)}")
+        cfg = self.config
+        k, d = cfg.context_length, cfg.d_model
+        plan = self._plan(state.step, episode_starts)
+        n_segments = plan.reset.shape[1]
+
+        # Lay the tokens out as [N, S, K, D]; the state's incomplete segment fills the first positions.
+        grid = torch.zeros(n, n_segments, k, d, dtype=x.dtype, device=x.device)
+        prefix = state.segment * plan.keep_prefix.view(n, 1, 1).to(x.dtype)
+        grid[:, 0, : k - 1] = prefix
+        rows = torch.arange(n, device=x.device).unsqueeze(1).expand(n, t)
+        grid = grid.index_put((rows, plan.segment_index, plan.slot), self.embed(x))
+        position = torch.arange(k, device=x.device)
+
+        memory = list(state.memory.unbind(dim=1))  # per layer [N, M, D]
+        positions = list(state.positions.unbind(dim=1))
+        init_memory = self.memory_init.to(x.dtype)
+        outputs: List[torch.Tensor] = []
+        for s in range(n_segments):
+            reset = plan.reset[:, s].view(n, 1, 1)
+            complete = plan.complete[:, s]
+            token_steps = plan.segment_start_step[:, s : s + 1] + position  # [N, K]
+            newest_step = plan.segment_start_step[:, s] + k - 1
+            h = grid[:, s]
+            for i, layer in enumerate(self.layers):
+                mem = torch.where(reset, init_memory[i], memory[i])
+                pos = torch.where(reset.view(n, 1), torch.full_like(positions[i], -1), positions[i])
+                if cfg.detach_memory:
+                    mem = mem.detach()
+                h, candidates = layer(h, token_steps, mem, pos)
+                if candidates is not None:
+                    written, written_pos = lru_write(
+                        mem, pos, candidates, newest_step, cfg.alpha, cfg.empty_slot_write == "hard"
+                    )
+                    mem = torch.where(complete.view(n, 1, 1), written, mem)
+                    pos = torch.where(complete.view(n, 1), written_pos, pos)
+                memory[i], positions[i] = mem, pos
+            outputs.append(h)
+        out_grid = self.ln_out(torch.stack(outputs, dim=1))  # [N, S, K, D]
+        out = out_grid[rows, plan.segment_index, plan.slot]
+
+        # The last segment, if incomplete, becomes the state's prefix.
+        last_step = plan.steps[:, -1]
+        last_segment = plan.segment_index[:, -1]
+        n_valid = (last_step + 1) % k
+        segment = grid[torch.arange(n, device=x.device), last_segment, : k - 1]
+        segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
+        new_state = ElmurState(
+            memory=torch.stack(memory, dim=1),
+            positions=torch.stack(positions, dim=1),
+            segment=segment,
+            step=last_step + 1,
+        )
+        return out, new_state

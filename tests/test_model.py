@@ -1,0 +1,275 @@
+import math
+
+import pytest
+import torch
+
+from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, lru_write
+
+torch.set_num_threads(1)
+
+
+def _model(input_dim: int = 5, seed: int = 0, **kwargs) -> ElmurModel:
+    torch.manual_seed(seed)
+    defaults = dict(d_model=16, n_layers=2, n_heads=2, memory_size=3, context_length=4, alpha=0.6, memory_init_std=0.3)
+    defaults.update(kwargs)
+    model = ElmurModel(input_dim, ElmurConfig(**defaults))
+    # Non-zero biases make every positional path matter in the comparisons below.
+    with torch.no_grad():
+        for layer in model.layers:
+            for table in (layer.read_bias.table, layer.write_bias.table, layer.relative_bias):
+                table.normal_()
+    return model.eval()
+
+
+def _run_stepwise(model, x, state, starts):
+    outputs = []
+    for t in range(x.shape[1]):
+        out, state = model(x[:, t : t + 1], state, starts[:, t : t + 1])
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), state
+
+
+def _assert_states_close(a: ElmurState, b: ElmurState, atol: float = 1e-5) -> None:
+    for name, x, y in zip(ElmurState._fields, a, b):
+        assert x.shape == y.shape, name
+        if x.dtype == torch.long:
+            assert torch.equal(x, y), name
+        else:
+            torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"norm": "post"},
+        {"distance_bias": "clamped", "max_distance": 7},
+        {"empty_slot_write": "blend", "alpha": 0.3},
+        {"context_length": 1, "memory_size": 1},
+        {"context_length": 7, "memory_size": 2, "alpha": 1.0},
+        {"use_memory_read": False},
+        {"use_memory_write": False},
+        {"use_distance_bias": False, "n_layers": 1},
+        {"detach_memory": True},
+    ],
+)
+def test_stepwise_equals_sequence(kwargs):
+    model = _model(**kwargs)
+    gen = torch.Generator().manual_seed(1)
+    n, t = 6, 37
+    # Warm up to a random phase of a segment, with its own episode starts.
+    warm_len = 1 + int(torch.randint(0, 13, (1,), generator=gen))
+    warm = torch.randn(n, warm_len, 5, generator=gen)
+    _, state = model(warm, model.initial_state(n), torch.rand(n, warm_len, generator=gen) < 0.2)
+    x = torch.randn(n, t, 5, generator=gen)
+    starts = torch.rand(n, t, generator=gen) < 0.08
+    starts[0, 5] = starts[1, 0] = True  # a mid-sequence start and one on the first step
+
+    seq_out, seq_state = model(x, state, starts)
+    step_out, step_state = _run_stepwise(model, x, state, starts)
+    torch.testing.assert_close(seq_out, step_out, atol=1e-5, rtol=0)
+    _assert_states_close(seq_state, step_state)
+
+    # Any split into chunks gives the same too.
+    out_a, mid = model(x[:, :11], state, starts[:, :11])
+    out_b, end = model(x[:, 11:], mid, starts[:, 11:])
+    torch.testing.assert_close(torch.cat([out_a, out_b], dim=1), seq_out, atol=1e-5, rtol=0)
+    _assert_states_close(end, seq_state)
+
+
+def test_memory_carries_information_across_segments():
+    model = _model(context_length=3, memory_size=2)
+    x = torch.randn(2, 30, 5)
+    x[1, 1:] = x[0, 1:]  # rows differ only in their first step
+    x[1, 0] += 10.0
+    out, _ = model(x, model.initial_state(2))
+    assert (out[0, -1] - out[1, -1]).abs().max() > 1e-6
+
+    no_memory = _model(context_length=3, memory_size=2, use_memory_read=False)
+    out, _ = no_memory(x, no_memory.initial_state(2))
+    torch.testing.assert_close(out[0, 3:], out[1, 3:], atol=1e-7, rtol=0)
+
+
+def test_episode_start_resets_only_its_row():
+    model = _model()
+    x = torch.randn(3, 20, 5)
+    fresh = torch.randn(3, 9, 5)
+    _, state = model(torch.randn(3, 9, 5), model.initial_state(3))
+    starts = torch.zeros(3, 20, dtype=torch.bool)
+    starts[1, 0] = True
+    out, _ = model(x, state, starts)
+    ref, _ = model(x, model.initial_state(3))
+    torch.testing.assert_close(out[1], ref[1], atol=1e-6, rtol=0)
+    assert (out[0] - ref[0]).abs().max() > 1e-4 and (out[2] - ref[2]).abs().max() > 1e-4
+    # Rows 0 and 2 are unaffected by row 1's reset.
+    untouched, _ = model(x, state)
+    torch.testing.assert_close(out[[0, 2]], untouched[[0, 2]], atol=1e-6, rtol=0)
+    del fresh
+
+
+def test_state_size_independent_of_episode_length():
+    model = _model(context_length=5)
+    state = model.initial_state(2)
+    sizes = set()
+    for length in (3, 50, 2000):
+        _, state = model(torch.randn(2, length, 5), state)
+        sizes.add(tuple(tuple(s.shape) for s in state))
+    assert len(sizes) == 1
+    assert int(state.step[0]) == 2053
+
+
+def test_lru_write_order_and_positions():
+    memory = torch.zeros(1, 3, 2)
+    positions = torch.full((1, 3), -1)
+    order = []
+    for step in (9, 19, 29, 39, 49, 59, 69):
+        candidates = torch.full((1, 3, 2), float(step))
+        new_memory, new_positions = lru_write(memory, positions, candidates, torch.tensor([step]), alpha=1.0)
+        changed = (new_positions != positions).nonzero()[:, 1].tolist()
+        assert len(changed) == 1
+        order.append(changed[0])
+        assert torch.equal(new_memory[0, changed[0]], torch.full((2,), float(step)))
+        memory, positions = new_memory, new_positions
+    # First the empty slots in order, then always the least recently written one.
+    assert order == [0, 1, 2, 0, 1, 2, 0]
+    assert positions.tolist() == [[69, 49, 59]]
+
+
+def test_lru_empty_slot_hard_write_vs_blend():
+    memory = torch.ones(1, 2, 3)
+    positions = torch.tensor([[5, -1]])
+    candidates = torch.full((1, 2, 3), 3.0)
+    hard, _ = lru_write(memory, positions, candidates, torch.tensor([9]), alpha=0.25, hard_write_empty=True)
+    blend, _ = lru_write(memory, positions, candidates, torch.tensor([9]), alpha=0.25, hard_write_empty=False)
+    assert torch.equal(hard[0, 1], torch.full((3,), 3.0))
+    assert torch.allclose(blend[0, 1], torch.full((3,), 0.25 * 3.0 + 0.75))
+    assert torch.equal(hard[0, 0], memory[0, 0]) and torch.equal(blend[0, 0], memory[0, 0])
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+def test_forgetting_law(alpha):
+    """A cue written once keeps weight (1 - alpha)^n after n blends into its slot."""
+    gen = torch.Generator().manual_seed(0)
+    cue = torch.randn(1, 1, 8, generator=gen)
+    memory, positions = lru_write(torch.zeros(1, 1, 8), torch.full((1, 1), -1), cue, torch.tensor([0]), alpha)
+    assert torch.equal(memory, cue)  # hard write into the empty slot
+    later = []
+    for n in range(1, 31):
+        u = torch.randn(1, 1, 8, generator=gen)
+        later.append(u)
+        memory, positions = lru_write(memory, positions, u, torch.tensor([n]), alpha)
+        closed_form = (1 - alpha) ** n * cue + sum(alpha * (1 - alpha) ** (n - k) * later[k - 1] for k in range(1, n + 1))
+        torch.testing.assert_close(memory, closed_form, atol=1e-5, rtol=1e-5)
+    # The cue's share, measured by linearity: change only the cue and see how much the slot moves.
+    memory_b, positions_b = lru_write(torch.zeros(1, 1, 8), torch.full((1, 1), -1), cue + 1.0, torch.tensor([0]), alpha)
+    for n, u in enumerate(later, start=1):
+        memory_b, positions_b = lru_write(memory_b, positions_b, u, torch.tensor([n]), alpha)
+    torch.testing.assert_close(memory_b - memory, torch.full_like(memory, (1 - alpha) ** 30), atol=1e-6, rtol=1e-4)
+
+
+def test_model_commits_one_slot_per_completed_segment():
+    model = _model(context_length=4, memory_size=3)
+    state = model.initial_state(1)
+    for segment in range(7):
+        before = state
+        for phase in range(4):
+            _, state = model(torch.randn(1, 1, 5), state)
+            if phase < 3:
+                _assert_states_close(ElmurState(before.memory, before.positions, before.segment, before.step), ElmurState(state.memory, state.positions, before.segment, before.step))
+        changed = (state.positions != before.positions).any(dim=1)[0]  # [M]
+        assert int(changed.sum()) == 1
+        assert set(state.positions[0].flatten().tolist()) - {-1} <= {4 * s + 3 for s in range(segment + 1)}
+        assert int(state.positions.max()) == 4 * segment + 3
+        slot = int(changed.nonzero())
+        untouched = [j for j in range(3) if j != slot]
+        torch.testing.assert_close(state.memory[0, :, untouched], before.memory[0, :, untouched])
+
+
+def _write_parameters(model: ElmurModel):
+    return [p for layer in model.layers for m in (layer.write, layer.memory_mlp) for p in m.parameters()]
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_gradients_through_memory_writes(detach):
+    model = _model(context_length=4, memory_size=2, detach_memory=detach).train()
+    x = torch.randn(3, 8, 5)
+    out, _ = model(x, model.initial_state(3))
+    # Outputs of the second segment depend on the write parameters only through memory written by the first.
+    out[:, 4:].pow(2).sum().backward()
+    grad_norm = sum(float(p.grad.abs().sum()) for p in _write_parameters(model) if p.grad is not None)
+    if detach:
+        assert grad_norm == 0.0
+    else:
+        assert grad_norm > 1e-6
+
+
+@pytest.mark.parametrize("norm, n_segments", [("pre", 100_000), ("post", 20_000)])
+def test_memory_stays_bounded_over_many_segments(norm, n_segments):
+    """Every slot is a convex combination of LayerNorm outputs and the initial content, so
+    ||slot|| <= max(sqrt(D) * max|gamma| + ||beta||, max ||initial slot||)."""
+    model = _model(input_dim=3, d_model=8, n_layers=1, n_heads=2, memory_size=2, context_length=1, alpha=0.7, norm=norm)
+    last_norm = model.layers[0].ln_candidate if norm == "pre" else model.layers[0].ln_memory_mlp
+    with torch.no_grad():
+        last_norm.weight.uniform_(0.5, 2.0)
+        last_norm.bias.uniform_(-1.0, 1.0)
+    d = model.config.d_model
+    with torch.no_grad():
+        bound = math.sqrt(d) * float(last_norm.weight.abs().max()) + float(last_norm.bias.norm())
+        bound = max(bound, float(model.memory_init.norm(dim=-1).max()))
+    gen = torch.Generator().manual_seed(0)
+    state = model.initial_state(2)
+    peak = 0.0
+    with torch.no_grad():
+        for _ in range(n_segments // 2000):  # one-step segments
+            x = torch.randn(2, 2000, 3, generator=gen) * 100.0
+            out, state = model(x, state)
+            assert torch.isfinite(out).all() and torch.isfinite(state.memory).all()
+            peak = max(peak, float(state.memory.norm(dim=-1).max()))
+    assert int(state.step[0]) == n_segments
+    assert peak <= bound + 1e-4
+
+
+def test_log_distance_bias_separates_ages_up_to_a_million_steps():
+    model = _model()
+    bias = model.layers[0].read_bias
+    ages = torch.tensor([1, 10, 100, 1_000, 10_000, 100_000, 500_000, 1_000_000])
+    buckets = bias.bucket(ages, torch.zeros_like(ages, dtype=torch.bool))
+    assert buckets.unique().numel() == len(ages)
+    assert bool((buckets[1:] > buckets[:-1]).all()) and int(buckets.max()) < bias.n_buckets
+
+    clamped = _model(distance_bias="clamped").layers[0].read_bias
+    far = clamped.bucket(torch.tensor([1023, 5_000, 1_000_000]), torch.zeros(3, dtype=torch.bool))
+    assert far.unique().numel() == 1  # the reference's clamp: every old slot looks equally old
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"d_model": 10, "n_heads": 3}, "d_model"),
+        ({"memory_size": 0}, "memory_size"),
+        ({"context_length": 0}, "context_length"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"norm": "middle"}, "norm"),
+        ({"distance_bias": "linear"}, "distance_bias"),
+        ({"empty_slot_write": "soft"}, "empty_slot_write"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"n_layers": 2.5}, "n_layers"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ElmurConfig(**kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _model()
+    state = model.initial_state(2)
+    with pytest.raises(ValueError, match="input"):
+        model(torch.randn(2, 3, 4), state)
+    with pytest.raises(ValueError, match="batch size"):
+        model(torch.randn(3, 3, 5), state)
+    with pytest.raises(ValueError, match="episode_starts"):
+        model(torch.randn(2, 3, 5), state, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="input_dim"):
+        ElmurModel(0)
