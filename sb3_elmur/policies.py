@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 import torch as th
 from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import (
     BaseFeaturesExtractor,
@@ -194,6 +195,14 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         data = super()._get_constructor_parameters()
         data.update(shared_backbone=self.shared_backbone, **vars(self.elmur_config))
         return data
+
+    def evaluate_actions(
+        self, obs: th.Tensor, actions: th.Tensor, lstm_states: RNNStates, episode_starts: th.Tensor
+    ) -> Tuple[th.Tensor, th.Tensor, th.Tensor]:
+        if isinstance(self.action_space, spaces.MultiBinary):
+            # SB3's buffer hands MultiBinary actions back as int8, which torch's Bernoulli.log_prob rejects.
+            actions = actions.float()
+        return super().evaluate_actions(obs, actions, lstm_states, episode_starts)
 
     @staticmethod
     def _process_sequence(

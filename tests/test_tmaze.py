@@ -397,6 +397,28 @@ def test_fixed_cues():
     np.testing.assert_array_equal(venv.reset()[:, 1], [1, 1, 1])
 
 
+def test_vec_env_noise():
+    venv = TMazeVecEnv(50, corridor_length=2, seed=0)
+    observations = [venv.reset()]
+    terminal_noise = []
+    for _ in range(40):
+        obs, _, dones, infos = venv.step(np.full(50, RIGHT))
+        observations.append(obs)
+        terminal_noise += [infos[i]["terminal_observation"][3] for i in np.flatnonzero(dones)]
+    noise = np.stack(observations)[:, :, 3]
+    # Uniform over {-1, 0, 1}, both after steps and after (auto-)resets
+    values, counts = np.unique(noise, return_counts=True)
+    np.testing.assert_array_equal(values, [-1.0, 0.0, 1.0])
+    assert counts.min() > 0.28 * noise.size
+    assert set(noise[0]) == {-1.0, 0.0, 1.0} and set(terminal_noise) == {-1.0, 0.0, 1.0}
+    # Auto-reset observations (every 4 steps, right-only) get noise too
+    assert set(noise[4]) == {-1.0, 0.0, 1.0}
+
+    venv = TMazeVecEnv(50, corridor_length=2, noise=False, seed=0)
+    assert not venv.reset()[:, 3].any()
+    assert not any(venv.step(np.full(50, RIGHT))[0][:, 3].any() for _ in range(10))
+
+
 def test_vec_env_seeding():
     def rollout(venv):
         observations = [venv.reset()]
@@ -430,7 +452,6 @@ def test_vec_env_api():
         venv.set_attr("corridor_length", 7)
     with pytest.raises(AttributeError):
         venv.set_attr("cue", 1)
-    assert venv.env_method("__len__", indices=[0, 1]) if hasattr(venv, "__len__") else True
     venv.step(np.zeros(4, dtype=np.int64))
     assert venv.get_attr("position") == [1] * 4
     assert venv.env_method("get_attr", "position", indices=[0, 2]) == [[1] * 4, [1] * 4]
@@ -481,8 +502,10 @@ def test_vec_monitor_episode_info():
 def test_sb3_ppo_smoke():
     from stable_baselines3 import PPO
 
-    venv = TMazeVecEnv(4, corridor_length=3, seed=0)
+    venv = VecMonitor(TMazeVecEnv(4, corridor_length=3, seed=0))
     model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=1, seed=0, device="cpu")
     model.learn(256)
     assert model.num_timesteps == 256
-    assert len(model.ep_info_buffer) == 0 or "r" in model.ep_info_buffer[0]
+    # Episodes (at most 5 steps long) were seen through VecMonitor and `is_success`
+    assert len(model.ep_info_buffer) > 0 and len(model.ep_success_buffer) > 0
+    assert all(info["l"] <= 5 for info in model.ep_info_buffer)

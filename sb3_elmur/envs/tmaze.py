@@ -15,6 +15,8 @@ Two implementations share the same semantics:
 offline datasets).
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterable, Sequence
 from typing import Any, SupportsFloat
 

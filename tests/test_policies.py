@@ -1,0 +1,183 @@
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+
+import sb3_elmur  # noqa: F401  (registers the policy names)
+from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
+from tests.dummy_envs import RandomLengthEnv
+
+torch.set_num_threads(1)
+
+SMALL = dict(d_model=16, n_layers=2, n_heads=2, memory_size=2, context_length=4, alpha=0.5, memory_init_std=0.5)
+
+VECTOR = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
+DICT = spaces.Dict({"position": spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), "flag": spaces.Discrete(3)})
+IMAGE = spaces.Box(0, 255, (36, 36, 1), dtype=np.uint8)
+
+
+def _model(action_space, observation_space=VECTOR, policy="ElmurPolicy", n_envs=4, **policy_kwargs):
+    env = make_vec_env(
+        RandomLengthEnv,
+        n_envs=n_envs,
+        seed=0,
+        env_kwargs=dict(action_space=action_space, observation_space=observation_space),
+    )
+    return RecurrentPPO(
+        policy, env, n_steps=48, batch_size=40, n_epochs=1, seed=0, policy_kwargs={**SMALL, **policy_kwargs}
+    )
+
+
+def _assert_rollout_matches_training(model) -> None:
+    """Log-probs and values recomputed over every stored minibatch equal those computed while acting."""
+    _, callback = model._setup_learn(10_000, None)
+    callback.on_training_start(locals(), globals())
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    assert model.rollout_buffer.episode_starts[1:].sum() >= 4  # episodes ended at different steps
+    model.policy.set_training_mode(True)
+    n_checked = 0
+    for data in model.rollout_buffer.get(model.batch_size):
+        actions = data.actions
+        if isinstance(model.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        with torch.no_grad():
+            values, log_prob, _ = model.policy.evaluate_actions(
+                data.observations, actions, data.lstm_states, data.episode_starts
+            )
+        mask = data.mask > 1e-8
+        torch.testing.assert_close(log_prob[mask], data.old_log_prob[mask], atol=1e-5, rtol=0)
+        torch.testing.assert_close(values.flatten()[mask], data.old_values[mask], atol=1e-5, rtol=0)
+        n_checked += int(mask.sum())
+    assert n_checked == model.n_steps * model.n_envs
+
+
+@pytest.mark.parametrize(
+    "action_space",
+    [spaces.Discrete(3), spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), spaces.MultiDiscrete([3, 2]), spaces.MultiBinary(3)],
+    ids=["discrete", "box", "multidiscrete", "multibinary"],
+)
+@pytest.mark.parametrize("shared_backbone", [True, False], ids=["shared", "separate"])
+def test_rollout_matches_training_vector(action_space, shared_backbone):
+    _assert_rollout_matches_training(_model(action_space, shared_backbone=shared_backbone))
+
+
+def test_rollout_matches_training_dict_observation():
+    model = _model(spaces.Discrete(2), DICT, policy="MultiInputElmurPolicy")
+    assert isinstance(model.policy, MultiInputElmurPolicy)
+    _assert_rollout_matches_training(model)
+
+
+def test_rollout_matches_training_image_observation():
+    model = _model(spaces.Discrete(2), IMAGE, policy="CnnElmurPolicy", features_extractor_kwargs=dict(features_dim=32))
+    assert isinstance(model.policy, CnnElmurPolicy)
+    _assert_rollout_matches_training(model)
+
+
+def test_policy_aliases_registered():
+    for name, cls in (("ElmurPolicy", ElmurPolicy), ("CnnElmurPolicy", CnnElmurPolicy), ("MultiInputElmurPolicy", MultiInputElmurPolicy)):
+        assert RecurrentPPO.policy_aliases[name] is cls
+
+
+def test_episode_start_resets_only_that_env():
+    model = _model(spaces.Discrete(3), n_envs=2)
+    policy = model.policy
+    rng = np.random.default_rng(0)
+    state = None
+    for _ in range(7):  # build up memory and a partial segment in both envs
+        _, state = policy.predict(rng.uniform(-1, 1, (2, 3)).astype(np.float32), state, np.zeros(2, dtype=bool))
+    obs = rng.uniform(-1, 1, (2, 3)).astype(np.float32)
+    features = policy.extract_features(torch.as_tensor(obs))
+    packed = tuple(torch.as_tensor(s) for s in state)
+    zeros = tuple(torch.zeros_like(s) for s in packed)
+    with torch.no_grad():
+        latent, _ = policy._process_sequence(features, packed, torch.tensor([1.0, 0.0]), policy.lstm_actor)
+        fresh, _ = policy._process_sequence(features, zeros, torch.zeros(2), policy.lstm_actor)
+        kept, _ = policy._process_sequence(features, packed, torch.zeros(2), policy.lstm_actor)
+    torch.testing.assert_close(latent[0], fresh[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(latent[1], kept[1], atol=1e-6, rtol=0)
+    assert (kept[0] - fresh[0]).abs().max() > 1e-4
+
+
+def test_packed_state_roundtrip_is_exact():
+    model = _model(spaces.Discrete(3), n_envs=3)
+    backbone = model.policy.lstm_actor
+    x = torch.randn(3, 23, backbone.input_size)
+    _, state = backbone.model(x, backbone.model.initial_state(3))
+    unpacked = backbone.unpack(backbone.pack(state))
+    for a, b in zip(state, unpacked):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    hidden, cell = backbone.pack(state)
+    assert hidden.shape == cell.shape == (1, 3, backbone.hidden_size)
+
+
+def test_predict_and_evaluate_single_env_and_vecenv():
+    model = _model(spaces.Discrete(3), n_envs=2)
+    env = RandomLengthEnv(spaces.Discrete(3))
+    obs, _ = env.reset(seed=1)
+    action, state = model.predict(obs, deterministic=True)
+    assert env.action_space.contains(int(action)) and state[0].shape == (1, 1, model.policy.lstm_actor.hidden_size)
+    action, state = model.predict(obs, state=state, episode_start=np.array([False]), deterministic=True)
+    mean, _ = evaluate_policy(model, model.env, n_eval_episodes=4)
+    assert np.isfinite(mean)
+
+
+def test_learn_with_callbacks_and_progress_bar(tmp_path):
+    model = _model(spaces.Discrete(3), n_envs=2)
+    model.tensorboard_log = str(tmp_path)
+    model.learn(200, progress_bar=True, tb_log_name="elmur")
+    assert model.num_timesteps >= 200
+    assert any(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_save_load_in_new_process_reproduces_actions(tmp_path):
+    model = _model(spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), n_envs=2, shared_backbone=False, n_layers=1)
+    model.learn(100)
+    rng = np.random.default_rng(0)
+    observations = rng.uniform(-1, 1, (9, 2, 3)).astype(np.float32)
+    starts = np.zeros((9, 2), dtype=bool)
+    starts[4, 1] = True
+    state, actions = None, []
+    for obs, start in zip(observations, starts):
+        action, state = model.predict(obs, state, start, deterministic=True)
+        actions.append(action)
+    model.save(tmp_path / "elmur")
+    np.savez(tmp_path / "data.npz", observations=observations, starts=starts, actions=np.array(actions), h=state[0], c=state[1])
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, torch
+        torch.set_num_threads(1)
+        import sb3_elmur
+        from sb3_contrib import RecurrentPPO
+        model = RecurrentPPO.load({str(tmp_path / 'elmur')!r})
+        data = np.load({str(tmp_path / 'data.npz')!r})
+        state, actions = None, []
+        for obs, start in zip(data["observations"], data["starts"]):
+            action, state = model.predict(obs, state, start, deterministic=True)
+            actions.append(action)
+        assert np.allclose(np.array(actions), data["actions"], atol=1e-6), "actions differ"
+        assert np.array_equal(state[0], data["h"]) and np.array_equal(state[1], data["c"]), "states differ"
+        print("ok", model.policy.elmur_config.n_layers, type(model.policy).__name__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok 1 ElmurPolicy"
+
+
+def test_unsupported_configurations_raise_clear_errors():
+    env = RandomLengthEnv(spaces.Box(-1.0, 1.0, (2,), dtype=np.float32))
+    with pytest.raises(ValueError, match="gSDE"):
+        RecurrentPPO("ElmurPolicy", env, use_sde=True)
+    with pytest.raises(ValueError, match="n_heads"):
+        _model(spaces.Discrete(2), d_model=10, n_heads=3)
+    with pytest.raises(ValueError, match="lstm_hidden_size"):
+        _model(spaces.Discrete(2), lstm_hidden_size=64)
+    with pytest.raises(ValueError, match="share_features_extractor"):
+        _model(spaces.Discrete(2), share_features_extractor=False)
