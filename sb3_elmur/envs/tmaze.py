@@ -369,7 +369,8 @@ class TMazeVecEnv(VecEnv):
         goal_y = 2 - actions
         success = reached_goal & (goal_y == self._cue)
 
-        # Moves into walls are no-ops
+        # Moves into walls are no-ops. Updating x in place before the left move is fine:
+        # an env that went right cannot also go left
         x += go_right & ~at_junction
         x -= (actions == LEFT) & (x > 0)
         self._steps += 1
