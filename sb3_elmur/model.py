@@ -258,16 +258,26 @@ class ElmurLayer(nn.Module):
         if not self.config.use_distance_bias:
             return None
         distance = token_steps.unsqueeze(-1) - positions.unsqueeze(-2)  # [N, K, M]
-        empty = (positions < 0).unsqueeze(-2).expand_as(distance)
+        if slots_query:
+            # An empty slot writes as if last written at step -1, so its first write can still tell the
+            # segment's tokens apart by position (a single "empty" bucket would make them all look alike).
+            empty = torch.zeros_like(distance, dtype=torch.bool)
+        else:
+            empty = (positions < 0).unsqueeze(-2).expand_as(distance)
         out = bias(distance, empty).permute(0, 3, 1, 2)  # [N, H, K, M]
         return out.transpose(-1, -2) if slots_query else out
 
     def forward(
-        self, x: torch.Tensor, token_steps: torch.Tensor, memory: torch.Tensor, positions: torch.Tensor
+        self,
+        x: torch.Tensor,
+        token_steps: torch.Tensor,
+        memory: torch.Tensor,
+        positions: torch.Tensor,
+        write: bool = True,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:param x: [N, K, D] segment tokens; :param token_steps: [N, K] their steps in the episode;
-        :param memory: [N, M, D]; :param positions: [N, M].
-        :return: output tokens [N, K, D] and the write candidates [N, M, D] (None if writing is off)."""
+        :param memory: [N, M, D]; :param positions: [N, M]; :param write: compute the write candidates.
+        :return: output tokens [N, K, D] and the write candidates [N, M, D] (None if not written)."""
         causal_bias = self.relative_bias[:, self.offsets].masked_fill(~self.causal, float("-inf")).unsqueeze(0)
         x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias))
         if self.config.use_memory_read:
@@ -275,7 +285,7 @@ class ElmurLayer(nn.Module):
             mem = self.memory_dropout(memory)
             x = self._sublayer(x, self.ln_read, lambda h: self.read(h, mem, read_bias))
         x = self._sublayer(x, self.ln_mlp, self.mlp)
-        if not self.config.use_memory_write:
+        if not (write and self.config.use_memory_write):
             return x, None
         write_bias = self._memory_bias(self.write_bias, token_steps, positions, slots_query=True)
         m = self._sublayer(memory, self.ln_write, lambda h: self.write(h, x, write_bias))
@@ -396,12 +406,13 @@ class ElmurModel(nn.Module):
             token_steps = plan.segment_start_step[:, s : s + 1] + position  # [N, K]
             newest_step = plan.segment_start_step[:, s] + k - 1
             h = grid[:, s]
+            any_complete = bool(complete.any())  # acting mid-segment: the write is not needed
             for i, layer in enumerate(self.layers):
                 mem = torch.where(reset, init_memory[i], memory[i])
                 pos = torch.where(reset.view(n, 1), torch.full_like(positions[i], -1), positions[i])
                 if cfg.detach_memory:
                     mem = mem.detach()
-                h, candidates = layer(h, token_steps, mem, pos)
+                h, candidates = layer(h, token_steps, mem, pos, write=any_complete)
                 if candidates is not None:
                     written, written_pos = lru_write(
                         mem, pos, candidates, newest_step, cfg.alpha, cfg.empty_slot_write == "hard"

@@ -1,0 +1,114 @@
+"""Speed of the bare ELMUR model: acting cost at different episode steps, and training throughput of
+segment-parallel processing versus a loop over steps.
+
+    python benchmarks/model_speed.py --out benchmarks/results/model_speed.md
+
+Acting must cost the same per step at episode step 10, 10^3 and 10^5 (the state does not grow).
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from sb3_elmur.model import ElmurConfig, ElmurModel
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def acting_step_ms(model: ElmurModel, batch: int, episode_step: int, repeats: int) -> float:
+    """Milliseconds per single acting step once each episode has run ``episode_step`` steps."""
+    state = model.initial_state(batch)
+    with torch.no_grad():
+        done = 0
+        while done < episode_step:  # advance segment-parallel, in chunks to bound memory
+            chunk = min(10_000, episode_step - done)
+            _, state = model(torch.randn(batch, chunk, model.input_dim), state)
+            done += chunk
+        x = torch.randn(batch, 1, model.input_dim)
+        return 1e3 * _time(lambda: model(x, state), repeats)
+
+
+def training_step_us(model: ElmurModel, batch: int, length: int, parallel: bool, repeats: int) -> float:
+    """Microseconds per (env) step of forward + backward over [batch, length] sequences."""
+    x = torch.randn(batch, length, model.input_dim)
+
+    def run() -> None:
+        model.zero_grad()
+        state = model.initial_state(batch)
+        if parallel:
+            out, _ = model(x, state)
+        else:
+            outs = []
+            for t in range(length):
+                o, state = model(x[:, t : t + 1], state)
+                outs.append(o)
+            out = torch.cat(outs, dim=1)
+        out.square().mean().backward()
+
+    return 1e6 * _time(run, repeats) / (batch * length)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/model_speed.md")
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = ElmurConfig(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
+    model = ElmurModel(16, config).eval()
+
+    acting = {}
+    for batch in (1, 100):
+        for step in (10, 1_000, 100_000):
+            acting[f"batch {batch}, step {step}"] = acting_step_ms(model, batch, step, args.repeats)
+    model.train()
+    training = {
+        mode: training_step_us(model, batch=8, length=128, parallel=(mode == "segment-parallel"), repeats=5)
+        for mode in ("segment-parallel", "step loop")
+    }
+    results = {
+        "config": vars(config),
+        "input_dim": 16,
+        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
+        "acting_ms_per_step": acting,
+        "training_us_per_step": training,
+        "training_speedup": training["step loop"] / training["segment-parallel"],
+    }
+    lines = [
+        "# ELMUR model speed",
+        "",
+        f"Command: `python benchmarks/model_speed.py --out {args.out}` ({results['machine']}).",
+        "Config: d_model 64, 2 layers, 2 heads, 2 slots, context 10, input 16.",
+        "",
+        "| acting (one step, no grad) | ms per step |",
+        "|---|---|",
+        *[f"| {k} | {v:.3f} |" for k, v in acting.items()],
+        "",
+        "| training, forward + backward over 8 x 128 steps | us per env step |",
+        "|---|---|",
+        *[f"| {k} | {v:.1f} |" for k, v in training.items()],
+        "",
+        f"Segment-parallel training is {results['training_speedup']:.1f}x faster than the step loop.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""RecurrentPPO with ElmurPolicy versus MlpLstmPolicy on the passive T-Maze: success, speed and memory.
+
+Both policies get the same env-step budget, seeds and PPO settings, at a similar parameter count. Each run is
+a subprocess (so peak memory is its own) that writes a JSON file; finished runs are skipped, so a long
+benchmark can be split across sessions. The table (markdown) and plot (PNG) are rebuilt from all JSON files.
+
+    python benchmarks/tmaze_vs_lstm.py --corridors 10 30 100 300 --timesteps 500000 --seeds 0 --jobs 2
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+POLICIES = {"ElmurPolicy": "TMAZE_POLICY_KWARGS", "MlpLstmPolicy": "TMAZE_LSTM_POLICY_KWARGS"}
+
+
+def run_one(policy: str, corridor: int, seed: int, timesteps: int, eval_every: int, n_envs: int) -> Dict[str, Any]:
+    """Train one policy on one corridor; evaluate every ``eval_every`` steps (evaluation time not counted)."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    import sb3_elmur  # noqa: F401
+    from sb3_elmur import presets
+    from sb3_elmur.envs import TMazeVecEnv
+    from sb3_elmur.evaluation import evaluate_tmaze
+
+    torch.set_num_threads(1)
+
+    class RolloutTimer(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rollout_time, self._start = 0.0, 0.0
+
+        def _on_rollout_start(self) -> None:
+            self._start = time.perf_counter()
+
+        def _on_rollout_end(self) -> None:
+            self.rollout_time += time.perf_counter() - self._start
+
+        def _on_step(self) -> bool:
+            return True
+
+    env = VecMonitor(TMazeVecEnv(n_envs, corridor_length=corridor, variant="passive", seed=seed))
+    model = RecurrentPPO(
+        policy, env, policy_kwargs=getattr(presets, POLICIES[policy]), seed=seed, **presets.TMAZE_PPO_KWARGS
+    )
+    timer = RolloutTimer()
+    curve: List[List[float]] = []
+    learn_time = 0.0
+    while model.num_timesteps < timesteps:
+        start = time.perf_counter()
+        model.learn(min(eval_every, timesteps - model.num_timesteps), callback=timer, reset_num_timesteps=False)
+        learn_time += time.perf_counter() - start
+        curve.append([model.num_timesteps, evaluate_tmaze(model, corridor, n_episodes=100)])
+        print(f"{policy} L={corridor} seed={seed} steps={model.num_timesteps} success={curve[-1][1]:.2f}", flush=True)
+    steps = model.num_timesteps
+    train_time = learn_time - timer.rollout_time
+    return {
+        "policy": policy,
+        "corridor": corridor,
+        "seed": seed,
+        "timesteps": steps,
+        "n_envs": n_envs,
+        "parameters": sum(p.numel() for p in model.policy.parameters()),
+        "success": curve[-1][1],
+        "curve": curve,
+        "rollout_steps_per_s": steps / timer.rollout_time,
+        "train_steps_per_s": steps / train_time,
+        "total_steps_per_s": steps / learn_time,
+        "train_share": train_time / learn_time,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str) -> None:
+    """Markdown table (one row per policy and corridor, mean over seeds) and a PNG of learning curves."""
+    import numpy as np
+
+    rows = [
+        "# Passive T-Maze: ElmurPolicy vs MlpLstmPolicy (sb3-contrib RecurrentPPO)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| corridor | policy | params | seeds | success (per seed) | env steps/s rollout | train | total | "
+        "train share | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({(r["corridor"], r["policy"]) for r in results})
+    for corridor, policy in keys:
+        runs = sorted((r for r in results if r["corridor"] == corridor and r["policy"] == policy), key=lambda r: r["seed"])
+        mean = lambda k: float(np.mean([r[k] for r in runs]))  # noqa: E731
+        per_seed = ", ".join(f"{r['success']:.2f}" for r in runs)
+        rows.append(
+            f"| {corridor} | {policy} | {runs[0]['parameters']:,} | {len(runs)} | {mean('success'):.2f} ({per_seed}) | "
+            f"{mean('rollout_steps_per_s'):,.0f} | {mean('train_steps_per_s'):,.0f} | {mean('total_steps_per_s'):,.0f} | "
+            f"{mean('train_share'):.0%} | {mean('peak_rss_mb'):.0f} |"
+        )
+    budget = sorted({r["timesteps"] for r in results})
+    rows += ["", f"Budget: {', '.join(f'{b:,}' for b in budget)} env steps per run, 8 envs, success over 100 greedy "
+             "episodes (half per cue). Steps/s exclude evaluation."]
+    (out_dir / "tmaze_vs_lstm.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corridors = sorted({r["corridor"] for r in results})
+    fig, axes = plt.subplots(1, len(corridors), figsize=(4 * len(corridors), 3.2), squeeze=False)
+    for ax, corridor in zip(axes[0], corridors):
+        for policy, color in zip(POLICIES, ("tab:blue", "tab:orange")):
+            for r in (r for r in results if r["corridor"] == corridor and r["policy"] == policy):
+                steps, success = zip(*r["curve"])
+                ax.plot(steps, success, color=color, alpha=0.8, label=f"{policy} s{r['seed']}")
+        ax.set_title(f"corridor {corridor}")
+        ax.set_xlabel("env steps")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][0].set_ylabel("success")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "tmaze_vs_lstm.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corridors", type=int, nargs="+", default=[10, 30, 100, 300])
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--timesteps", type=int, default=500_000)
+    parser.add_argument("--eval-every", type=int, default=25_000)
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON to this path
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    runs_dir = out_dir / "tmaze_runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.run:
+        policy, corridor, seed = args.policies[0], args.corridors[0], args.seeds[0]
+        result = run_one(policy, corridor, seed, args.timesteps, args.eval_every, args.n_envs)
+        Path(args.run).write_text(json.dumps(result, indent=1))
+        return
+
+    pending = []
+    for corridor in args.corridors:
+        for policy in args.policies:
+            for seed in args.seeds:
+                path = runs_dir / f"{policy}_L{corridor}_s{seed}_{args.timesteps}.json"
+                if not path.exists():
+                    pending.append((policy, corridor, seed, path))
+    running: List[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            policy, corridor, seed, path = pending.pop(0)
+            cmd = [sys.executable, __file__, "--run", str(path), "--policies", policy, "--corridors", str(corridor),
+                   "--seeds", str(seed), "--timesteps", str(args.timesteps), "--eval-every", str(args.eval_every),
+                   "--n-envs", str(args.n_envs), "--out", str(out_dir)]
+            running.append(subprocess.Popen(cmd))
+        time.sleep(1)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            if proc.returncode != 0:
+                raise RuntimeError(f"run failed: {' '.join(proc.args)}")
+
+    results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    results = [r for r in results if r["corridor"] in args.corridors and r["timesteps"] >= args.timesteps]
+    command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(sys.argv[1:])
+    write_report(results, out_dir, command)
+
+
+if __name__ == "__main__":
+    main()
