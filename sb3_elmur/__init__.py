@@ -6,6 +6,7 @@ policy names of sb3-contrib's ``RecurrentPPO``, and the T-Maze environments unde
 
 from sb3_contrib import RecurrentPPO
 
+from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.envs import register_envs
 from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
@@ -24,5 +25,6 @@ __all__ = [
     "ElmurPolicy",
     "ElmurState",
     "MultiInputElmurPolicy",
+    "RecurrentBC",
     "__version__",
 ]

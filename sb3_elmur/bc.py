@@ -1,0 +1,279 @@
+"""RecurrentBC: behaviour cloning of recurrent policies from offline episodes, as an SB3 algorithm.
+
+Training samples windows of ``sections x context_length`` steps from the dataset, runs the policy over them
+one section (segment) at a time with its recurrent state carried across sections, and back-propagates
+through the whole window (or detaches the state between sections). It takes the policies of RecurrentPPO:
+``ElmurPolicy`` and its variants, and sb3-contrib's ``MlpLstmPolicy`` for the BC-LSTM baseline.
+"""
+
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Type, TypeVar, Union
+
+import numpy as np
+import torch as th
+import torch.nn.functional as F
+from gymnasium import spaces
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+from sb3_contrib.ppo_recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import ProgressBarCallback
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import obs_as_tensor
+
+from sb3_elmur.datasets import EpisodeDataset
+from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
+
+SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
+
+
+def _map(observations: Any, fn: Any) -> Any:
+    return {key: fn(v) for key, v in observations.items()} if isinstance(observations, dict) else fn(observations)
+
+
+def _batch_size(observations: Any) -> int:
+    return len(next(iter(observations.values()))) if isinstance(observations, dict) else len(observations)
+
+
+class _GradientStepProgressBar(ProgressBarCallback):
+    """SB3's progress bar counts env steps of the training env; here a timestep is one gradient step."""
+
+    def _on_step(self) -> bool:
+        self.pbar.update(1)
+        return True
+
+
+class RecurrentBC(BaseAlgorithm):
+    """Behaviour cloning for recurrent policies, segment by segment with the state carried across segments.
+
+    ``learn(total_timesteps)`` counts gradient steps.
+
+    :param policy: policy name (``ElmurPolicy``, ``MlpLstmPolicy``, ...) or class
+    :param env: environment matching the dataset (used for its spaces, and for evaluation callbacks)
+    :param dataset: :class:`~sb3_elmur.datasets.EpisodeDataset`, a list of episodes, or a Minari dataset id
+    :param learning_rate: learning rate (constant or schedule)
+    :param batch_size: windows per gradient step
+    :param sections: segments per window
+    :param context_length: steps per segment (default: the ELMUR policy's ``context_length``; 10 for an LSTM)
+    :param detach_between_sections: cut gradients between segments (the reference code's behaviour)
+    :param label_smoothing: label smoothing of the cross-entropy for discrete actions
+    :param continuous_loss: "mse" (mean action against the target) or "nll" (Gaussian log-likelihood), Box actions
+    :param max_grad_norm: gradient clipping
+    :param policy_kwargs: keyword arguments of the policy
+    :param tensorboard_log: tensorboard log folder
+    :param verbose: 0 none, 1 training information
+    :param seed: random seed
+    :param device: torch device
+    :param _init_setup_model: build the network at construction
+    """
+
+    policy_aliases: ClassVar[Dict[str, Type[BasePolicy]]] = {
+        "ElmurPolicy": ElmurPolicy,
+        "CnnElmurPolicy": CnnElmurPolicy,
+        "MultiInputElmurPolicy": MultiInputElmurPolicy,
+        "MlpLstmPolicy": MlpLstmPolicy,
+        "CnnLstmPolicy": CnnLstmPolicy,
+        "MultiInputLstmPolicy": MultiInputLstmPolicy,
+    }
+    policy: RecurrentActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: Union[str, Type[RecurrentActorCriticPolicy]],
+        env: Union[GymEnv, str],
+        dataset: Union[EpisodeDataset, List[Any], str, None] = None,
+        learning_rate: Union[float, Schedule] = 3e-4,
+        batch_size: int = 64,
+        sections: int = 3,
+        context_length: Optional[int] = None,
+        detach_between_sections: bool = False,
+        label_smoothing: float = 0.0,
+        continuous_loss: str = "mse",
+        max_grad_norm: float = 1.0,
+        policy_kwargs: Optional[Dict[str, Any]] = None,
+        tensorboard_log: Optional[str] = None,
+        verbose: int = 0,
+        seed: Optional[int] = None,
+        device: Union[th.device, str] = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        # SB3's orthogonal init scales the action head by 0.01, which starves the recurrent backbone of gradient
+        # in supervised training (measured: T-Maze BC stalls at chance with it, solves the task without it).
+        policy_kwargs = {"ortho_init": False, **(policy_kwargs or {})}
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            policy_kwargs=policy_kwargs,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            support_multi_env=True,
+            supported_action_spaces=(spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary, spaces.Box),
+        )
+        if continuous_loss not in ("mse", "nll"):
+            raise ValueError(f"continuous_loss must be 'mse' or 'nll', got {continuous_loss!r}")
+        if batch_size < 1 or sections < 1 or (context_length is not None and context_length < 1):
+            raise ValueError("batch_size, sections and context_length must be positive")
+        self.batch_size = batch_size
+        self.sections = sections
+        self.context_length = context_length
+        self.detach_between_sections = detach_between_sections
+        self.label_smoothing = label_smoothing
+        self.continuous_loss = continuous_loss
+        self.max_grad_norm = max_grad_norm
+        self.dataset: Optional[EpisodeDataset] = None
+        if dataset is not None:
+            self.set_dataset(dataset)
+        if _init_setup_model:
+            self._setup_model()
+
+    def set_dataset(self, dataset: Union[EpisodeDataset, List[Any], str]) -> None:
+        """Use ``dataset`` (checked against the env's spaces) for the next calls to ``learn``."""
+        if isinstance(dataset, str):
+            dataset = EpisodeDataset.from_minari(dataset)
+        elif not isinstance(dataset, EpisodeDataset):
+            dataset = EpisodeDataset(dataset)
+        dataset.check_spaces(self.observation_space, self.action_space)
+        self.dataset = dataset
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs)
+        if not isinstance(self.policy, RecurrentActorCriticPolicy):
+            raise ValueError("RecurrentBC needs a recurrent policy (ElmurPolicy, MlpLstmPolicy, ...)")
+        self.policy = self.policy.to(self.device)
+        if self.context_length is None:
+            config = getattr(self.policy, "elmur_config", None)
+            self.context_length = config.context_length if config is not None else 10
+        self._rng = np.random.default_rng(self.seed)
+
+    def _excluded_save_params(self) -> List[str]:
+        return [*super()._excluded_save_params(), "dataset", "_rng"]
+
+    def _action_loss(self, distribution: Distribution, actions: th.Tensor, mask: th.Tensor) -> Tuple[th.Tensor, th.Tensor]:
+        """Per-step loss and (discrete actions) per-step correctness of the greedy action."""
+        dist = distribution.distribution
+        if isinstance(self.action_space, spaces.Discrete):
+            target = actions.long().flatten()
+            loss = F.cross_entropy(dist.logits, target, reduction="none", label_smoothing=self.label_smoothing)
+            correct = (dist.logits.argmax(-1) == target).float()
+        elif isinstance(self.action_space, spaces.MultiDiscrete):
+            targets = actions.long().unbind(dim=1)
+            loss = sum(
+                F.cross_entropy(d.logits, t, reduction="none", label_smoothing=self.label_smoothing)
+                for d, t in zip(dist, targets)
+            )
+            correct = th.stack([d.logits.argmax(-1) == t for d, t in zip(dist, targets)], dim=1).all(dim=1).float()
+        elif isinstance(self.action_space, spaces.MultiBinary):
+            target = actions.float()
+            loss = F.binary_cross_entropy_with_logits(dist.logits, target, reduction="none").sum(dim=1)
+            correct = ((dist.logits > 0).float() == target).all(dim=1).float()
+        elif self.continuous_loss == "mse":
+            loss = (distribution.mode() - actions.float()).pow(2).sum(dim=1)
+            correct = th.zeros_like(loss)
+        else:
+            loss = -distribution.log_prob(actions.float())
+            correct = th.zeros_like(loss)
+        return loss * mask, correct * mask
+
+    def _section_distributions(self, observations: Any) -> Iterator[Distribution]:
+        """Action distributions over a batch of windows [B, sections * K, ...], one per section (flat B * K),
+        computed one section at a time with the recurrent state carried from section to section.
+
+        A generator: SB3 policies reuse one distribution object, so each must be used before the next."""
+        policy = self.policy
+        n, k = _batch_size(observations), self.context_length
+        shape = (policy.lstm_hidden_state_shape[0], n, policy.lstm_hidden_state_shape[2])
+        # An all-zero state is a fresh episode for ELMUR and the LSTM alike: no reset flags needed.
+        state = (th.zeros(shape, device=self.device), th.zeros(shape, device=self.device))
+        no_starts = th.zeros(n * k, device=self.device)
+        for s in range(self.sections):
+            obs = _map(observations, lambda v: v[:, s * k : (s + 1) * k].reshape(n * k, *v.shape[2:]))
+            features = policy.extract_features(obs_as_tensor(obs, self.device), policy.pi_features_extractor)
+            latent, state = policy._process_sequence(features, state, no_starts, policy.lstm_actor)
+            if self.detach_between_sections:
+                state = (state[0].detach(), state[1].detach())
+            yield policy._get_action_dist_from_latent(policy.mlp_extractor.forward_actor(latent))
+
+    def _window_loss(self, observations: Any, actions: np.ndarray, mask: np.ndarray) -> Tuple[th.Tensor, float]:
+        """Mean loss over the real steps of a batch of windows, and the greedy accuracy."""
+        n, k = mask.shape[0], self.context_length
+        total_loss, total_correct = th.zeros((), device=self.device), 0.0
+        for s, distribution in enumerate(self._section_distributions(observations)):
+            cut = slice(s * k, (s + 1) * k)
+            section_actions = th.as_tensor(actions[:, cut].reshape(n * k, *actions.shape[2:]), device=self.device)
+            section_mask = th.as_tensor(mask[:, cut].reshape(-1), device=self.device)
+            loss, correct = self._action_loss(distribution, section_actions, section_mask)
+            total_loss = total_loss + loss.sum()
+            total_correct += float(correct.sum())
+        n_real = float(mask.sum())
+        return total_loss / n_real, total_correct / n_real
+
+    def train(self) -> Dict[str, float]:
+        """One gradient step on a batch of windows."""
+        assert self.dataset is not None, "RecurrentBC needs a dataset: pass dataset= or call set_dataset()"
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        window = self.sections * self.context_length
+        observations, actions, mask = self.dataset.sample_windows(self._rng, self.batch_size, window, self.context_length)
+        loss, accuracy = self._window_loss(observations, actions, mask)
+        self.policy.optimizer.zero_grad()
+        loss.backward()
+        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        self.policy.optimizer.step()
+        self._n_updates += 1
+        return {"loss": loss.item(), "accuracy": accuracy}
+
+    def learn(
+        self: SelfRecurrentBC,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 100,
+        tb_log_name: str = "RecurrentBC",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfRecurrentBC:
+        """Train for ``total_timesteps`` gradient steps.
+
+        :param total_timesteps: number of gradient steps
+        :param callback: SB3 callback(s), called after every gradient step
+        :param log_interval: gradient steps between two logger dumps
+        :param tb_log_name: tensorboard run name
+        :param reset_num_timesteps: restart the step counter
+        :param progress_bar: show a progress bar (tqdm / rich)
+        """
+        if self.dataset is None:
+            raise ValueError("RecurrentBC needs a dataset: pass dataset= or call set_dataset() before learn()")
+        total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name)
+        if progress_bar:
+            from stable_baselines3.common.callbacks import CallbackList
+
+            callback = CallbackList([callback, _GradientStepProgressBar()])
+            callback.init_callback(self)
+        callback.on_training_start(locals(), globals())
+        while self.num_timesteps < total_timesteps:
+            metrics = self.train()
+            self.num_timesteps += 1
+            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+            for key, value in metrics.items():
+                self.logger.record_mean(f"train/{key}", value)
+            callback.update_locals(locals())
+            if not callback.on_step():
+                break
+            if log_interval and self.num_timesteps % log_interval == 0:
+                self.logger.record("train/n_updates", self._n_updates)
+                self.logger.record("train/learning_rate", self.lr_schedule(self._current_progress_remaining))
+                self.logger.dump(step=self.num_timesteps)
+        callback.on_training_end()
+        return self
+
+    def to_recurrent_ppo(self, env: GymEnv, **ppo_kwargs: Any) -> "th.nn.Module":
+        """A sb3-contrib ``RecurrentPPO`` on ``env`` whose policy starts from these weights (online fine-tuning)."""
+        from sb3_contrib import RecurrentPPO
+
+        model = RecurrentPPO(type(self.policy), env, policy_kwargs=self.policy_kwargs, **ppo_kwargs)
+        model.policy.load_state_dict(self.policy.state_dict())
+        return model

@@ -1,0 +1,201 @@
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.callbacks import BaseCallback
+
+import sb3_elmur  # noqa: F401
+from sb3_elmur.bc import RecurrentBC
+from sb3_elmur.datasets import Episode, EpisodeDataset, collect_episodes, make_tmaze_dataset
+from sb3_elmur.envs import TMazeOracle
+from sb3_elmur.evaluation import evaluate_tmaze
+from tests.dummy_envs import RandomLengthEnv
+
+torch.set_num_threads(1)
+
+SMALL_ELMUR = dict(d_model=16, n_layers=1, n_heads=2, memory_size=2, context_length=4)
+PAPER_TMAZE = dict(d_model=32, n_layers=1, n_heads=2, memory_size=2, context_length=10)
+
+
+@pytest.fixture(autouse=True)
+def minari_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+
+
+@pytest.fixture(scope="module")
+def tmaze_dataset():
+    return make_tmaze_dataset(2000, seed=0)
+
+
+def _tmaze_env():
+    return gym.make("sb3_elmur/TMaze-v0")
+
+
+def test_tmaze_dataset_follows_the_reference_protocol(tmaze_dataset):
+    lengths = np.array([len(ep) for ep in tmaze_dataset.episodes])
+    assert len(tmaze_dataset) == 2000 and lengths.min() == 2 and lengths.max() == 29  # L + 1 steps, L in 1..28
+    cues = np.array([ep.observations[0, 1] for ep in tmaze_dataset.episodes])
+    assert (cues == 1).sum() == (cues == -1).sum() == 1000
+    for ep in tmaze_dataset.episodes[:50]:
+        assert ep.rewards[-1] == 1.0 and (ep.actions[:-1] == 0).all()
+        assert ep.actions[-1] == (1 if ep.observations[0, 1] > 0 else 3)
+
+
+def test_windows_start_at_segment_boundaries_as_early_as_possible():
+    episodes = [Episode(np.arange(n, dtype=np.float32)[:, None], np.zeros(n, dtype=np.int64)) for n in (3, 12, 40)]
+    dataset = EpisodeDataset(episodes)
+    obs, actions, mask = dataset.sample_windows(np.random.default_rng(0), 300, window=12, segment=4)
+    assert obs.shape == (300, 12, 1) and actions.shape == (300, 12) and mask.shape == (300, 12)
+    first = obs[:, 0, 0]
+    lengths = mask.sum(axis=1)
+    assert set(first[lengths == 3]) == {0.0} and set(first[lengths < 12]) == {0.0}
+    # The 40-step episode: windows of 12 starting at 0, 4, ..., 28.
+    assert set(first[obs[:, -1, 0] >= 11]) <= {0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0}
+    assert len(set(first)) > 3
+    np.testing.assert_array_equal(obs[lengths == 3][:, 3:], 0.0)
+
+
+def test_dataset_errors_are_clear():
+    with pytest.raises(ValueError, match="empty"):
+        EpisodeDataset([])
+    with pytest.raises(ValueError, match="no steps"):
+        EpisodeDataset([{"observations": np.zeros((1, 4)), "actions": np.zeros(0)}])
+    with pytest.raises(ValueError, match="observations for"):
+        EpisodeDataset([{"observations": np.zeros((5, 4)), "actions": np.zeros(2)}])
+    wrong_obs = EpisodeDataset([{"observations": np.zeros((3, 7), dtype=np.float32), "actions": np.zeros(3, dtype=np.int64)}])
+    with pytest.raises(ValueError, match="observation space"):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), wrong_obs, policy_kwargs=SMALL_ELMUR)
+    wrong_act = EpisodeDataset([{"observations": np.zeros((3, 4), dtype=np.float32), "actions": np.full(3, 9)}])
+    with pytest.raises(ValueError, match="action space"):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), wrong_act, policy_kwargs=SMALL_ELMUR)
+    with pytest.raises(ValueError, match="needs a dataset"):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR).learn(1)
+
+
+def test_minari_roundtrip_and_dataset_id(tmp_path):
+    dataset = make_tmaze_dataset(20, seed=1)
+    dataset.to_minari("tmaze/oracle-test-v0", env=_tmaze_env())
+    loaded = EpisodeDataset.from_minari("tmaze/oracle-test-v0")
+    assert len(loaded) == 20
+    for a, b in zip(dataset.episodes, loaded.episodes):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), "tmaze/oracle-test-v0", policy_kwargs=SMALL_ELMUR, batch_size=4)
+    assert len(model.dataset) == 20
+    model.learn(2)
+
+
+@pytest.mark.parametrize("policy, kwargs", [("ElmurPolicy", SMALL_ELMUR), ("MlpLstmPolicy", dict(lstm_hidden_size=8))])
+def test_training_windows_compute_what_the_policy_computes_step_by_step(policy, kwargs):
+    """The section-by-section training pass equals acting step by step with predict's state."""
+    dataset = make_tmaze_dataset(30, max_corridor=20, seed=2)
+    model = RecurrentBC(policy, _tmaze_env(), dataset, policy_kwargs=kwargs, sections=3, context_length=4, seed=0)
+    obs, _, mask = dataset.sample_windows(np.random.default_rng(1), 5, 12, 4)
+    with torch.no_grad():
+        windows = model._section_distributions(obs)
+        window_logits = torch.cat([d.distribution.logits.view(5, 4, -1).clone() for d in windows], dim=1)  # [B, 12, A]
+    state = None
+    for t in range(12):
+        obs_t = torch.as_tensor(obs[:, t])
+        packed = tuple(torch.zeros(model.policy.lstm_hidden_state_shape[0], 5, model.policy.lstm_hidden_state_shape[2])
+                       for _ in range(2)) if state is None else state
+        with torch.no_grad():
+            dist, state = model.policy.get_distribution(obs_t, packed, torch.zeros(5))
+        real = mask[:, t] > 0
+        torch.testing.assert_close(dist.distribution.logits[real], window_logits[real, t], atol=1e-5, rtol=0)
+
+
+def test_bc_elmur_solves_tmaze_at_corridor_100(tmaze_dataset):
+    """The short reproduction: trained on <= 29-step episodes, right at corridor 100 (10 segments)."""
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), tmaze_dataset, policy_kwargs=PAPER_TMAZE, learning_rate=1e-3, seed=0)
+    success = 0.0
+    while model.num_timesteps < 1500 and success < 1.0:
+        model.learn(250, reset_num_timesteps=False)
+        success = evaluate_tmaze(model, 100, n_episodes=100, variant="reference")
+    assert success == 1.0, f"{success:.2f} after {model.num_timesteps} gradient steps"
+
+
+def test_save_load_callbacks_progress_bar_and_finetuning(tmp_path):
+    dataset = make_tmaze_dataset(40, max_corridor=12, seed=3)
+
+    class Counter(BaseCallback):
+        def _on_step(self) -> bool:
+            self.calls = getattr(self, "calls", 0) + 1
+            return True
+
+    counter = Counter()
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), dataset, policy_kwargs=SMALL_ELMUR, batch_size=8,
+                        tensorboard_log=str(tmp_path / "tb"), label_smoothing=0.1)
+    model.learn(12, callback=counter, progress_bar=True, log_interval=4)
+    assert counter.calls == 12 and model.num_timesteps == 12
+    assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    obs = np.random.default_rng(0).uniform(-1, 1, (3, 4)).astype(np.float32)
+    actions, state = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "bc")
+    loaded = RecurrentBC.load(tmp_path / "bc")
+    again, state_again = loaded.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(actions, again)
+    np.testing.assert_array_equal(state[0], state_again[0])
+    ppo = model.to_recurrent_ppo(_tmaze_env(), n_steps=16, batch_size=16)
+    assert isinstance(ppo, RecurrentPPO)
+    np.testing.assert_array_equal(ppo.predict(obs, deterministic=True)[0], actions)
+    ppo.learn(32)
+
+
+@pytest.mark.parametrize("loss", ["mse", "nll"])
+def test_continuous_actions_collected_from_a_policy(loss):
+    env = RandomLengthEnv(spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), min_len=5, max_len=12)
+
+    class Scripted:  # acts on the observation: a memoryless expert is enough to test the loss
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            return np.clip(obs[:, :2], -1, 1), state
+
+    dataset = collect_episodes(Scripted(), env, n_episodes=30)
+    assert len(dataset) == 30 and dataset.episodes[0].actions.shape[1:] == (2,)
+    model = RecurrentBC("ElmurPolicy", env, dataset, policy_kwargs=SMALL_ELMUR, continuous_loss=loss, batch_size=16,
+                        learning_rate=3e-3, seed=0)
+    obs, actions, mask = dataset.sample_windows(np.random.default_rng(0), 64, 12, 4)
+    with torch.no_grad():
+        before = model._window_loss(obs, actions, mask)[0].item()
+    model.learn(150)
+    with torch.no_grad():
+        after = model._window_loss(obs, actions, mask)[0].item()
+    assert after < before - 0.1 * abs(before), (before, after)
+
+
+def test_collect_episodes_records_a_recurrent_policy():
+    env = gym.make("sb3_elmur/TMaze-v0", corridor_length=5)
+    dataset = collect_episodes(TMazeOracle(1), env, n_episodes=6, seed=0)
+    assert all(len(ep) == 6 for ep in dataset.episodes)
+    assert all(ep.rewards[-1] == 1.0 for ep in dataset.episodes)
+
+
+def test_command_line_tools(tmp_path):
+    env = {"MINARI_DATASETS_PATH": str(tmp_path / "minari"), "PATH": ""}
+    import os
+
+    env = {**os.environ, **{k: v for k, v in env.items() if k != "PATH"}}
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)  # noqa: E731
+    result = run("sb3_elmur.datasets", "tmaze", "--dataset-id", "tmaze/cli-v0", "--episodes", "30")
+    assert result.returncode == 0, result.stderr
+    assert "30 episodes" in result.stdout
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), make_tmaze_dataset(30), policy_kwargs=SMALL_ELMUR)
+    model.save(tmp_path / "bc")
+    out = tmp_path / "eval.json"
+    result = run("sb3_elmur.tmaze_eval", str(tmp_path / "bc.zip"), "--algo", "RecurrentBC", "--corridors", "5", "50",
+                 "--episodes", "10", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["corridor"] for r in rows] == [5, 50] and all(0.0 <= r["success"] <= 1.0 for r in rows)
+    assert "| 50 |" in result.stdout
+    result = run("sb3_elmur.datasets", "collect", "--algo", "RecurrentBC", "--model", str(tmp_path / "bc.zip"),
+                 "--env", "sb3_elmur/TMaze-v0", "--env-kwargs", '{"corridor_length": 4}', "--episodes", "3",
+                 "--dataset-id", "tmaze/collected-v0")
+    assert result.returncode == 0, result.stderr
+    assert len(EpisodeDataset.from_minari("tmaze/collected-v0")) == 3
