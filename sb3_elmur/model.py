@@ -285,12 +285,24 @@ class ElmurLayer(nn.Module):
         memory: torch.Tensor,
         positions: torch.Tensor,
         write: bool = True,
+        query_slots: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:param x: [N, K, D] segment tokens; :param token_steps: [N, K] their steps in the episode;
-        :param memory: [N, M, D]; :param positions: [N, M]; :param write: compute the write candidates.
-        :return: output tokens [N, K, D] and the write candidates [N, M, D] (None if not written)."""
+        :param memory: [N, M, D]; :param positions: [N, M]; :param write: compute the write candidates;
+        :param query_slots: [N] if given, compute the output of that one position per row only (acting: the
+            other positions' outputs are not needed), without write.
+        :return: output tokens [N, K, D] (or [N, 1, D]) and the write candidates [N, M, D] (None if not written)."""
         causal_bias = self.relative_bias[:, self.offsets].masked_fill(~self.causal, float("-inf")).unsqueeze(0)
-        x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias))
+        if query_slots is None:
+            x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias))
+        else:
+            write = False
+            rows = torch.arange(x.shape[0], device=x.device)
+            context = self.ln_self_attn(x) if self.config.norm == "pre" else x
+            causal_bias = causal_bias[0][:, query_slots].transpose(0, 1).unsqueeze(2)  # [N, H, 1, K]
+            token_steps = token_steps[rows, query_slots].unsqueeze(1)
+            x = x[rows, query_slots].unsqueeze(1)
+            x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, context, causal_bias))
         if self.config.use_memory_read:
             read_bias = self._memory_bias(self.read_bias, token_steps, positions, slots_query=False)
             mem = self.memory_dropout(memory)
@@ -418,12 +430,15 @@ class ElmurModel(nn.Module):
             newest_step = plan.segment_start_step[:, s] + k - 1
             h = grid[:, s]
             any_complete = bool(complete.any())  # acting mid-segment: the write is not needed
+            # Acting mid-segment, the last layer only needs the output of each row's one new step.
+            acting = t == 1 and n_segments == 1 and not any_complete
             for i, layer in enumerate(self.layers):
                 mem = torch.where(reset, init_memory[i], memory[i])
                 pos = torch.where(reset.view(n, 1), torch.full_like(positions[i], -1), positions[i])
                 if cfg.detach_memory:
                     mem = mem.detach()
-                h, candidates = layer(h, token_steps, mem, pos, write=any_complete)
+                query_slots = plan.slot[:, 0] if acting and i == len(self.layers) - 1 else None
+                h, candidates = layer(h, token_steps, mem, pos, write=any_complete, query_slots=query_slots)
                 if candidates is not None:
                     written, written_pos = lru_write(
                         mem, pos, candidates, newest_step, cfg.alpha, cfg.empty_slot_write == "hard"
@@ -432,8 +447,10 @@ class ElmurModel(nn.Module):
                     pos = torch.where(complete.view(n, 1), written_pos, pos)
                 memory[i], positions[i] = mem, pos
             outputs.append(h)
-        out_grid = self.ln_out(torch.stack(outputs, dim=1))  # [N, S, K, D]
-        out = out_grid[rows, plan.segment_index, plan.slot]
+        if acting:
+            out = self.ln_out(outputs[0])  # [N, 1, D]
+        else:
+            out = self.ln_out(torch.stack(outputs, dim=1))[rows, plan.segment_index, plan.slot]  # from [N, S, K, D]
 
         # The last segment, if incomplete, becomes the state's prefix.
         last_step = plan.steps[:, -1]

@@ -1,0 +1,110 @@
+"""The paper's T-Maze claim, offline: behaviour cloning on oracle episodes of at most 29 steps (corridors 1..28),
+evaluated at corridors up to 1,000,000 steps. ElmurPolicy (context 10, 3 segments, 2 slots per layer) and the
+BC-LSTM baseline (sb3-contrib's MlpLstmPolicy) are trained by the same RecurrentBC code on the same data.
+
+    python benchmarks/tmaze_offline.py --seeds 0 1 2 --corridors 9 30 90 300 1000 9600 100000 1000000
+
+Every (policy, seed) trains once (model saved) and every corridor is evaluated once (result cached), so the
+run can be split across sessions; the table is rebuilt from everything evaluated so far.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import gymnasium as gym
+import torch
+
+import sb3_elmur  # noqa: F401
+from sb3_elmur.bc import RecurrentBC
+from sb3_elmur.datasets import make_tmaze_dataset
+from sb3_elmur.evaluation import evaluate_tmaze
+
+POLICIES: Dict[str, Dict[str, Any]] = {
+    "ElmurPolicy": dict(d_model=32, n_layers=1, n_heads=2, memory_size=2, context_length=10),
+    "MlpLstmPolicy": dict(lstm_hidden_size=64),
+}
+
+
+def train(policy: str, seed: int, gradient_steps: int, path: Path) -> Dict[str, Any]:
+    dataset = make_tmaze_dataset(2000, min_corridor=1, max_corridor=28, seed=0)
+    model = RecurrentBC(
+        policy,
+        gym.make("sb3_elmur/TMaze-v0"),
+        dataset,
+        learning_rate=1e-3,
+        batch_size=64,
+        sections=3,
+        context_length=10,
+        policy_kwargs=POLICIES[policy],
+        seed=seed,
+    )
+    start = time.process_time()
+    model.learn(gradient_steps)
+    cpu_seconds = time.process_time() - start
+    model.save(path)
+    return {"train_cpu_seconds": cpu_seconds, "gradient_steps": gradient_steps,
+            "parameters": sum(p.numel() for p in model.policy.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--corridors", type=int, nargs="+", default=[9, 30, 90, 300, 1000, 9600, 100_000, 1_000_000])
+    parser.add_argument("--gradient-steps", type=int, default=1000)
+    parser.add_argument("--out", default="benchmarks/results/tmaze_offline")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    for policy in args.policies:
+        for seed in args.seeds:
+            record_path = out / f"{policy}_s{seed}.json"
+            record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluations": {}}
+            model_path = out / f"{policy}_s{seed}.zip"
+            if not model_path.exists():
+                record.update(train(policy, seed, args.gradient_steps, model_path))
+                record_path.write_text(json.dumps(record, indent=1))
+                print(f"{policy} seed {seed}: trained in {record['train_cpu_seconds']:.0f} CPU s", flush=True)
+            model = RecurrentBC.load(model_path, device="cpu")
+            for corridor in args.corridors:
+                if str(corridor) in record["evaluations"]:
+                    continue
+                start = time.perf_counter()
+                success = evaluate_tmaze(model, corridor, n_episodes=100, variant="reference", progress_bar=corridor >= 100_000)
+                record["evaluations"][str(corridor)] = {"success": success, "seconds": time.perf_counter() - start}
+                record_path.write_text(json.dumps(record, indent=1))
+                print(f"{policy} seed {seed} corridor {corridor}: {success:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*_s*.json"))}
+    corridors = sorted({int(c) for r in records.values() for c in r["evaluations"]})
+    lines = [
+        "# T-Maze offline: trained on corridors 1..28 (2000 oracle episodes), evaluated up to 10^6 steps",
+        "",
+        "Command: `python benchmarks/tmaze_offline.py " + " ".join(sys.argv[1:]) + "` (runs accumulate across commands)",
+        "",
+        "Success over 100 greedy episodes (50 per cue); train = CPU seconds of RecurrentBC.learn; "
+        "eval seconds of the longest corridor in the last column.",
+        "",
+        "| policy | seed | params | train CPU s | " + " | ".join(f"{c:,}" for c in corridors) + " | eval s (longest) |",
+        "|---|---|---|---|" + "---|" * len(corridors) + "---|",
+    ]
+    for name, record in records.items():
+        policy, seed = name.rsplit("_s", 1)
+        evaluations = record["evaluations"]
+        cells = [f"{evaluations[str(c)]['success']:.2f}" if str(c) in evaluations else "-" for c in corridors]
+        longest = evaluations[str(max(int(c) for c in evaluations))]["seconds"] if evaluations else 0.0
+        lines.append(f"| {policy} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
+                     + " | ".join(cells) + f" | {longest:.0f} |")
+    text = "\n".join(lines) + "\n"
+    (out.parent / "tmaze_offline.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
