@@ -509,3 +509,17 @@ def test_sb3_ppo_smoke():
     # Episodes (at most 5 steps long) were seen through VecMonitor and `is_success`
     assert len(model.ep_info_buffer) > 0 and len(model.ep_success_buffer) > 0
     assert all(info["l"] <= 5 for info in model.ep_info_buffer)
+
+
+def test_rgb_rendering_and_make_vec_env_from_the_id():
+    """SB3's make_vec_env asks for render_mode="rgb_array" when given an id (the README's usage)."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=2, env_kwargs=dict(corridor_length=5))
+    assert venv.reset().shape == (2, 4)
+    env = gym.make("sb3_elmur/TMaze-v0", corridor_length=3, render_mode="rgb_array")
+    env.reset(options={"cue": 1})
+    image = env.render()
+    assert image.shape == (3 * 8, 4 * 8, 3) and image.dtype == np.uint8
+    assert tuple(image[4, 3 * 8 + 4]) == (40, 180, 40)  # the correct (upper) goal is green
+    assert tuple(image[8 + 4, 4]) == (220, 40, 40)  # the agent at the corridor's start

@@ -80,10 +80,11 @@ class TMazeEnv(gym.Env):
     :param variant: ``"reference"`` (no shaping) or ``"passive"``
         (Ni et al. 2023: penalty of ``-1/L`` for every non-right action in the corridor)
     :param noise: Whether to fill the last observation entry with random noise (else 0)
-    :param render_mode: ``None`` or ``"ansi"``
+    :param render_mode: ``None``, ``"ansi"`` (text) or ``"rgb_array"`` (one 8x8 block per cell; SB3's
+        ``make_vec_env`` asks for it)
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -174,11 +175,27 @@ class TMazeEnv(gym.Env):
             info["is_success"] = success
         return self._get_obs(first=False), reward, terminated, truncated, info
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
         if self.render_mode is None:
-            gym.logger.warn("You are calling render() without specifying a render_mode (only 'ansi' is supported).")
+            gym.logger.warn("You are calling render() without specifying a render_mode ('ansi' or 'rgb_array').")
             return None
-        return _render_ansi(self.corridor_length, self.position, self.y, self.cue, self.elapsed_steps, self.time_limit)
+        text = _render_ansi(self.corridor_length, self.position, self.y, self.cue, self.elapsed_steps, self.time_limit)
+        return text if self.render_mode == "ansi" else _render_rgb(text, self.cue)
+
+
+# Cell colours of the rgb_array rendering: agent, correct goal, other goal, corridor, junction, wall.
+_COLOURS = {"A": (220, 40, 40), "G": (40, 180, 40), "X": (90, 90, 90), ".": (230, 230, 230), "J": (240, 200, 60), " ": (0, 0, 0)}
+
+
+def _render_rgb(text: str, cue: int, cell: int = 8) -> np.ndarray:
+    rows = text.splitlines()[1:]  # the three maze rows of the text rendering
+    goal_row = 0 if cue > 0 else 2
+    grid = [
+        [("G" if r == goal_row else "X") if ch in "UD" else ch for ch in row.ljust(len(rows[1]))]
+        for r, row in enumerate(rows)
+    ]
+    image = np.array([[_COLOURS[ch] for ch in row] for row in grid], dtype=np.uint8)
+    return image.repeat(cell, axis=0).repeat(cell, axis=1)
 
 
 def _render_ansi(corridor_length: int, position: int, y: int, cue: int, elapsed_steps: int, time_limit: int) -> str:

@@ -1,0 +1,227 @@
+"""Callbacks that log what ELMUR's memory does during training (TensorBoard, or any SB3 logger output)."""
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BaseModel
+from stable_baselines3.common.utils import obs_as_tensor
+from torch import nn
+
+from sb3_elmur.model import ElmurState
+from sb3_elmur.policies import ElmurBackbone
+
+
+def memory_stats(state: ElmurState) -> Dict[str, np.ndarray]:
+    """Per-layer sums over the written memory slots of a batch of ELMUR states.
+
+    A slot is written when its position is >= 0. Its age is the number of steps between the newest
+    processed token (step ``state.step - 1``) and the token the slot was last written at, so a slot
+    written at the end of the segment that just completed has age 0.
+
+    :param state: batched state (``memory [B, L, M, D]``, ``positions [B, L, M]``, ``step [B]``)
+    :return: float64 arrays of shape [L]: ``norm_sum`` (sum of the L2 norms of written slots),
+        ``age_sum`` (sum of their ages), ``written`` (number of written slots) and ``slots`` (number of slots)
+    """
+    written = state.positions >= 0  # [B, L, M]
+    norms = state.memory.norm(dim=-1)  # [B, L, M]
+    ages = (state.step.view(-1, 1, 1) - 1 - state.positions).to(norms.dtype)
+    zero = th.zeros_like(norms)
+    return {
+        "norm_sum": th.where(written, norms, zero).sum(dim=(0, 2)).double().cpu().numpy(),
+        "age_sum": th.where(written, ages, zero).sum(dim=(0, 2)).double().cpu().numpy(),
+        "written": written.sum(dim=(0, 2)).double().cpu().numpy(),
+        "slots": np.full(state.positions.shape[1], float(state.positions.shape[0] * state.positions.shape[2])),
+    }
+
+
+class ElmurTensorboardCallback(BaseCallback):
+    """Log ELMUR-specific scalars once per rollout, next to SB3's own (``rollout/``, ``train/``).
+
+    For a ``RecurrentPPO`` with an :class:`~sb3_elmur.policies.ElmurPolicy` (actor backbone), under ``elmur/``:
+
+    - ``memory_norm``: mean L2 norm of the written memory slots (and ``memory_norm_layer<i>`` per layer);
+    - ``slot_age``: mean age in steps of the written slots (step of the newest token minus the step the slot
+      was last written at, 0 right after a write; ``slot_age_layer<i>``);
+    - ``written_slots``: fraction of slots written at least once in the current episode;
+    - ``memory_read_share``: how much the tokens' updates come from memory versus their own segment, as
+      ``|read| / (|read| + |self-attention|)`` per token, where ``read`` and ``self-attention`` are the two
+      attention sub-layers' residual outputs (``memory_read_share_layer<i>``). ELMUR normalises the two
+      attentions separately, so this share of the residual update is the measure of memory use that does
+      not depend on how the logits of two separate softmaxes compare.
+
+    Memory norm, age and written fraction are averaged over the states the agent went through during the
+    rollout (sampled every ``sample_freq`` steps). The read share is measured, every ``attention_freq``
+    rollouts, by replaying the rollout that was just collected through the actor backbone with forward hooks
+    on its attention sub-layers (one extra no-grad pass, about the cost of one training epoch's forward).
+
+    :param sample_freq: sample the agents' states every this many environment steps (per env)
+    :param attention_freq: measure the read share every this many rollouts (0: never)
+    :param verbose: verbosity level
+    """
+
+    def __init__(self, sample_freq: int = 1, attention_freq: int = 1, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        if isinstance(sample_freq, bool) or not isinstance(sample_freq, int) or sample_freq < 1:
+            raise ValueError(f"sample_freq must be a positive integer, got {sample_freq!r}")
+        if isinstance(attention_freq, bool) or not isinstance(attention_freq, int) or attention_freq < 0:
+            raise ValueError(f"attention_freq must be a non-negative integer, got {attention_freq!r}")
+        self.sample_freq = sample_freq
+        self.attention_freq = attention_freq
+        self._sums: Optional[Dict[str, np.ndarray]] = None
+        self._n_rollouts = 0
+
+    @property
+    def backbone(self) -> ElmurBackbone:
+        return self.model.policy.lstm_actor  # type: ignore[union-attr]
+
+    def _init_callback(self) -> None:
+        backbone = getattr(self.model.policy, "lstm_actor", None)
+        if not isinstance(backbone, ElmurBackbone):
+            raise ValueError(
+                "ElmurTensorboardCallback needs a RecurrentPPO model with an ElmurPolicy, got "
+                f"{type(self.model).__name__} with {type(self.model.policy).__name__}"
+            )
+
+    def _on_rollout_start(self) -> None:
+        self._sums = None
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.sample_freq != 0:
+            return True
+        # The states after this step's forward pass (``locals`` of collect_rollouts); before the first step
+        # of a rollout only the model's last states exist.
+        lstm_states = self.locals.get("lstm_states", getattr(self.model, "_last_lstm_states", None))
+        if lstm_states is None:
+            return True
+        with th.no_grad():
+            stats = memory_stats(self.backbone.unpack(lstm_states.pi))
+        if self._sums is None:
+            self._sums = stats
+        else:
+            for key, value in stats.items():
+                self._sums[key] = self._sums[key] + value
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self._n_rollouts += 1
+        if self._sums is not None:
+            self._record_memory(self._sums)
+        if self.attention_freq > 0 and (self._n_rollouts - 1) % self.attention_freq == 0:
+            shares = self.read_share_of_last_rollout()
+            if shares is not None:
+                self.logger.record("elmur/memory_read_share", float(np.mean(shares)))
+                for layer, share in enumerate(shares):
+                    self.logger.record(f"elmur/memory_read_share_layer{layer}", float(share))
+
+    def _record_memory(self, sums: Dict[str, np.ndarray]) -> None:
+        self.logger.record("elmur/written_slots", float(sums["written"].sum() / sums["slots"].sum()))
+        # Norm and age are only defined over written slots: nothing is logged before the first write
+        # (e.g. while every episode is still in its first segment), rather than a misleading 0.
+        if sums["written"].sum() == 0:
+            return
+        self.logger.record("elmur/memory_norm", float(sums["norm_sum"].sum() / sums["written"].sum()))
+        self.logger.record("elmur/slot_age", float(sums["age_sum"].sum() / sums["written"].sum()))
+        for layer in range(len(sums["written"])):
+            if sums["written"][layer] > 0:
+                self.logger.record(f"elmur/memory_norm_layer{layer}", float(sums["norm_sum"][layer] / sums["written"][layer]))
+                self.logger.record(f"elmur/slot_age_layer{layer}", float(sums["age_sum"][layer] / sums["written"][layer]))
+
+    def read_share_of_last_rollout(self) -> Optional[List[float]]:
+        """Replay the rollout buffer's sequences through the actor backbone and measure, per layer, the mean
+        over real tokens of ``|read| / (|read| + |self-attention|)``.
+
+        :return: one share per layer, or None if the model has no memory read (``use_memory_read=False``)
+        """
+        buffer = self.model.rollout_buffer
+        # Only between the end of a rollout and training: get() reorders the buffer's arrays in place.
+        if not buffer.full or buffer.generator_ready:
+            return None
+        features, packed, starts = self._rollout_inputs()
+        records = AttentionRecorder(self.backbone.model.layers)
+        try:
+            with th.no_grad():
+                self.backbone(features, packed, starts)
+        finally:
+            records.remove()
+        return records.read_shares()
+
+    def _rollout_inputs(self) -> Tuple[th.Tensor, Tuple[th.Tensor, th.Tensor], th.Tensor]:
+        """Features [n_envs * n_steps, F] (env-major, as the backbone takes sequences), the states at the
+        start of the rollout and the episode starts of the buffer."""
+        buffer = self.model.rollout_buffer
+        policy = self.model.policy
+
+        def env_major(array: np.ndarray) -> np.ndarray:
+            return array.swapaxes(0, 1).reshape(-1, *array.shape[2:])
+
+        if isinstance(buffer.observations, dict):
+            observations: Any = {key: env_major(value) for key, value in buffer.observations.items()}
+        else:
+            observations = env_major(buffer.observations)
+        obs_tensor = obs_as_tensor(observations, policy.device)
+        # The actor's features extractor, whether or not it is shared with the critic.
+        features = BaseModel.extract_features(policy, obs_tensor, policy.pi_features_extractor)
+        device = features.device
+        packed = (
+            th.as_tensor(buffer.hidden_states_pi[0], device=device),
+            th.as_tensor(buffer.cell_states_pi[0], device=device),
+        )
+        starts = th.as_tensor(env_major(buffer.episode_starts), dtype=th.float32, device=device)
+        return features, packed, starts
+
+
+class AttentionRecorder:
+    """Forward hooks on the attention sub-layers of ELMUR layers: per-token norms of their residual outputs.
+
+    ``ElmurModel`` runs its layers segment by segment, layer by layer, on a grid of segments that is zero where
+    no token exists (after a row's last step, and whole segments of rows that have fewer segments than others);
+    a pre-hook on the first layer records which positions hold tokens.
+
+    :param layers: the model's layers (``ElmurModel.layers``); call :meth:`remove` when done
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.n_layers = len(layers)
+        self.valid: List[th.Tensor] = []  # one [N, K] mask per segment
+        self.self_norms: List[List[th.Tensor]] = [[] for _ in layers]  # per layer, one [N, K] per segment
+        self.read_norms: List[List[th.Tensor]] = [[] for _ in layers]
+        self.handles = [layers[0].register_forward_pre_hook(self._record_valid)]
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.self_attn.register_forward_hook(self._recorder(self.self_norms[index])))
+            self.handles.append(layer.read.register_forward_hook(self._recorder(self.read_norms[index])))
+
+    def _record_valid(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        self.valid.append(args[0].abs().sum(dim=-1) > 0)
+
+    @staticmethod
+    def _recorder(store: List[th.Tensor]):
+        def hook(module: nn.Module, args: Tuple[Any, ...], output: th.Tensor) -> None:
+            store.append(output.norm(dim=-1))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of token positions seen (each position once, whatever the number of layers)."""
+        return int(sum(int(mask.sum()) for mask in self.valid))
+
+    def read_shares(self) -> Optional[List[float]]:
+        """Per layer, the mean over tokens of ``|read| / (|read| + |self-attention|)`` (None without memory read)."""
+        if not self.valid or not self.read_norms[0]:
+            return None
+        valid = th.stack(self.valid)
+        shares = []
+        for self_norms, read_norms in zip(self.self_norms, self.read_norms):
+            self_norm, read_norm = th.stack(self_norms), th.stack(read_norms)
+            share = read_norm / (read_norm + self_norm).clamp(min=1e-12)
+            shares.append(float(share[valid].mean()))
+        return shares
+
+
+__all__ = ["AttentionRecorder", "ElmurTensorboardCallback", "memory_stats"]

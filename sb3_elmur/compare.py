@@ -1,0 +1,932 @@
+"""Compare policies (ElmurPolicy, MlpLstmPolicy, plain MlpPolicy, ...) on the same env ids, budget and seeds.
+
+    python -m sb3_elmur.compare --envs popgym-RepeatPreviousEasy-v0 sb3_elmur/PassiveTMaze-v0 \\
+        --policies ElmurPolicy MlpLstmPolicy MlpPolicy --seeds 0 1 2 --timesteps 200000 --jobs 2 --out runs/compare
+
+Every (env, policy, seed) run is a subprocess that writes one JSON file (settings, evaluation history, wall
+time) and checkpoints its model at every evaluation point. A later invocation with the same settings skips the
+finished runs and resumes the unfinished ones from their checkpoint, so a long comparison can be split across
+sessions (``--time-budget`` stops cleanly). The markdown table, a JSON summary and a PNG of learning curves are
+rebuilt from all run files at the end (``--report-only`` rebuilds them without training). Training logs go to
+TensorBoard (``<out>/tensorboard``), with ELMUR's memory scalars for ELMUR policies.
+"""
+
+import argparse
+import functools
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.wrappers import is_popgym_id
+
+DEFAULT_POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
+# Shared PPO settings and per-policy defaults: the small, parameter-matched T-Maze pair of presets.py.
+DEFAULT_PPO_KWARGS: Dict[str, Any] = dict(TMAZE_PPO_KWARGS)
+DEFAULT_POLICY_KWARGS: Dict[str, Dict[str, Any]] = {
+    "ElmurPolicy": dict(TMAZE_POLICY_KWARGS),
+    "MlpLstmPolicy": dict(TMAZE_LSTM_POLICY_KWARGS),
+}
+POPGYM_WRAPPERS = ("sb3_elmur.wrappers.FlattenObservationWrapper", "sb3_elmur.wrappers.PreviousActionWrapper")
+# Keys the comparison sets itself, so they cannot be given as PPO keyword arguments.
+RESERVED_PPO_KWARGS = ("policy", "env", "seed", "policy_kwargs", "tensorboard_log", "verbose", "device", "_init_setup_model")
+# Evaluation envs get other seeds than the training envs of the same run.
+EVAL_SEED_OFFSET = 10_000
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+FINISHED, UNFINISHED, FAILED, PENDING = "finished", "unfinished", "failed", "pending"
+# The clock deadlines are checked against (one indirection, so that tests can stop a run at a chosen point).
+_clock = time.time
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_policy(policy: str) -> Tuple[str, type]:
+    """Algorithm and policy class for a policy alias or a dotted class path.
+
+    :param policy: an alias of sb3-contrib's ``RecurrentPPO`` (``ElmurPolicy``, ``MlpLstmPolicy``, ...), of
+        SB3's ``PPO`` (``MlpPolicy``, ...), or a dotted path to a policy class
+    :return: ("RecurrentPPO" or "PPO", policy class)
+    """
+    import sb3_elmur  # noqa: F401  (registers the ELMUR aliases)
+    from sb3_contrib import RecurrentPPO
+    from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    if policy in RecurrentPPO.policy_aliases:
+        return "RecurrentPPO", RecurrentPPO.policy_aliases[policy]
+    if policy in PPO.policy_aliases:
+        return "PPO", PPO.policy_aliases[policy]
+    if "." in policy:
+        policy_class = _import_name(policy, "policy")
+        if isinstance(policy_class, type) and issubclass(policy_class, RecurrentActorCriticPolicy):
+            return "RecurrentPPO", policy_class
+        if isinstance(policy_class, type) and issubclass(policy_class, ActorCriticPolicy):
+            return "PPO", policy_class
+        raise ValueError(f"policy {policy!r} is not an actor-critic policy class")
+    raise ValueError(
+        f"unknown policy {policy!r}: use a RecurrentPPO alias {sorted(RecurrentPPO.policy_aliases)}, "
+        f"a PPO alias {sorted(PPO.policy_aliases)} or a dotted class path"
+    )
+
+
+def algorithm_class(algo: str) -> type:
+    """``RecurrentPPO`` or ``PPO`` class from its name."""
+    if algo == "RecurrentPPO":
+        from sb3_contrib import RecurrentPPO
+
+        return RecurrentPPO
+    if algo == "PPO":
+        from stable_baselines3 import PPO
+
+        return PPO
+    raise ValueError(f"unknown algorithm {algo!r} (RecurrentPPO or PPO)")
+
+
+def _import_name(dotted: str, what: str) -> Any:
+    module_name, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot import the {what} {dotted!r}: {error}") from error
+
+
+def resolve_classes(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Copy of policy keyword arguments where the dotted names given for ``*_fn`` / ``*_class`` keys (e.g.
+    ``"activation_fn": "torch.nn.ReLU"``) are replaced by the objects they name (JSON cannot hold classes)."""
+    resolved = {}
+    for key, value in kwargs.items():
+        if isinstance(value, str) and (key.endswith("_fn") or key.endswith("_class")):
+            value = _import_name(value, key)
+        resolved[key] = value
+    return resolved
+
+
+def parse_assignments(items: Optional[Sequence[str]], option: str, parse_value: Callable[[str, str], Any]) -> Dict[str, Any]:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: parse_value(VALUE)}`` (for ``--policy-kwargs`` and co)."""
+    result: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
+        result[key] = parse_value(value, f"{option} {key}")
+    return result
+
+
+def parse_json_dict(text: str, what: str) -> Dict[str, Any]:
+    """Parse a JSON object, with an error that names the option."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what}: invalid JSON {text!r} ({error})") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{what}: expected a JSON object, got {text!r}")
+    return value
+
+
+def parse_wrapper_list(text: str, what: str) -> List[Any]:
+    """``"none"`` -> ``[]``; ``"a.B,c.D"`` -> ``["a.B", "c.D"]``."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a JSON or YAML comparison file (keys: the long options with ``_`` for ``-``)."""
+    text = Path(path).read_text()
+    if path.endswith((".yml", ".yaml")):
+        try:
+            import yaml
+        except ImportError as error:
+            raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml), or give a JSON file") from error
+        config = yaml.safe_load(text)
+    else:
+        config = json.loads(text)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values")
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known keys: {sorted(CONFIG_KEYS)}")
+    return config
+
+
+CONFIG_KEYS = (
+    "envs",
+    "policies",
+    "seeds",
+    "timesteps",
+    "n_envs",
+    "eval_freq",
+    "eval_episodes",
+    "stochastic_eval",
+    "ppo_kwargs",
+    "policy_kwargs",
+    "env_kwargs",
+    "wrappers",
+    "gym_packages",
+    "out",
+    "jobs",
+    "threads",
+    "device",
+    "elmur_scalars",
+)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def parse_policy_labels(policies: Sequence[str]) -> Dict[str, str]:
+    """``["ElmurPolicy", "big=ElmurPolicy"]`` -> ``{"ElmurPolicy": "ElmurPolicy", "big": "ElmurPolicy"}``."""
+    labels: Dict[str, str] = {}
+    for item in policies:
+        label, sep, policy = item.partition("=")
+        if not sep:
+            label = policy = item
+        if not LABEL_PATTERN.match(label):
+            raise ValueError(f"policy label {label!r} may only hold letters, digits, '_', '.' and '-'")
+        if label in labels:
+            raise ValueError(f"policy label {label!r} is given twice (name them LABEL=POLICY)")
+        labels[label] = policy
+    return labels
+
+
+def build_specs(settings: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One spec (JSON-able settings of one run) per env, policy label and seed.
+
+    :param settings: envs, policies, seeds, timesteps, n_envs, eval_freq, eval_episodes, stochastic_eval,
+        ppo_kwargs, policy_kwargs (label -> dict), env_kwargs (env -> dict), wrappers (env -> list),
+        gym_packages
+    :return: the run specs
+    """
+    envs = list(settings.get("envs") or [])
+    if not envs:
+        raise ValueError("no env ids: give --envs or a config file with 'envs'")
+    if len(set(envs)) != len(envs):
+        raise ValueError(f"env ids are given twice: {envs}")
+    labels = parse_policy_labels(settings.get("policies") or DEFAULT_POLICIES)
+    seeds = list(settings.get("seeds") or [0])
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seeds must be non-negative integers, got {seed!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds are given twice: {seeds}")
+    timesteps = _positive_int(settings.get("timesteps", 100_000), "timesteps")
+    n_envs = _positive_int(settings.get("n_envs", 8), "n_envs")
+    eval_freq = _positive_int(settings.get("eval_freq") or max(1, timesteps // 10), "eval_freq")
+    eval_episodes = _positive_int(settings.get("eval_episodes", 20), "eval_episodes")
+
+    ppo_kwargs = {**DEFAULT_PPO_KWARGS, **(settings.get("ppo_kwargs") or {})}
+    policy_kwargs = dict(settings.get("policy_kwargs") or {})
+    env_kwargs = dict(settings.get("env_kwargs") or {})
+    wrappers = dict(settings.get("wrappers") or {})
+    for option, given, known in (
+        ("policy kwargs", policy_kwargs, labels),
+        ("env kwargs", env_kwargs, envs),
+        ("wrappers", wrappers, envs),
+    ):
+        unknown = set(given) - set(known)
+        if unknown:
+            raise ValueError(f"{option} given for {sorted(unknown)}, which are not among {sorted(known)}")
+    reserved = set(ppo_kwargs) & set(RESERVED_PPO_KWARGS)
+    if reserved:
+        raise ValueError(f"PPO kwargs {sorted(reserved)} are set by the comparison itself (use the options)")
+
+    algos = {label: resolve_policy(policy)[0] for label, policy in labels.items()}
+    for algo in set(algos.values()):
+        accepted = set(inspect.signature(algorithm_class(algo).__init__).parameters)
+        unknown = set(ppo_kwargs) - accepted
+        if unknown:
+            raise ValueError(f"unknown {algo} keyword argument(s) {sorted(unknown)} in the PPO kwargs")
+    for label, kwargs in policy_kwargs.items():
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"policy kwargs of {label!r} must be a mapping, got {kwargs!r}")
+        resolve_classes(kwargs)  # fail early on names that do not import
+    for env_id, kwargs in env_kwargs.items():
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"env kwargs of {env_id!r} must be a mapping, got {kwargs!r}")
+    for env_id, names in wrappers.items():
+        if not isinstance(names, list):
+            raise ValueError(f"wrappers of {env_id!r} must be a list of names, got {names!r}")
+        make_wrapper_fn(names)  # fail early on names that do not import
+
+    specs = []
+    for env_id in envs:
+        env_wrappers = wrappers.get(env_id, list(POPGYM_WRAPPERS) if is_popgym_id(env_id) else [])
+        for label, policy in labels.items():
+            kwargs = {**DEFAULT_POLICY_KWARGS.get(policy, {}), **policy_kwargs.get(label, {})}
+            for seed in seeds:
+                specs.append(
+                    dict(
+                        env_id=env_id,
+                        label=label,
+                        policy=policy,
+                        algo=algos[label],
+                        seed=int(seed),
+                        timesteps=timesteps,
+                        n_envs=n_envs,
+                        eval_freq=eval_freq,
+                        eval_episodes=eval_episodes,
+                        deterministic_eval=not settings.get("stochastic_eval", False),
+                        ppo_kwargs=ppo_kwargs,
+                        policy_kwargs=kwargs,
+                        env_kwargs=env_kwargs.get(env_id, {}),
+                        wrappers=env_wrappers,
+                        gym_packages=list(settings.get("gym_packages") or []),
+                    )
+                )
+    return _normalise(specs)
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round trip, so that specs compare equal to what was written to disk."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def env_slug(env_id: str) -> str:
+    """Folder name of an env id (``sb3_elmur/TMaze-v0`` -> ``sb3_elmur-TMaze-v0``)."""
+    return env_id.replace("/", "-").replace(":", "-")
+
+
+class RunPaths:
+    """Where one run keeps its files.
+
+    :param out: output folder of the comparison
+    :param spec: the run's spec
+    """
+
+    def __init__(self, out: Path, spec: Dict[str, Any]) -> None:
+        folder = Path(out) / "runs" / env_slug(spec["env_id"]) / spec["label"]
+        stem = f"seed{spec['seed']}"
+        self.record = folder / f"{stem}.json"
+        self.log = folder / f"{stem}.log"
+        self.checkpoint = folder / f"{stem}_checkpoint.zip"
+        self.model = folder / f"{stem}_model.zip"
+        self.tensorboard = Path(out) / "tensorboard" / env_slug(spec["env_id"])
+        self.tb_log_name = f"{spec['label']}_seed{spec['seed']}"
+
+
+def read_record(path: Path) -> Dict[str, Any]:
+    with open(path) as file:
+        return json.load(file)
+
+
+def write_record(path: Path, record: Dict[str, Any]) -> None:
+    """Write atomically, so that an interrupted write never leaves a truncated JSON file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as file:
+        json.dump(record, file, indent=1)
+    os.replace(tmp, path)
+
+
+def new_record(spec: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(
+        spec=spec,
+        options=options,
+        status=PENDING,
+        num_timesteps=0,
+        evaluations=dict(timesteps=[], mean_return=[], std_return=[], mean_length=[]),
+        wall_time_s=0.0,
+        eval_time_s=0.0,
+        sessions=0,
+    )
+
+
+def _spec_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run (in its own process)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_wrapper_fn(names: Sequence[Any]) -> Optional[Callable]:
+    """A function applying the wrappers named in ``names`` (dotted names, or ``{name: kwargs}``) in order."""
+    if not names:
+        return None
+    classes = []
+    for entry in names:
+        if isinstance(entry, dict):
+            if len(entry) != 1:
+                raise ValueError(f"a wrapper with arguments is written {{name: kwargs}}, got {entry!r}")
+            name, kwargs = next(iter(entry.items()))
+        else:
+            name, kwargs = entry, {}
+        classes.append((_import_name(name, "wrapper"), dict(kwargs or {})))
+
+    def wrap(env: Any) -> Any:
+        for wrapper_class, kwargs in classes:
+            env = wrapper_class(env, **kwargs)
+        return env
+
+    return wrap
+
+
+def make_env(spec: Dict[str, Any], n_envs: int, seed: int) -> Any:
+    """The run's vectorized env: ``gym.make`` (no render mode forced), Monitor, then the spec's wrappers."""
+    import gymnasium as gym
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import sb3_elmur  # noqa: F401  (registers the T-Maze ids)
+    from sb3_elmur.wrappers import _import_popgym
+
+    for module in spec["gym_packages"]:
+        importlib.import_module(module)
+    if is_popgym_id(spec["env_id"]):
+        _import_popgym()
+    # A callable, not the id: make_vec_env would add render_mode="rgb_array", which some envs reject.
+    return make_vec_env(
+        functools.partial(gym.make, spec["env_id"]),
+        n_envs=n_envs,
+        seed=seed,
+        env_kwargs=spec["env_kwargs"],
+        wrapper_class=make_wrapper_fn(spec["wrappers"]),
+    )
+
+
+def _build_evaluator(
+    eval_env: Any, spec: Dict[str, Any], record: Dict[str, Any], on_eval: Callable, deadline: Optional[float]
+) -> Any:
+    """The callback that evaluates (and then calls ``on_eval(model)``) and stops at the deadline."""
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    class Evaluator(BaseCallback):
+        """Evaluates (and checkpoints) at rollout starts, when the policy has been trained on exactly
+        ``num_timesteps`` steps, once per ``eval_freq`` steps; stops training after the deadline."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stopped = False
+            self.trained_timesteps = 0
+
+        def next_evaluation(self) -> int:
+            done = record["evaluations"]["timesteps"]
+            return 0 if not done else (done[-1] // spec["eval_freq"] + 1) * spec["eval_freq"]
+
+        def evaluate(self) -> None:
+            start = time.perf_counter()
+            returns, lengths = evaluate_policy(
+                self.model,
+                eval_env,
+                n_eval_episodes=spec["eval_episodes"],
+                deterministic=spec["deterministic_eval"],
+                return_episode_rewards=True,
+                warn=False,
+            )
+            history = record["evaluations"]
+            history["timesteps"].append(int(self.model.num_timesteps))
+            history["mean_return"].append(float(np.mean(returns)))
+            history["std_return"].append(float(np.std(returns)))
+            history["mean_length"].append(float(np.mean(lengths)))
+            record["eval_time_s"] += time.perf_counter() - start
+            self.logger.record("eval/mean_return", history["mean_return"][-1])
+            self.logger.record("eval/mmer", max(history["mean_return"]))
+            self.logger.record("eval/mean_length", history["mean_length"][-1])
+            self.logger.dump(self.model.num_timesteps)
+            print(
+                f"{spec['env_id']} {spec['label']} seed {spec['seed']}: step {self.model.num_timesteps}, "
+                f"mean return {history['mean_return'][-1]:.3f}",
+                flush=True,
+            )
+
+        def _on_rollout_start(self) -> None:
+            if self.model.num_timesteps >= self.next_evaluation():
+                self.evaluate()
+                on_eval(self.model)
+            if deadline is not None and _clock() > deadline:
+                # Training stops at the next step; the policy has been trained on this many steps.
+                self.stopped = True
+                self.trained_timesteps = int(self.model.num_timesteps)
+
+        def _on_step(self) -> bool:
+            return not self.stopped
+
+    return Evaluator()
+
+
+def run_worker(record_path: Path, deadline: Optional[float] = None) -> int:
+    """Train and evaluate one run (resuming from its checkpoint if any), updating its JSON file.
+
+    :param record_path: the run's JSON file (holds its spec)
+    :param deadline: stop training cleanly (checkpoint, status "unfinished") after this Unix time
+    :return: process exit code
+    """
+    record_path = Path(record_path)
+    record = read_record(record_path)
+    spec, options = record["spec"], record["options"]
+    paths = RunPaths(record_path.parents[3], spec)
+    worker_start = time.perf_counter()
+    previous_wall_time = record["wall_time_s"]
+    record["sessions"] += 1
+    record.pop("error", None)
+
+    def save_progress(model: Any, status: str) -> None:
+        record["status"] = status
+        record["num_timesteps"] = int(model.num_timesteps)
+        record["wall_time_s"] = previous_wall_time + time.perf_counter() - worker_start
+        write_record(record_path, record)
+
+    try:
+        import torch
+
+        torch.set_num_threads(options["threads"])
+        from sb3_elmur.callbacks import ElmurTensorboardCallback
+        from sb3_elmur.policies import ElmurPolicy
+
+        algo = algorithm_class(spec["algo"])
+        _, policy_class = resolve_policy(spec["policy"])
+        env = make_env(spec, spec["n_envs"], spec["seed"])
+        eval_env = make_env(spec, min(spec["n_envs"], spec["eval_episodes"]), spec["seed"] + EVAL_SEED_OFFSET)
+        resumed = paths.checkpoint.exists() and record["num_timesteps"] > 0
+        if resumed:
+            model = algo.load(paths.checkpoint, env=env, device=options["device"])
+            # The saved last observation belongs to the old env instances: start new episodes instead.
+            model._last_obs = None
+            # New seeds for the new session's randomness (a resumed run is not bit-identical to an uninterrupted one).
+            model.set_random_seed(spec["seed"] + 1000 * record["sessions"])
+            print(f"resuming from {paths.checkpoint} at step {model.num_timesteps}", flush=True)
+        else:
+            record["evaluations"] = new_record(spec, options)["evaluations"]
+            record["wall_time_s"] = record["eval_time_s"] = previous_wall_time = 0.0
+            model = algo(
+                spec["policy"],
+                env,
+                seed=spec["seed"],
+                policy_kwargs=resolve_classes(spec["policy_kwargs"]),
+                tensorboard_log=str(paths.tensorboard) if _has_module("tensorboard") else None,
+                verbose=0,
+                device=options["device"],
+                **spec["ppo_kwargs"],
+            )
+        record["n_parameters"] = int(sum(p.numel() for p in model.policy.parameters()))
+        record["versions"] = _versions()
+
+        def checkpoint(model: Any) -> None:
+            model.save(paths.checkpoint)
+            save_progress(model, UNFINISHED)
+
+        evaluator = _build_evaluator(eval_env, spec, record, checkpoint, deadline)
+        callbacks = [evaluator]
+        if options["elmur_scalars"] and issubclass(policy_class, ElmurPolicy):
+            callbacks.append(ElmurTensorboardCallback())
+        # Also called when nothing is left to learn (a session that ended between its last update and the end of
+        # its run): learn() then only sets up the logger and callbacks that the final evaluation uses.
+        model.learn(
+            max(spec["timesteps"] - model.num_timesteps, 0),
+            callback=callbacks,
+            tb_log_name=paths.tb_log_name,
+            reset_num_timesteps=not resumed,
+            log_interval=1,
+        )
+        if evaluator.stopped:
+            # The one step taken after the stop was never trained on (and its envs are gone): not counted.
+            model.num_timesteps = evaluator.trained_timesteps
+            checkpoint(model)
+            print(f"stopped at step {model.num_timesteps} (time budget): resume with the same command", flush=True)
+            return 0
+        if not record["evaluations"]["timesteps"] or record["evaluations"]["timesteps"][-1] < model.num_timesteps:
+            evaluator.evaluate()
+        record.update(run_scores(record["evaluations"]["mean_return"]))
+        model.save(paths.model)
+        save_progress(model, FINISHED)
+        paths.checkpoint.unlink(missing_ok=True)
+        env.close()
+        eval_env.close()
+        return 0
+    except Exception:
+        record["status"] = FAILED
+        record["error"] = traceback.format_exc()[-4000:]
+        record["wall_time_s"] = previous_wall_time + time.perf_counter() - worker_start
+        write_record(record_path, record)
+        traceback.print_exc()
+        return 1
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def run_scores(mean_returns: Sequence[float]) -> Dict[str, float]:
+    """Scores of one run from its evaluation history.
+
+    :param mean_returns: mean evaluation return at each evaluation point, in order
+    :return: ``final_mean_return`` (the last one), ``mmer`` (POPGym's MMER: the maximum over evaluation points,
+        i.e. the final value of their running maximum) and ``mmer_normalised`` (0.5 * MMER + 0.5, POPGym's score
+        for returns in [-1, 1])
+    """
+    if len(mean_returns) == 0:
+        raise ValueError("a run without evaluations has no score")
+    mmer = float(max(mean_returns))
+    return dict(final_mean_return=float(mean_returns[-1]), mmer=mmer, mmer_normalised=0.5 * mmer + 0.5)
+
+
+def _versions() -> Dict[str, str]:
+    import sb3_contrib
+    import stable_baselines3
+    import torch
+
+    import sb3_elmur
+
+    return {
+        "sb3_elmur": sb3_elmur.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "sb3_contrib": sb3_contrib.__version__,
+        "torch": torch.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def prepare_runs(out: Path, specs: List[Dict[str, Any]], options: Dict[str, Any]) -> Tuple[List[Path], List[Path]]:
+    """Create or check the run files: which runs to launch, which are finished already.
+
+    :return: (record paths to run, record paths of finished runs)
+    """
+    to_run, finished, conflicts = [], [], []
+    for spec in specs:
+        paths = RunPaths(out, spec)
+        if paths.record.exists():
+            record = read_record(paths.record)
+            differences = _spec_differences(record["spec"], spec)
+            if differences:
+                conflicts.append(f"{paths.record} (differs in {', '.join(differences)})")
+                continue
+            if record["status"] == FINISHED:
+                finished.append(paths.record)
+                continue
+            record["options"] = options
+            write_record(paths.record, record)
+        else:
+            write_record(paths.record, new_record(spec, options))
+        to_run.append(paths.record)
+    if conflicts:
+        raise ValueError(
+            "these runs exist with other settings; use another --out or delete them:\n  " + "\n  ".join(conflicts)
+        )
+    return to_run, finished
+
+
+def launch_runs(record_paths: List[Path], jobs: int, deadline: Optional[float]) -> List[Path]:
+    """Run the workers, ``jobs`` at a time. :return: the record paths of runs that failed."""
+    pending = list(record_paths)
+    running: List[Tuple[subprocess.Popen, Path, Any]] = []
+    failed = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    while pending or running:
+        while pending and len(running) < jobs and (deadline is None or _clock() < deadline):
+            path = pending.pop(0)
+            log = open(path.with_suffix(".log"), "a")
+            command = [sys.executable, "-m", "sb3_elmur.compare", "--worker", str(path)]
+            if deadline is not None:
+                command += ["--deadline", repr(deadline)]
+            print(f"start {path}", flush=True)
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), path, log))
+        if deadline is not None and _clock() >= deadline and pending:
+            print(f"time budget spent: {len(pending)} run(s) not started", flush=True)
+            pending.clear()
+        still_running = []
+        for process, path, log in running:
+            if process.poll() is None:
+                still_running.append((process, path, log))
+                continue
+            log.close()
+            status = read_record(path)["status"]
+            print(f"{status:10s} {path}", flush=True)
+            if process.returncode != 0 or status == FAILED:
+                failed.append(path)
+        running = still_running
+        if running:
+            time.sleep(0.2)
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (env, policy label): mean and std over finished seeds of the final mean return, the MMER,
+    the normalised MMER and the wall time per seed."""
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["spec"]["env_id"], record["spec"]["label"]), []).append(record)
+    rows = []
+    for (env_id, label), group in groups.items():
+        done = [r for r in group if r["status"] == FINISHED]
+        row: Dict[str, Any] = dict(
+            env_id=env_id,
+            label=label,
+            policy=group[0]["spec"]["policy"],
+            algo=group[0]["spec"]["algo"],
+            timesteps=group[0]["spec"]["timesteps"],
+            seeds_finished=len(done),
+            seeds_total=len(group),
+            n_parameters=group[0].get("n_parameters"),
+        )
+        if done:
+            for key in ("final_mean_return", "mmer", "mmer_normalised", "wall_time_s"):
+                row[key], row[f"{key}_std"] = _mean_std([r[key] for r in done])
+        rows.append(row)
+    return rows
+
+
+def _fmt(row: Dict[str, Any], key: str, digits: int = 3, unit: str = "") -> str:
+    if key not in row:
+        return "-"
+    return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}{unit}"
+
+
+def write_table(rows: List[Dict[str, Any]], records: List[Dict[str, Any]], path: Path) -> str:
+    """Markdown table of :func:`summarize` rows, one section per env. :return: the markdown."""
+    lines = [
+        "# Policy comparison",
+        "",
+        "Mean ± std (population std, over the finished seeds) of: the final mean evaluation return; the MMER, the "
+        "maximum over evaluation points of the mean evaluation return; POPGym's normalised score 0.5 * MMER + 0.5 "
+        "(meaningful for returns in [-1, 1]); and the wall time of one seed's run (training and evaluations).",
+    ]
+    for env_id in dict.fromkeys(row["env_id"] for row in rows):
+        spec = next(r["spec"] for r in records if r["spec"]["env_id"] == env_id)
+        mode = "deterministic" if spec["deterministic_eval"] else "stochastic"
+        lines += [
+            "",
+            f"## {env_id}",
+            "",
+            f"{spec['timesteps']:,} env steps per run, {spec['n_envs']} envs; {spec['eval_episodes']} {mode} "
+            f"evaluation episodes every {spec['eval_freq']:,} steps (at rollout boundaries). "
+            f"Env kwargs: {json.dumps(spec['env_kwargs'])}; "
+            f"wrappers: {', '.join(str(w) for w in spec['wrappers']) or 'none'}.",
+            "",
+            "| policy | algorithm | parameters | seeds | final return | MMER | normalised MMER | wall time / seed |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            if row["env_id"] != env_id:
+                continue
+            name = row["label"] if row["label"] == row["policy"] else f"{row['label']} ({row['policy']})"
+            parameters = f"{row['n_parameters']:,}" if row["n_parameters"] else "-"
+            lines.append(
+                f"| {name} | {row['algo']} | {parameters} | {row['seeds_finished']}/{row['seeds_total']} | "
+                f"{_fmt(row, 'final_mean_return')} | {_fmt(row, 'mmer')} | {_fmt(row, 'mmer_normalised')} | "
+                f"{_fmt(row, 'wall_time_s', 1, ' s')} |"
+            )
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
+    """PNG of learning curves: one panel per env, mean ± std over seeds of the mean evaluation return."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env_ids = list(dict.fromkeys(r["spec"]["env_id"] for r in records))
+    n_cols = min(3, max(1, len(env_ids)))
+    n_rows = math.ceil(len(env_ids) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.6 * n_rows), squeeze=False)
+    for ax, env_id in zip(axes.flat, env_ids):
+        labels = list(dict.fromkeys(r["spec"]["label"] for r in records if r["spec"]["env_id"] == env_id))
+        for label in labels:
+            curves = [
+                r["evaluations"]
+                for r in records
+                if r["spec"]["env_id"] == env_id and r["spec"]["label"] == label and r["evaluations"]["timesteps"]
+            ]
+            if not curves:
+                continue
+            # Seeds are averaged on the evaluation points they all reached.
+            common = sorted(set.intersection(*(set(c["timesteps"]) for c in curves)))
+            if not common:
+                continue
+            values = np.array([[dict(zip(c["timesteps"], c["mean_return"]))[t] for t in common] for c in curves])
+            mean, std = values.mean(axis=0), values.std(axis=0)
+            ax.plot(common, mean, label=f"{label} ({len(curves)} seeds)")
+            ax.fill_between(common, mean - std, mean + std, alpha=0.2)
+        ax.set_title(env_id, fontsize=10)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("mean evaluation return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(env_ids) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, record_paths: List[Path]) -> Optional[str]:
+    """Table (``results.md``), summary (``summary.json``) and curves (``learning_curves.png``) in ``out``."""
+    records = [read_record(p) for p in record_paths if p.exists()]
+    if not records:
+        return None
+    rows = summarize(records)
+    text = write_table(rows, records, out / "results.md")
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    if _has_module("matplotlib"):
+        plot_curves(records, out / "learning_curves.png")
+    else:
+        print("matplotlib is not installed: no learning-curve plot (pip install 'sb3-elmur[extra]')", file=sys.stderr)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _epilog() -> str:
+    paragraphs = [
+        "Policies: RecurrentPPO aliases (ElmurPolicy, MlpLstmPolicy, ...) run with sb3-contrib's RecurrentPPO, PPO "
+        "aliases (MlpPolicy, ...) with SB3's PPO, a dotted class path with the one its base class fits; "
+        "LABEL=POLICY names a variant (e.g. elmur64=ElmurPolicy, then --policy-kwargs elmur64='{\"d_model\": 64}').",
+        f"Defaults (sb3_elmur/presets.py, the small parameter-matched T-Maze pair): PPO kwargs "
+        f"{json.dumps(DEFAULT_PPO_KWARGS)}; policy kwargs by policy name {json.dumps(DEFAULT_POLICY_KWARGS)}. "
+        "Given kwargs are merged over them; a label's kwargs on the command line replace the config file's.",
+        f"POPGym ids get the wrappers {', '.join(POPGYM_WRAPPERS)} unless --wrappers says otherwise "
+        "(ENV=none for none).",
+        "A --config file (JSON or YAML) takes the long option names with '_': envs, policies, seeds, timesteps, "
+        "n_envs, eval_freq, eval_episodes, stochastic_eval, ppo_kwargs, policy_kwargs {label: {...}}, env_kwargs "
+        "{env: {...}}, wrappers {env: [name or {name: kwargs}]}, gym_packages, out, jobs, threads, device, "
+        "elmur_scalars. Command-line values override it.",
+        "Evaluations run at step 0, at the first rollout boundary at or after each multiple of --eval-freq, and at "
+        "the end. Scores: final return (last evaluation), MMER (maximum over evaluations of the mean return) and "
+        "0.5 * MMER + 0.5 (POPGym's normalisation), as mean +- std over seeds; wall time per seed includes the "
+        "evaluations. A resumed run starts new episodes (and reseeds), so it is not bit-identical to an "
+        "uninterrupted one. Changing the settings of existing runs is refused: use another --out.",
+        "Output in --out: runs/<env>/<label>/seed<N>.json (+ .log, checkpoint while unfinished, final model), "
+        "tensorboard/<env>/<label>_seed<N>_1, results.md, summary.json, learning_curves.png.",
+    ]
+    return "\n\n".join(textwrap.fill(paragraph, 100, break_on_hyphens=False) for paragraph in paragraphs)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_elmur.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_epilog(),
+    )
+    parser.add_argument("--envs", nargs="+", help="env ids (gymnasium registry; POPGym ids need popgym)")
+    parser.add_argument("--policies", nargs="+", help=f"policies or LABEL=POLICY (default: {' '.join(DEFAULT_POLICIES)})")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0)")
+    parser.add_argument("--timesteps", type=int, help="env steps per run (default: 100000)")
+    parser.add_argument("--n-envs", type=int, help="parallel training envs per run (default: 8)")
+    parser.add_argument("--eval-freq", type=int, help="evaluate every this many env steps (default: timesteps / 10)")
+    parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation (default: 20)")
+    parser.add_argument("--stochastic-eval", action="store_true", default=None, help="sample actions when evaluating")
+    parser.add_argument("--ppo-kwargs", help='shared PPO / RecurrentPPO kwargs as JSON, e.g. \'{"n_steps": 256}\'')
+    parser.add_argument(
+        "--policy-kwargs", nargs="+", metavar="LABEL=JSON", help='per-policy kwargs, e.g. ElmurPolicy=\'{"d_model": 32}\''
+    )
+    parser.add_argument("--env-kwargs", nargs="+", metavar="ENV=JSON", help="per-env gym.make kwargs")
+    parser.add_argument(
+        "--wrappers", nargs="+", metavar="ENV=NAMES", help="per-env comma-separated dotted wrapper classes, or ENV=none"
+    )
+    parser.add_argument("--gym-packages", nargs="+", help="modules to import in each run (to register env ids)")
+    parser.add_argument("--config", help="JSON or YAML file with any of the settings above")
+    parser.add_argument("--out", help="output folder (default: compare_runs)")
+    parser.add_argument("--jobs", type=int, help="runs at a time, one process each (default: 1)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: 1)")
+    parser.add_argument("--device", help="torch device (default: cpu)")
+    parser.add_argument("--no-elmur-scalars", dest="elmur_scalars", action="store_false", default=None,
+                        help="do not log ELMUR's memory scalars to TensorBoard")
+    parser.add_argument("--time-budget", type=float, help="seconds: stop cleanly after this (resume later)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the table and plot from existing runs")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """Merge defaults, the --config file and the command line (in that order of precedence, lowest first)."""
+    settings: Dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for key in ("policy_kwargs", "env_kwargs", "wrappers"):
+        settings[key] = dict(settings.get(key) or {})
+    cli: Dict[str, Any] = {
+        key: getattr(args, key)
+        for key in (
+            "envs", "policies", "seeds", "timesteps", "n_envs", "eval_freq", "eval_episodes", "stochastic_eval",
+            "gym_packages", "out", "jobs", "threads", "device", "elmur_scalars",
+        )
+    }
+    settings.update({key: value for key, value in cli.items() if value is not None})
+    if args.ppo_kwargs is not None:
+        settings["ppo_kwargs"] = {**(settings.get("ppo_kwargs") or {}), **parse_json_dict(args.ppo_kwargs, "--ppo-kwargs")}
+    settings["policy_kwargs"].update(parse_assignments(args.policy_kwargs, "--policy-kwargs", parse_json_dict))
+    settings["env_kwargs"].update(parse_assignments(args.env_kwargs, "--env-kwargs", parse_json_dict))
+    settings["wrappers"].update(parse_assignments(args.wrappers, "--wrappers", parse_wrapper_list))
+    return settings
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        return run_worker(Path(args.worker), args.deadline)
+    try:
+        settings = settings_from_args(args)
+        out = Path(settings.get("out") or "compare_runs")
+        jobs = _positive_int(settings.get("jobs", 1), "jobs")
+        options = dict(
+            threads=_positive_int(settings.get("threads", 1), "threads"),
+            device=settings.get("device") or "cpu",
+            elmur_scalars=bool(settings.get("elmur_scalars", True)),
+        )
+        if args.report_only and not settings.get("envs"):
+            record_paths = sorted((out / "runs").glob("*/*/seed*.json"))
+            specs: List[Dict[str, Any]] = []
+        else:
+            specs = build_specs(settings)
+            record_paths = [RunPaths(out, spec).record for spec in specs]
+        if args.time_budget is not None and args.time_budget <= 0:
+            raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
+        failed: List[Path] = []
+        if not args.report_only:
+            to_run, finished = prepare_runs(out, specs, options)
+            print(f"{len(specs)} runs: {len(finished)} finished (skipped), {len(to_run)} to run", flush=True)
+            deadline = _clock() + args.time_budget if args.time_budget else None
+            failed = launch_runs(to_run, jobs, deadline)
+    except ValueError as error:
+        parser.error(str(error))
+    text = write_report(out, record_paths)
+    if text:
+        print(text)
+        print(f"table: {out / 'results.md'}, curves: {out / 'learning_curves.png'}, tensorboard: {out / 'tensorboard'}")
+    for path in failed:
+        print(f"FAILED: {path} (log: {path.with_suffix('.log')})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

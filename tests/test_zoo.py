@@ -1,0 +1,148 @@
+"""rl-zoo3 configs of zoo_configs/: their content, and training through rl-zoo3's unmodified train CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from sb3_contrib import RecurrentPPO
+
+import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
+from sb3_elmur.callbacks import ElmurTensorboardCallback
+from sb3_elmur.policies import ElmurPolicy
+from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.wrappers import FlattenObservationWrapper, PreviousActionWrapper
+
+rl_zoo3 = pytest.importorskip("rl_zoo3")
+yaml = pytest.importorskip("yaml")
+exp_manager = pytest.importorskip("rl_zoo3.exp_manager")
+zoo_utils = pytest.importorskip("rl_zoo3.utils")
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "zoo_configs"
+ELMUR, LSTM, MLP = (CONFIGS / name for name in ("ppo_lstm_elmur.yml", "ppo_lstm_lstm.yml", "ppo_mlp.yml"))
+POLICY_KEYS = {"policy", "policy_kwargs", "callback"}  # what may differ between the three files
+FAMILIES = (
+    "Autoencode", "Battleship", "Concentration", "CountRecall", "HigherLower", "LabyrinthEscape", "LabyrinthExplore",
+    "MineSweeper", "MultiarmedBandit", "NoisyPositionOnlyCartPole", "NoisyPositionOnlyPendulum", "PositionOnlyCartPole",
+    "PositionOnlyPendulum", "RepeatFirst", "RepeatPrevious", "VelocityOnlyCartpole",
+)  # fmt: skip
+POPGYM_IDS = {f"popgym-{family}{level}-v0" for family in FAMILIES for level in ("Easy", "Medium", "Hard")}
+TMAZE_IDS = {"sb3_elmur/TMaze-v0", "sb3_elmur/PassiveTMaze-v0"}
+
+
+def _load(path: Path) -> dict:
+    with open(path) as file:
+        return yaml.safe_load(file)
+
+
+def _zoo_eval(text: str):
+    # rl-zoo3 evaluates policy_kwargs strings in its exp_manager module's namespace.
+    return eval(text, vars(exp_manager))
+
+
+@pytest.mark.parametrize("path", [ELMUR, LSTM, MLP], ids=lambda p: p.name)
+def test_config_has_default_tmaze_and_every_popgym_id(path):
+    config = _load(path)
+    assert set(config) == {"default"} | TMAZE_IDS | POPGYM_IDS
+    for env_id in POPGYM_IDS:
+        wrap = zoo_utils.get_wrapper_class(dict(config[env_id]))
+        env = wrap(gym.make("sb3_elmur/TMaze-v0"))  # any env: checks the names import and wrap in order
+        assert isinstance(env, PreviousActionWrapper) and isinstance(env.env, FlattenObservationWrapper), env_id
+    for env_id in TMAZE_IDS | {"default"}:
+        assert "env_wrapper" not in config[env_id], env_id
+
+
+def test_popgym_ids_are_popgym_s_ids():
+    pytest.importorskip("popgym")
+    pytest.importorskip("mazelib")
+    from sb3_elmur.wrappers import popgym_env_ids
+
+    assert set(popgym_env_ids()) == POPGYM_IDS
+
+
+def test_elmur_lstm_and_mlp_entries_differ_only_in_the_policy():
+    elmur, lstm, mlp = _load(ELMUR), _load(LSTM), _load(MLP)
+    for env_id in elmur:
+        shared = {key: value for key, value in elmur[env_id].items() if key not in POLICY_KEYS}
+        assert {k: v for k, v in lstm[env_id].items() if k not in POLICY_KEYS} == shared, env_id
+        assert {k: v for k, v in mlp[env_id].items() if k not in POLICY_KEYS} == shared, env_id
+        assert (elmur[env_id]["policy"], lstm[env_id]["policy"], mlp[env_id]["policy"]) == (
+            "ElmurPolicy",
+            "MlpLstmPolicy",
+            "MlpPolicy",
+        )
+        assert zoo_utils.get_callback_list(dict(elmur[env_id]))[0].__class__ is ElmurTensorboardCallback
+
+
+def test_tmaze_entries_are_the_presets():
+    elmur, lstm = _load(ELMUR), _load(LSTM)
+    for env_id in TMAZE_IDS:
+        for config, policy_kwargs in ((elmur, TMAZE_POLICY_KWARGS), (lstm, TMAZE_LSTM_POLICY_KWARGS)):
+            entry = config[env_id]
+            assert {key: entry[key] for key in TMAZE_PPO_KWARGS} == TMAZE_PPO_KWARGS, env_id
+            assert _zoo_eval(entry["policy_kwargs"]) == policy_kwargs, env_id
+            assert entry["env_kwargs"] == {"corridor_length": 10}
+
+
+def test_policy_kwargs_build_the_policies():
+    for path, policy in ((ELMUR, "ElmurPolicy"), (LSTM, "MlpLstmPolicy")):
+        kwargs = _zoo_eval(_load(path)["default"]["policy_kwargs"])
+        # An env, not the id: SB3 would pass render_mode="rgb_array", which TMazeEnv rejects.
+        env = gym.make("sb3_elmur/TMaze-v0")
+        model = RecurrentPPO(policy, env, policy_kwargs=kwargs, n_steps=8, batch_size=8, device="cpu")
+        model.learn(8)
+        assert model.policy.lstm_actor is not None and model._n_updates == model.n_epochs
+
+
+def _zoo_train(tmp_path: Path, config: Path, env_id: str, gym_packages, *extra: str) -> Path:
+    """Run rl-zoo3's train CLI with a tiny budget; return the saved model's path."""
+    command = [
+        sys.executable, "-m", "rl_zoo3.train", "--algo", "ppo_lstm", "--env", env_id,
+        "--gym-packages", *gym_packages, "-conf", str(config), "-n", "2048", "-f", str(tmp_path / "logs"),
+        "--seed", "0", "--eval-freq", "1024", "--eval-episodes", "2", "--num-threads", "1",
+        "-tb", str(tmp_path / "tb"), *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    name = env_id.replace("/", "-")
+    model_path = tmp_path / "logs" / "ppo_lstm" / f"{name}_1" / f"{name}.zip"
+    assert model_path.exists(), result.stdout[-3000:]
+    return model_path
+
+
+def test_zoo_trains_elmur_on_tmaze_and_the_model_loads(tmp_path):
+    model_path = _zoo_train(tmp_path, ELMUR, "sb3_elmur/PassiveTMaze-v0", ["sb3_elmur"], "--env-kwargs", "corridor_length:12")
+    model = RecurrentPPO.load(model_path, device="cpu")
+    assert isinstance(model.policy, ElmurPolicy) and model.num_timesteps == 2048
+    assert model.policy.elmur_config.d_model == TMAZE_POLICY_KWARGS["d_model"]
+    env = gym.make("sb3_elmur/PassiveTMaze-v0", corridor_length=12)
+    obs, _ = env.reset(seed=0)
+    state, start = None, np.ones(1, dtype=bool)
+    for _ in range(5):
+        action, state = model.predict(obs[None], state=state, episode_start=start, deterministic=True)
+        obs, _, terminated, truncated, _ = env.step(int(action[0]))
+        start = np.array([terminated or truncated])
+    # The command line's env kwargs replaced the file's, and the memory scalars went to TensorBoard.
+    with open(model_path.parent / "sb3_elmur-PassiveTMaze-v0" / "config.yml") as file:
+        saved = yaml.load(file, Loader=yaml.UnsafeLoader)  # rl-zoo3 writes an OrderedDict (read the same way)
+    assert saved["env_kwargs"] == {"corridor_length": 12}
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_zoo_trains_lstm_on_popgym_with_our_wrappers(tmp_path):
+    pytest.importorskip("popgym")
+    from sb3_elmur.wrappers import make_popgym_env
+
+    model_path = _zoo_train(tmp_path, LSTM, "popgym-CountRecallEasy-v0", ["popgym", "sb3_elmur"])
+    model = RecurrentPPO.load(model_path, device="cpu")
+    env = make_popgym_env("popgym-CountRecallEasy-v0")
+    assert model.observation_space == env.observation_space  # trained on the flattened, action-augmented obs
+    obs, _ = env.reset(seed=0)
+    action, _ = model.predict(obs[None], state=None, episode_start=np.ones(1, dtype=bool))
+    assert env.action_space.contains(int(action[0]))
