@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.utils import algorithm_class
 from sb3_elmur.wrappers import is_popgym_id
 
 DEFAULT_POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
@@ -84,19 +85,6 @@ def resolve_policy(policy: str) -> Tuple[str, type]:
         f"unknown policy {policy!r}: use a RecurrentPPO alias {sorted(RecurrentPPO.policy_aliases)}, "
         f"a PPO alias {sorted(PPO.policy_aliases)} or a dotted class path"
     )
-
-
-def algorithm_class(algo: str) -> type:
-    """``RecurrentPPO`` or ``PPO`` class from its name."""
-    if algo == "RecurrentPPO":
-        from sb3_contrib import RecurrentPPO
-
-        return RecurrentPPO
-    if algo == "PPO":
-        from stable_baselines3 import PPO
-
-        return PPO
-    raise ValueError(f"unknown algorithm {algo!r} (RecurrentPPO or PPO)")
 
 
 def _import_name(dotted: str, what: str) -> Any:
