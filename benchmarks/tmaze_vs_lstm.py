@@ -88,23 +88,26 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str) -> 
         "",
         f"Command: `{command}`",
         "",
-        "| corridor | policy | params | seeds | success (per seed) | env steps/s rollout | train | total | "
-        "train share | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| corridor | policy | params | seeds | final success (per seed) | best success | env steps/s rollout | "
+        "train | total | train share | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["corridor"], r["policy"]) for r in results})
     for corridor, policy in keys:
         runs = sorted((r for r in results if r["corridor"] == corridor and r["policy"] == policy), key=lambda r: r["seed"])
         mean = lambda k: float(np.mean([r[k] for r in runs]))  # noqa: E731
         per_seed = ", ".join(f"{r['success']:.2f}" for r in runs)
+        best = float(np.mean([max(s for _, s in r["curve"]) for r in runs]))
         rows.append(
             f"| {corridor} | {policy} | {runs[0]['parameters']:,} | {len(runs)} | {mean('success'):.2f} ({per_seed}) | "
+            f"{best:.2f} | "
             f"{mean('rollout_steps_per_s'):,.0f} | {mean('train_steps_per_s'):,.0f} | {mean('total_steps_per_s'):,.0f} | "
             f"{mean('train_share'):.0%} | {mean('peak_rss_mb'):.0f} |"
         )
     budget = sorted({r["timesteps"] for r in results})
     rows += ["", f"Budget: {', '.join(f'{b:,}' for b in budget)} env steps per run, 8 envs, success over 100 greedy "
-             "episodes (half per cue). Steps/s exclude evaluation."]
+             "episodes (half per cue) at the end of training (final) and at the best of the evaluations every "
+             "25k steps (best). Steps/s exclude evaluation."]
     (out_dir / "tmaze_vs_lstm.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 
