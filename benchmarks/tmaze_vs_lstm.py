@@ -16,10 +16,21 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-POLICIES = {"ElmurPolicy": "TMAZE_POLICY_KWARGS", "MlpLstmPolicy": "TMAZE_LSTM_POLICY_KWARGS"}
+POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
+# Policy sizes at similar parameter counts: "small" is the T-Maze preset (about 43k parameters each), "large"
+# the zoo configs' default (about 250k each: ELMUR 2 x 64 wide, LSTM 160 units).
+SIZES = {
+    "small": {"ElmurPolicy": "TMAZE_POLICY_KWARGS", "MlpLstmPolicy": "TMAZE_LSTM_POLICY_KWARGS"},
+    "large": {
+        "ElmurPolicy": dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10),
+        "MlpLstmPolicy": dict(lstm_hidden_size=160),
+    },
+}
 
 
-def run_one(policy: str, corridor: int, seed: int, timesteps: int, eval_every: int, n_envs: int) -> Dict[str, Any]:
+def run_one(
+    policy: str, corridor: int, seed: int, timesteps: int, eval_every: int, n_envs: int, size: str
+) -> Dict[str, Any]:
     """Train one policy on one corridor; evaluate every ``eval_every`` steps (evaluation time not counted)."""
     import torch
     from sb3_contrib import RecurrentPPO
@@ -48,9 +59,9 @@ def run_one(policy: str, corridor: int, seed: int, timesteps: int, eval_every: i
             return True
 
     env = VecMonitor(TMazeVecEnv(n_envs, corridor_length=corridor, variant="passive", seed=seed))
-    model = RecurrentPPO(
-        policy, env, policy_kwargs=getattr(presets, POLICIES[policy]), seed=seed, **presets.TMAZE_PPO_KWARGS
-    )
+    policy_kwargs = SIZES[size][policy]
+    policy_kwargs = getattr(presets, policy_kwargs) if isinstance(policy_kwargs, str) else policy_kwargs
+    model = RecurrentPPO(policy, env, policy_kwargs=policy_kwargs, seed=seed, **presets.TMAZE_PPO_KWARGS)
     timer = RolloutTimer()
     curve: List[List[float]] = []
     learn_time = 0.0
@@ -64,6 +75,7 @@ def run_one(policy: str, corridor: int, seed: int, timesteps: int, eval_every: i
     train_time = learn_time - timer.rollout_time
     return {
         "policy": policy,
+        "size": size,
         "corridor": corridor,
         "seed": seed,
         "timesteps": steps,
@@ -79,7 +91,7 @@ def run_one(policy: str, corridor: int, seed: int, timesteps: int, eval_every: i
     }
 
 
-def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str) -> None:
+def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suffix: str = "") -> None:
     """Markdown table (one row per policy and corridor, mean over seeds) and a PNG of learning curves."""
     import numpy as np
 
@@ -108,7 +120,7 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str) -> 
     rows += ["", f"Budget: {', '.join(f'{b:,}' for b in budget)} env steps per run, 8 envs, success over 100 greedy "
              "episodes (half per cue) at the end of training (final) and at the best of the evaluations every "
              "25k steps (best). Steps/s exclude evaluation."]
-    (out_dir / "tmaze_vs_lstm.md").write_text("\n".join(rows) + "\n")
+    (out_dir / f"tmaze_vs_lstm{suffix}.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 
     import matplotlib
@@ -129,13 +141,14 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str) -> 
     axes[0][0].set_ylabel("success")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "tmaze_vs_lstm.png", dpi=100)
+    fig.savefig(out_dir / f"tmaze_vs_lstm{suffix}.png", dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corridors", type=int, nargs="+", default=[10, 30, 100, 300])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--size", default="small", choices=list(SIZES), help="policy sizes (see SIZES)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--timesteps", type=int, default=500_000)
     parser.add_argument("--eval-every", type=int, default=25_000)
@@ -150,7 +163,7 @@ def main() -> None:
 
     if args.run:
         policy, corridor, seed = args.policies[0], args.corridors[0], args.seeds[0]
-        result = run_one(policy, corridor, seed, args.timesteps, args.eval_every, args.n_envs)
+        result = run_one(policy, corridor, seed, args.timesteps, args.eval_every, args.n_envs, args.size)
         Path(args.run).write_text(json.dumps(result, indent=1))
         return
 
@@ -158,7 +171,8 @@ def main() -> None:
     for corridor in args.corridors:
         for policy in args.policies:
             for seed in args.seeds:
-                path = runs_dir / f"{policy}_L{corridor}_s{seed}_{args.timesteps}.json"
+                suffix = "" if args.size == "small" else f"_{args.size}"
+                path = runs_dir / f"{policy}_L{corridor}_s{seed}_{args.timesteps}{suffix}.json"
                 if not path.exists():
                     pending.append((policy, corridor, seed, path))
     running: List[subprocess.Popen] = []
@@ -167,7 +181,7 @@ def main() -> None:
             policy, corridor, seed, path = pending.pop(0)
             cmd = [sys.executable, __file__, "--run", str(path), "--policies", policy, "--corridors", str(corridor),
                    "--seeds", str(seed), "--timesteps", str(args.timesteps), "--eval-every", str(args.eval_every),
-                   "--n-envs", str(args.n_envs), "--out", str(out_dir)]
+                   "--n-envs", str(args.n_envs), "--out", str(out_dir), "--size", args.size]
             running.append(subprocess.Popen(cmd))
         time.sleep(1)
         for proc in [p for p in running if p.poll() is not None]:
@@ -176,9 +190,12 @@ def main() -> None:
                 raise RuntimeError(f"run failed: {' '.join(proc.args)}")
 
     results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
-    results = [r for r in results if r["corridor"] in args.corridors and r["timesteps"] >= args.timesteps]
+    results = [
+        r for r in results
+        if r["corridor"] in args.corridors and r["timesteps"] >= args.timesteps and r.get("size", "small") == args.size
+    ]
     command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(sys.argv[1:])
-    write_report(results, out_dir, command)
+    write_report(results, out_dir, command, "" if args.size == "small" else f"_{args.size}")
 
 
 if __name__ == "__main__":
