@@ -26,7 +26,8 @@ def _time(fn, repeats: int) -> float:
 
 
 def acting_step_ms(model: ElmurModel, batch: int, episode_step: int, repeats: int) -> float:
-    """Milliseconds per single acting step once each episode has run ``episode_step`` steps."""
+    """Milliseconds per acting step, averaged over ``repeats`` consecutive steps from episode step
+    ``episode_step`` on."""
     state = model.initial_state(batch)
     with torch.no_grad():
         done = 0
@@ -35,7 +36,10 @@ def acting_step_ms(model: ElmurModel, batch: int, episode_step: int, repeats: in
             _, state = model(torch.randn(batch, chunk, model.input_dim), state)
             done += chunk
         x = torch.randn(batch, 1, model.input_dim)
-        return 1e3 * _time(lambda: model(x, state), repeats)
+        start = time.perf_counter()
+        for _ in range(repeats):  # consecutive steps: every phase of the segment, writes included
+            _, state = model(x, state)
+        return 1e3 * (time.perf_counter() - start) / repeats
 
 
 def training_step_us(model: ElmurModel, batch: int, length: int, parallel: bool, repeats: int) -> float:
@@ -91,7 +95,7 @@ def main() -> None:
         f"Command: `python benchmarks/model_speed.py --out {args.out}` ({results['machine']}).",
         "Config: d_model 64, 2 layers, 2 heads, 2 slots, context 10, input 16.",
         "",
-        "| acting (one step, no grad) | ms per step |",
+        "| acting (mean over consecutive single steps, no grad) | ms per step |",
         "|---|---|",
         *[f"| {k} | {v:.3f} |" for k, v in acting.items()],
         "",
