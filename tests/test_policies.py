@@ -181,3 +181,16 @@ def test_unsupported_configurations_raise_clear_errors():
         _model(spaces.Discrete(2), lstm_hidden_size=64)
     with pytest.raises(ValueError, match="share_features_extractor"):
         _model(spaces.Discrete(2), share_features_extractor=False)
+
+
+def test_bad_spaces_and_observations_are_named_in_the_error():
+    tuple_space = spaces.Tuple((spaces.Discrete(3), spaces.Discrete(2)))
+    with pytest.raises(NotImplementedError, match="Tuple"):
+        RecurrentPPO("ElmurPolicy", RandomLengthEnv(spaces.Discrete(2), tuple_space))
+    with pytest.raises(AssertionError, match="Tuple"):
+        RecurrentPPO("ElmurPolicy", RandomLengthEnv(tuple_space))
+    model = _model(spaces.Discrete(2), n_envs=1)
+    with pytest.raises(ValueError, match="observation shape"):
+        model.predict(np.zeros((2, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="unknown ElmurPolicy keyword"):
+        _model(spaces.Discrete(2), memory_slots=4)
