@@ -12,27 +12,20 @@ import numpy as np
 import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.ppo_recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import ProgressBarCallback
+from stable_baselines3.common.callbacks import CallbackList, ProgressBarCallback
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
 
-from sb3_elmur.datasets import EpisodeDataset
+from sb3_elmur.datasets import EpisodeDataset, map_observations, n_rows
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
-
-
-def _map(observations: Any, fn: Any) -> Any:
-    return {key: fn(v) for key, v in observations.items()} if isinstance(observations, dict) else fn(observations)
-
-
-def _batch_size(observations: Any) -> int:
-    return len(next(iter(observations.values()))) if isinstance(observations, dict) else len(observations)
 
 
 class _GradientStepProgressBar(ProgressBarCallback):
@@ -185,13 +178,13 @@ class RecurrentBC(BaseAlgorithm):
 
         A generator: SB3 policies reuse one distribution object, so each must be used before the next."""
         policy = self.policy
-        n, k = _batch_size(observations), self.context_length
+        n, k = n_rows(observations), self.context_length
         shape = (policy.lstm_hidden_state_shape[0], n, policy.lstm_hidden_state_shape[2])
         # An all-zero state is a fresh episode for ELMUR and the LSTM alike: no reset flags needed.
         state = (th.zeros(shape, device=self.device), th.zeros(shape, device=self.device))
         no_starts = th.zeros(n * k, device=self.device)
         for s in range(self.sections):
-            obs = _map(observations, lambda v: v[:, s * k : (s + 1) * k].reshape(n * k, *v.shape[2:]))
+            obs = map_observations(observations, lambda v: v[:, s * k : (s + 1) * k].reshape(n * k, *v.shape[2:]))
             features = policy.extract_features(obs_as_tensor(obs, self.device), policy.pi_features_extractor)
             latent, state = policy._process_sequence(features, state, no_starts, policy.lstm_actor)
             if self.detach_between_sections:
@@ -249,8 +242,6 @@ class RecurrentBC(BaseAlgorithm):
             raise ValueError("RecurrentBC needs a dataset: pass dataset= or call set_dataset() before learn()")
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name)
         if progress_bar:
-            from stable_baselines3.common.callbacks import CallbackList
-
             callback = CallbackList([callback, _GradientStepProgressBar()])
             callback.init_callback(self)
         callback.on_training_start(locals(), globals())
@@ -270,10 +261,8 @@ class RecurrentBC(BaseAlgorithm):
         callback.on_training_end()
         return self
 
-    def to_recurrent_ppo(self, env: GymEnv, **ppo_kwargs: Any) -> "th.nn.Module":
+    def to_recurrent_ppo(self, env: GymEnv, **ppo_kwargs: Any) -> RecurrentPPO:
         """A sb3-contrib ``RecurrentPPO`` on ``env`` whose policy starts from these weights (online fine-tuning)."""
-        from sb3_contrib import RecurrentPPO
-
         model = RecurrentPPO(type(self.policy), env, policy_kwargs=self.policy_kwargs, **ppo_kwargs)
         model.policy.load_state_dict(self.policy.state_dict())
         return model

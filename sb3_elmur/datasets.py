@@ -37,13 +37,19 @@ class Episode:
         return len(self.actions)
 
 
-def _take(observations: Observations, index: Any) -> Observations:
+def map_observations(observations: Observations, fn: Any) -> Observations:
+    """Apply ``fn`` to an observation array, or to every array of a dict of them."""
     if isinstance(observations, dict):
-        return {key: value[index] for key, value in observations.items()}
-    return observations[index]
+        return {key: fn(value) for key, value in observations.items()}
+    return fn(observations)
 
 
-def _length(observations: Observations) -> int:
+def _take(observations: Observations, index: Any) -> Observations:
+    return map_observations(observations, lambda value: value[index])
+
+
+def n_rows(observations: Observations) -> int:
+    """Length of the first dimension of observations (an array or a dict of arrays)."""
     if isinstance(observations, dict):
         return min(len(v) for v in observations.values())
     return len(observations)
@@ -63,7 +69,7 @@ class EpisodeDataset:
             actions = np.asarray(ep.actions)
             if len(actions) < 1:
                 raise ValueError(f"episode {i} has no steps: every episode needs at least one action")
-            n_obs = _length(ep.observations)
+            n_obs = n_rows(ep.observations)
             if n_obs not in (len(actions), len(actions) + 1):
                 raise ValueError(f"episode {i} has {n_obs} observations for {len(actions)} actions (need T or T + 1)")
             observations = _take(ep.observations, slice(0, len(actions)))
@@ -173,7 +179,7 @@ def _cast(value: Any, space: spaces.Space) -> Any:
 
 def _pad(values: Observations, length: int) -> Observations:
     if isinstance(values, dict):
-        return {k: _pad(v, length) for k, v in values.items()}
+        return map_observations(values, lambda v: _pad(v, length))
     values = np.asarray(values)
     padding = np.zeros((length - len(values), *values.shape[1:]), dtype=values.dtype)
     return np.concatenate([values, padding])
