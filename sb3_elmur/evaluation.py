@@ -1,8 +1,11 @@
 """Batched T-Maze evaluation: success rate of a policy over many episodes at once."""
 
-from typing import Optional
+import multiprocessing
+from typing import Callable, Optional
 
 import numpy as np
+import torch as th
+from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_elmur.envs import TMazeVecEnv
@@ -16,24 +19,70 @@ def evaluate_tmaze(
     deterministic: bool = True,
     seed: Optional[int] = 0,
     progress_bar: bool = False,
+    n_workers: int = 1,
 ) -> float:
     """Success rate of ``model`` on ``n_episodes`` T-Maze episodes, half with each cue, run as one batch.
 
-    Works with any model that has ``predict(obs, state, episode_start, deterministic)``, recurrent or not.
+    Works with any model that has ``predict(obs, state, episode_start, deterministic)``, recurrent or not;
+    sb3-contrib recurrent policies (ElmurPolicy, MlpLstmPolicy) act through a leaner loop that keeps their state
+    as tensors.
 
-    :param model: trained model (RecurrentPPO, PPO, ...)
+    :param model: trained model (RecurrentPPO, RecurrentBC, PPO, ...) or any object with that ``predict``
     :param corridor_length: corridor length L (episodes last at most L + 2 steps)
     :param n_episodes: number of episodes (one per env of the batch)
     :param variant: "passive" or "reference" (success is the same: reaching the cued goal)
     :param deterministic: act greedily
-    :param seed: seed of the observation noise
+    :param seed: seed of the observation noise (worker ``i`` uses ``seed + i``)
     :param progress_bar: show a tqdm progress bar over steps (long corridors)
+    :param n_workers: split the episodes over this many forked processes (one core each)
     :return: fraction of episodes that reached the correct goal
     """
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
     cues = np.where(np.arange(n_episodes) < (n_episodes + 1) // 2, 1, -1)
+    n_workers = min(n_workers, n_episodes)
+    if n_workers == 1:
+        return float(_run_episodes(model, corridor_length, cues, variant, deterministic, seed, progress_bar).mean())
+    # Fork, so that every worker inherits the model without pickling it; each runs a share of both cues.
+    context = multiprocessing.get_context("fork")
+    queue = context.SimpleQueue()
+    workers = []
+    for i, share in enumerate(np.array_split(np.random.default_rng(0).permutation(cues), n_workers)):
+        worker_seed = None if seed is None else seed + i
+        args = (queue, i, model, corridor_length, share, variant, deterministic, worker_seed, progress_bar and i == 0)
+        workers.append(context.Process(target=_worker, args=args, daemon=True))
+        workers[-1].start()
+    results = dict(queue.get() for _ in workers)
+    for worker in workers:
+        worker.join()
+    failed = [i for i in range(n_workers) if not isinstance(results.get(i), np.ndarray)]
+    if failed:
+        raise RuntimeError(f"T-Maze evaluation worker {failed[0]} failed: {results.get(failed[0])}")
+    return float(np.concatenate([results[i] for i in range(n_workers)]).mean())
+
+
+def _worker(queue, index: int, *args) -> None:
+    th.set_num_threads(1)
+    try:
+        queue.put((index, _run_episodes(*args)))
+    except Exception as error:  # reported by the parent, which would otherwise wait forever
+        queue.put((index, f"{type(error).__name__}: {error}"))
+
+
+def _run_episodes(
+    model: BaseAlgorithm,
+    corridor_length: int,
+    cues: np.ndarray,
+    variant: str,
+    deterministic: bool,
+    seed: Optional[int],
+    progress_bar: bool,
+) -> np.ndarray:
+    """Run one episode per cue in one batch; :return: success of each episode."""
+    n_episodes = len(cues)
     env = TMazeVecEnv(n_episodes, corridor_length=corridor_length, variant=variant, seed=seed, cues=cues)
+    act = _actor(model, deterministic)
     obs = env.reset()
-    state = None
     episode_start = np.ones(n_episodes, dtype=bool)
     success = np.zeros(n_episodes, dtype=bool)
     finished = np.zeros(n_episodes, dtype=bool)
@@ -41,10 +90,9 @@ def evaluate_tmaze(
     if progress_bar:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"T-Maze L={corridor_length}")
+        steps = tqdm(steps, desc=f"T-Maze L={corridor_length}", mininterval=2.0)
     for _ in steps:
-        actions, state = model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
-        obs, _, dones, infos = env.step(actions)
+        obs, _, dones, infos = env.step(act(obs, episode_start))
         for i in np.flatnonzero(dones & ~finished):
             success[i] = infos[i]["is_success"]
         finished |= dones
@@ -52,4 +100,36 @@ def evaluate_tmaze(
         if finished.all():
             break
     env.close()
-    return float(success.mean())
+    return success
+
+
+def _actor(model: BaseAlgorithm, deterministic: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A function (observations, episode starts) -> actions that carries the recurrent state itself."""
+    policy = getattr(model, "policy", None)
+    if not isinstance(policy, RecurrentActorCriticPolicy):
+        state = None
+
+        def act_with_predict(obs: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
+            nonlocal state
+            actions, state = model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
+            return actions
+
+        return act_with_predict
+
+    # RecurrentActorCriticPolicy.predict, without its per-step mode switch and numpy round trips of the state.
+    policy.set_training_mode(False)
+    device = policy.device  # a property that walks the parameters: read it once
+    states = None
+
+    def act(obs: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
+        nonlocal states
+        with th.no_grad():
+            obs_tensor = th.as_tensor(obs, device=device)
+            if states is None:
+                shape = (policy.lstm_hidden_state_shape[0], len(obs), policy.lstm_hidden_state_shape[2])
+                states = (th.zeros(shape, device=device), th.zeros(shape, device=device))
+            starts = th.as_tensor(episode_start, dtype=th.float32, device=device)
+            actions, states = policy._predict(obs_tensor, states, starts, deterministic=deterministic)
+        return actions.cpu().numpy()
+
+    return act

@@ -169,6 +169,26 @@ class DistanceBias(nn.Module):
             self.n_exact = config.distance_buckets // 4
         self.n_buckets = n_buckets
         self.table = nn.Parameter(torch.zeros(n_buckets, config.n_heads))
+        if self.mode == "log":
+            # Smallest distance of every bucket 1..n_buckets-1: a searchsorted then replaces the log formula
+            # (acting calls this twice per layer and step; the result is the same, see tests/test_model.py).
+            self.register_buffer("bucket_starts", self._bucket_starts(), persistent=False)
+
+    def _log_index(self, distance: torch.Tensor) -> torch.Tensor:
+        """Bucket of integer distances >= 1 by the log formula."""
+        log_ratio = torch.log(distance.float() / self.n_exact) / math.log(self.max_distance / self.n_exact)
+        log_index = self.n_exact + (log_ratio * (self.n_buckets - self.n_exact)).long()
+        return torch.where(distance < self.n_exact, distance, log_index.clamp(max=self.n_buckets - 1))
+
+    def _bucket_starts(self) -> torch.Tensor:
+        # Binary search, for all buckets at once, of the first distance whose index reaches the bucket.
+        target = torch.arange(1, self.n_buckets)
+        low, high = torch.ones_like(target), torch.full_like(target, 2**40)
+        while bool((low < high).any()):
+            middle = (low + high) // 2
+            reached = self._log_index(middle) >= target
+            high, low = torch.where(reached, middle, high), torch.where(reached, low, middle + 1)
+        return low
 
     def bucket(self, distance: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         """Bucket index of integer distances >= 1 (bucket 0 where ``empty``)."""
@@ -177,10 +197,8 @@ class DistanceBias(nn.Module):
             index = distance.clamp(max=self.max_distance)
         else:
             # Distances below n_exact get their own bucket; above, buckets are log-spaced up to max_distance.
-            log_ratio = torch.log(distance.float() / self.n_exact) / math.log(self.max_distance / self.n_exact)
-            log_index = self.n_exact + (log_ratio * (self.n_buckets - self.n_exact)).long()
-            index = torch.where(distance < self.n_exact, distance, log_index.clamp(max=self.n_buckets - 1))
-        return torch.where(empty, torch.zeros_like(index), index)
+            index = torch.searchsorted(self.bucket_starts, distance, right=True)
+        return index.masked_fill(empty, 0)
 
     def forward(self, distance: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         """:return: bias [..., H] for integer distances [...]."""
@@ -406,8 +424,9 @@ class ElmurModel(nn.Module):
         episode_starts = episode_starts.to(device=x.device, dtype=torch.bool)
         if episode_starts.shape != (n, t):
             raise ValueError(f"episode_starts must have shape {(n, t)}, got {tuple(episode_starts.shape)}")
-        cfg = self.config
-        k, d = cfg.context_length, cfg.d_model
+        if t == 1:
+            return self._step(x[:, 0], state, episode_starts[:, 0])
+        k, d = self.config.context_length, self.config.d_model
         plan = self._plan(state.step, episode_starts)
         n_segments = plan.reset.shape[1]
 
@@ -421,47 +440,79 @@ class ElmurModel(nn.Module):
 
         memory = list(state.memory.unbind(dim=1))  # per layer [N, M, D]
         positions = list(state.positions.unbind(dim=1))
-        init_memory = self.memory_init.to(x.dtype)
-        outputs: List[torch.Tensor] = []
-        for s in range(n_segments):
-            reset = plan.reset[:, s].view(n, 1, 1)
-            complete = plan.complete[:, s]
-            token_steps = plan.segment_start_step[:, s : s + 1] + position  # [N, K]
-            newest_step = plan.segment_start_step[:, s] + k - 1
-            h = grid[:, s]
-            any_complete = bool(complete.any())  # acting mid-segment: the write is not needed
-            # Acting mid-segment, the last layer only needs the output of each row's one new step.
-            acting = t == 1 and n_segments == 1 and not any_complete
-            for i, layer in enumerate(self.layers):
-                mem = torch.where(reset, init_memory[i], memory[i])
-                pos = torch.where(reset.view(n, 1), torch.full_like(positions[i], -1), positions[i])
-                if cfg.detach_memory:
-                    mem = mem.detach()
-                query_slots = plan.slot[:, 0] if acting and i == len(self.layers) - 1 else None
-                h, candidates = layer(h, token_steps, mem, pos, write=any_complete, query_slots=query_slots)
-                if candidates is not None:
-                    written, written_pos = lru_write(
-                        mem, pos, candidates, newest_step, cfg.alpha, cfg.empty_slot_write == "hard"
-                    )
-                    mem = torch.where(complete.view(n, 1, 1), written, mem)
-                    pos = torch.where(complete.view(n, 1), written_pos, pos)
-                memory[i], positions[i] = mem, pos
-            outputs.append(h)
-        if acting:
-            out = self.ln_out(outputs[0])  # [N, 1, D]
-        else:
-            out = self.ln_out(torch.stack(outputs, dim=1))[rows, plan.segment_index, plan.slot]  # from [N, S, K, D]
+        outputs = [
+            self._segment(
+                grid[:, s], plan.segment_start_step[:, s : s + 1] + position, memory, positions,
+                plan.reset[:, s], plan.complete[:, s],
+            )
+            for s in range(n_segments)
+        ]
+        out = self.ln_out(torch.stack(outputs, dim=1))[rows, plan.segment_index, plan.slot]  # from [N, S, K, D]
 
         # The last segment, if incomplete, becomes the state's prefix.
         last_step = plan.steps[:, -1]
-        last_segment = plan.segment_index[:, -1]
         n_valid = (last_step + 1) % k
-        segment = grid[torch.arange(n, device=x.device), last_segment, : k - 1]
+        segment = grid[torch.arange(n, device=x.device), plan.segment_index[:, -1], : k - 1]
         segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
-        new_state = ElmurState(
-            memory=torch.stack(memory, dim=1),
-            positions=torch.stack(positions, dim=1),
-            segment=segment,
-            step=last_step + 1,
-        )
+        new_state = ElmurState(torch.stack(memory, dim=1), torch.stack(positions, dim=1), segment, last_step + 1)
         return out, new_state
+
+    def _step(self, x: torch.Tensor, state: ElmurState, episode_starts: torch.Tensor) -> Tuple[torch.Tensor, ElmurState]:
+        """One step of N rows (acting): [N, input_dim] -> [N, 1, d_model]. Same result as the segment-parallel
+        path, with less bookkeeping, and the last layer computes only the new token unless a segment completes."""
+        n = x.shape[0]
+        k, d = self.config.context_length, self.config.d_model
+        step = state.step.masked_fill(episode_starts, 0)
+        slot = step % k
+        complete = slot == k - 1
+        # The state's segment holds the valid tokens before ``slot`` and zeros after: put the new token at ``slot``.
+        tokens = torch.cat([state.segment.masked_fill(episode_starts.view(n, 1, 1), 0.0), x.new_zeros(n, 1, d)], dim=1)
+        tokens = tokens.scatter(1, slot.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
+        token_steps = (step - slot).unsqueeze(1) + torch.arange(k, device=x.device)
+        memory = list(state.memory.unbind(dim=1))
+        positions = list(state.positions.unbind(dim=1))
+        out = self._segment(tokens, token_steps, memory, positions, episode_starts, complete, query_slots=slot)
+        if out.shape[1] == k:  # a segment completed: every position was computed, for the write
+            out = out[torch.arange(n, device=x.device), slot].unsqueeze(1)
+        segment = tokens[:, : k - 1].masked_fill(complete.view(n, 1, 1), 0.0)
+        new_state = ElmurState(torch.stack(memory, dim=1), torch.stack(positions, dim=1), segment, step + 1)
+        return self.ln_out(out), new_state
+
+    def _segment(
+        self,
+        tokens: torch.Tensor,
+        token_steps: torch.Tensor,
+        memory: List[torch.Tensor],
+        positions: List[torch.Tensor],
+        reset: torch.Tensor,
+        complete: torch.Tensor,
+        query_slots: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run one segment through every layer and commit the memory writes of the rows that complete it.
+
+        :param tokens: [N, K, D] input tokens; :param token_steps: [N, K] their episode steps
+        :param memory: per-layer [N, M, D] memory, updated in place (list items replaced)
+        :param positions: per-layer [N, M] slot positions, updated in place
+        :param reset: [N] the episode starts in this segment: memory restarts from its initial content
+        :param complete: [N] the segment holds its last position: write to memory
+        :param query_slots: [N] if no row completes, the last layer computes only this position per row
+        :return: [N, K, D] output tokens, or [N, 1, D] (the ``query_slots`` positions) when no row completes
+        """
+        cfg = self.config
+        n = tokens.shape[0]
+        write = bool(complete.any())
+        newest_step = token_steps[:, -1]
+        h = tokens
+        for i, layer in enumerate(self.layers):
+            mem = torch.where(reset.view(n, 1, 1), self.memory_init[i].to(tokens.dtype), memory[i])
+            pos = positions[i].masked_fill(reset.view(n, 1), -1)
+            if cfg.detach_memory:
+                mem = mem.detach()
+            last_query = query_slots if i == len(self.layers) - 1 and not write else None
+            h, candidates = layer(h, token_steps, mem, pos, write=write, query_slots=last_query)
+            if candidates is not None:
+                written, written_pos = lru_write(mem, pos, candidates, newest_step, cfg.alpha, cfg.empty_slot_write == "hard")
+                mem = torch.where(complete.view(n, 1, 1), written, mem)
+                pos = torch.where(complete.view(n, 1), written_pos, pos)
+            memory[i], positions[i] = mem, pos
+        return h

@@ -77,13 +77,15 @@ class ElmurBackbone(nn.Module):
         c = self.model.config
         step1, positions, memory, segment = flat.split(self._sizes, dim=1)
         fresh = step1[:, 0] < 0.5
-        init = self.model.initial_state(n, flat.device)
         decoded = ElmurState(
             memory=memory.reshape(n, c.n_layers, c.memory_size, c.d_model),
             positions=positions.round().long().reshape(n, c.n_layers, c.memory_size),
             segment=segment.reshape(n, c.context_length - 1, c.d_model),
             step=step1[:, 0].round().long() - 1,
         )
+        if not bool(fresh.any()):
+            return decoded
+        init = self.model.initial_state(n, flat.device)
         return ElmurState(*(th.where(_expand(fresh, a), i, a) for i, a in zip(init, decoded)))
 
     def forward(

@@ -28,6 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of acting greedily")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--workers", type=int, default=1, help="processes to split the episodes over (one core each)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -44,6 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
             deterministic=not args.stochastic,
             seed=args.seed,
             progress_bar=not args.no_progress,
+            n_workers=args.workers,
         )
         rows.append({"corridor": corridor, "success": success, "seconds": time.perf_counter() - start})
         print(f"corridor {corridor:>9,}: success {success:.2f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
@@ -51,7 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     for row in rows:
         print(f"| {row['corridor']:,} | {row['success']:.2f} | {row['seconds']:.0f} |")
     if args.out:
-        result = {"model": args.model, "algo": args.algo, "episodes": args.episodes, "variant": args.variant, "results": rows}
+        result = {"model": args.model, "algo": args.algo, "episodes": args.episodes, "variant": args.variant,
+                  "workers": args.workers, "results": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     return rows

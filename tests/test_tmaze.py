@@ -523,3 +523,38 @@ def test_rgb_rendering_and_make_vec_env_from_the_id():
     assert image.shape == (3 * 8, 4 * 8, 3) and image.dtype == np.uint8
     assert tuple(image[4, 3 * 8 + 4]) == (40, 180, 40)  # the correct (upper) goal is green
     assert tuple(image[8 + 4, 4]) == (220, 40, 40)  # the agent at the corridor's start
+
+
+def test_vec_env_corridor_range():
+    """With a (low, high) range every episode draws its length; limit and penalty follow that episode's length."""
+    venv = TMazeVecEnv(16, corridor_length=(3, 9), variant="passive", seed=0)
+    assert venv.corridor_length == (3, 9) and venv.time_limit == 11
+    oracle = TMazeOracle(16)
+    obs, starts = venv.reset(), np.ones(16, dtype=bool)
+    seen, lengths = set(), venv.get_attr("episode_corridor_length")
+    steps = np.zeros(16, dtype=int)
+    for _ in range(400):
+        obs, rewards, dones, infos = venv.step(oracle.act(obs, starts))
+        steps += 1
+        for i in np.flatnonzero(dones):
+            # The oracle walks L steps right and turns: L + 1 steps, reward 1, never a penalty
+            assert infos[i]["is_success"] and steps[i] == lengths[i] + 1 and rewards[i] == 1.0
+            seen.add(int(lengths[i]))
+        steps[dones] = 0
+        starts = dones
+        lengths = venv.get_attr("episode_corridor_length")
+    assert seen == set(range(3, 10))
+    # Standing still times out at that episode's L + 2, with a penalty of 1 / L per step
+    venv = TMazeVecEnv(4, corridor_length=(2, 6), variant="passive", seed=1)
+    venv.reset()
+    lengths = np.array(venv.get_attr("episode_corridor_length"))
+    returns, done_at = np.zeros(4), np.zeros(4, dtype=int)
+    for t in range(1, 9):
+        _, rewards, dones, _ = venv.step(np.full(4, LEFT))
+        returns += rewards * (done_at == 0)
+        done_at[(done_at == 0) & dones] = t
+    np.testing.assert_array_equal(done_at, lengths + 2)
+    np.testing.assert_allclose(returns, -(lengths + 2) / lengths, rtol=1e-6)
+    for bad in [(5, 4), (0, 3), (1, 2, 3)]:
+        with pytest.raises(ValueError, match="corridor_length"):
+            TMazeVecEnv(2, corridor_length=bad)

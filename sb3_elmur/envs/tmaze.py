@@ -223,7 +223,9 @@ class TMazeVecEnv(VecEnv):
     ``elapsed_steps`` which ``get_attr`` returns per env.
 
     :param num_envs: Number of environments
-    :param corridor_length: Length ``L`` of the corridor (int >= 1)
+    :param corridor_length: Length ``L`` of the corridor (int >= 1), or a range ``(low, high)``: every episode
+        then draws its own length uniformly in ``low..high`` (time limit ``L + 2`` and penalty ``1 / L`` of
+        that episode), so that one training run sees short and long memory gaps
     :param variant: ``"reference"`` or ``"passive"``
     :param noise: Whether to fill the last observation entry with random noise (else 0)
     :param seed: Seed of the (shared) random generator
@@ -232,12 +234,12 @@ class TMazeVecEnv(VecEnv):
     """
 
     # Per-env state readable through ``get_attr``: name -> internal array
-    _PER_ENV_ATTRS = {"cue": "_cue", "position": "_x", "elapsed_steps": "_steps"}
+    _PER_ENV_ATTRS = {"cue": "_cue", "position": "_x", "elapsed_steps": "_steps", "episode_corridor_length": "_lengths"}
 
     def __init__(
         self,
         num_envs: int,
-        corridor_length: int = 10,
+        corridor_length: int | tuple[int, int] = 10,
         variant: str = "reference",
         noise: bool = True,
         seed: int | None = None,
@@ -246,18 +248,25 @@ class TMazeVecEnv(VecEnv):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"`num_envs` must be an int >= 1, got {num_envs!r}")
         num_envs = int(num_envs)
-        self._corridor_length = _check_corridor_length(corridor_length)
+        if isinstance(corridor_length, (tuple, list)):
+            if len(corridor_length) != 2 or _check_corridor_length(corridor_length[0]) > _check_corridor_length(corridor_length[1]):
+                raise ValueError(f"a `corridor_length` range must be (low, high) with 1 <= low <= high, got {corridor_length!r}")
+            self._length_range = (int(corridor_length[0]), int(corridor_length[1]))
+        else:
+            self._length_range = (_check_corridor_length(corridor_length),) * 2
         self._variant = _check_variant(variant)
         self._noise = bool(noise)
         self._fixed_cues = self._check_cues(cues, num_envs)
-        self.time_limit = self._corridor_length + 2
-        self.penalty = 1.0 / self._corridor_length if self._variant == "passive" else 0.0
+        # The longest episode (the limit of the longest corridor, with a range)
+        self.time_limit = self._length_range[1] + 2
+        self.penalty = 1.0 / self._length_range[0] if self._variant == "passive" else 0.0
         # Needed by VecEnv.__init__ (through get_attr)
         self.render_mode = None
         super().__init__(num_envs, _make_observation_space(), spaces.Discrete(4))
 
         self._set_rng(seed)
-        self._penalty32 = np.float32(self.penalty)
+        self._lengths = np.full(num_envs, self._length_range[0], dtype=np.int64)
+        self._penalties = np.zeros(num_envs, dtype=np.float32)
         self._x = np.zeros(num_envs, dtype=np.int64)
         self._steps = np.zeros(num_envs, dtype=np.int64)
         self._cue = np.ones(num_envs, dtype=np.int64)
@@ -279,8 +288,9 @@ class TMazeVecEnv(VecEnv):
 
     # Read-only: changing them would invalidate the time limit and penalty
     @property
-    def corridor_length(self) -> int:
-        return self._corridor_length
+    def corridor_length(self) -> int | tuple[int, int]:
+        low, high = self._length_range
+        return low if low == high else (low, high)
 
     @property
     def variant(self) -> str:
@@ -328,6 +338,11 @@ class TMazeVecEnv(VecEnv):
                 cues = self._fixed_cues[indices]
             else:
                 cues = self._rng.integers(0, 2, size=len(indices)) * 2 - 1
+        low, high = self._length_range
+        if low < high:
+            self._lengths[indices] = self._rng.integers(low, high + 1, size=len(indices))
+        if self._variant == "passive":
+            self._penalties[indices] = 1.0 / self._lengths[indices]
         self._x[indices] = 0
         self._steps[indices] = 0
         self._cue[indices] = cues
@@ -376,7 +391,7 @@ class TMazeVecEnv(VecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         actions = self._actions
         x = self._x
-        at_junction = x == self._corridor_length
+        at_junction = x == self._lengths
         go_right = actions == RIGHT
         # Up (1) and down (3) are the odd actions
         vertical = (actions & 1).astype(bool)
@@ -394,15 +409,15 @@ class TMazeVecEnv(VecEnv):
 
         rewards = success.astype(np.float32)
         if self._variant == "passive":
-            rewards -= (~(go_right | at_junction)) * self._penalty32
+            rewards -= (~(go_right | at_junction)) * self._penalties
 
-        truncated = ~reached_goal & (self._steps >= self.time_limit)
+        truncated = ~reached_goal & (self._steps >= self._lengths + 2)
         dones = reached_goal | truncated
 
         obs = self._obs
         obs[:, 0] = reached_goal * goal_y
         obs[:, 1] = 0.0
-        obs[:, 2] = x == self._corridor_length
+        obs[:, 2] = x == self._lengths
         reset_noise = None
         if self._noise:
             noise = self._next_noise()

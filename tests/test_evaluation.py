@@ -1,0 +1,61 @@
+"""Batched T-Maze evaluation: the lean acting loop, worker processes, and errors."""
+
+import numpy as np
+import pytest
+import torch as th
+from sb3_contrib import RecurrentPPO
+
+import sb3_elmur  # noqa: F401
+from sb3_elmur.envs import TMazeVecEnv
+from sb3_elmur.envs.tmaze import DOWN, RIGHT, UP
+from sb3_elmur.evaluation import _actor, evaluate_tmaze
+
+
+class RightThenUp:
+    """Walks right and turns up at the junction: right for one cue only, so success is exactly 0.5."""
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        return np.where(obs[:, 2] > 0.5, UP, RIGHT), None
+
+
+class RememberTheCue:
+    """Keeps the cue in its state (as a recurrent policy would) and turns towards it: always right."""
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        cue = np.where(episode_start, obs[:, 1], state)
+        return np.where(obs[:, 2] > 0.5, np.where(cue > 0, UP, DOWN), RIGHT), cue
+
+
+class Broken:
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        raise ValueError("no policy here")
+
+
+@pytest.mark.parametrize("policy", ["ElmurPolicy", "MlpLstmPolicy"])
+def test_lean_actor_matches_predict(policy):
+    """The loop that keeps the state as tensors takes the same actions as ``predict`` with numpy states."""
+    th.manual_seed(0)
+    env = TMazeVecEnv(5, corridor_length=12, seed=0)
+    kwargs = dict(d_model=16, n_heads=2, context_length=4) if policy == "ElmurPolicy" else dict(lstm_hidden_size=16)
+    model = RecurrentPPO(policy, env, policy_kwargs=kwargs, n_steps=8, seed=0)
+    act = _actor(model, deterministic=True)
+    rng = np.random.default_rng(0)
+    state = None
+    for step in range(40):
+        obs = rng.uniform(-1, 1, size=(5, 4)).astype(np.float32)
+        starts = rng.random(5) < 0.1 if step else np.ones(5, dtype=bool)
+        expected, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
+        np.testing.assert_array_equal(act(obs, starts), expected)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3])
+def test_workers_split_the_episodes(n_workers):
+    assert evaluate_tmaze(RememberTheCue(), 30, n_episodes=10, n_workers=n_workers) == 1.0
+    assert evaluate_tmaze(RightThenUp(), 30, n_episodes=10, n_workers=n_workers) == 0.5
+
+
+def test_worker_errors_are_reported():
+    with pytest.raises(RuntimeError, match="worker 0 failed: ValueError: no policy here"):
+        evaluate_tmaze(Broken(), 5, n_episodes=4, n_workers=2)
+    with pytest.raises(ValueError, match="n_workers must be a positive integer"):
+        evaluate_tmaze(RightThenUp(), 5, n_workers=0)
