@@ -147,6 +147,24 @@ def test_timeout():
     assert len(transitions) == 5 and reward == 1.0 and terminated and not truncated and info["is_success"]
 
 
+def test_terminate_on_timeout():
+    """With terminate_on_timeout a time-out is a terminal failure, so algorithms do not bootstrap past it."""
+    env = TMazeEnv(corridor_length=3, noise=False, terminate_on_timeout=True)
+    transitions = run_episode(env, [RIGHT] * 10, cue=1)
+    _, reward, terminated, truncated, info = transitions[-1]
+    assert len(transitions) == 5 and reward == 0.0 and terminated and not truncated and info == {"is_success": False}
+    venv = TMazeVecEnv(2, corridor_length=3, seed=0, terminate_on_timeout=True)
+    venv.reset()
+    for _ in range(5):
+        _, _, dones, infos = venv.step(np.full(2, LEFT))
+    assert dones.all() and all(info["TimeLimit.truncated"] is False and info["is_success"] is False for info in infos)
+    venv = TMazeVecEnv(2, corridor_length=3, seed=0)
+    venv.reset()
+    for _ in range(5):
+        _, _, dones, infos = venv.step(np.full(2, LEFT))
+    assert dones.all() and all(info["TimeLimit.truncated"] is True for info in infos)
+
+
 def test_walls():
     env = TMazeEnv(corridor_length=2, noise=False)
     env.reset(options={"cue": 1})

@@ -82,6 +82,9 @@ class TMazeEnv(gym.Env):
     :param noise: Whether to fill the last observation entry with random noise (else 0)
     :param render_mode: ``None``, ``"ansi"`` (text) or ``"rgb_array"`` (one 8x8 block per cell; SB3's
         ``make_vec_env`` asks for it)
+    :param terminate_on_timeout: end a timed-out episode as terminated (a failure) instead of truncated. The
+        time limit is part of the task, so the value after it is 0; with truncation, SB3's algorithms bootstrap
+        it with the value of the last state, which makes waiting at the junction look as good as turning.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -92,8 +95,10 @@ class TMazeEnv(gym.Env):
         variant: str = "reference",
         noise: bool = True,
         render_mode: str | None = None,
+        terminate_on_timeout: bool = False,
     ):
         super().__init__()
+        self.terminate_on_timeout = bool(terminate_on_timeout)
         self.corridor_length = _check_corridor_length(corridor_length)
         self.variant = _check_variant(variant)
         self.noise = bool(noise)
@@ -169,6 +174,8 @@ class TMazeEnv(gym.Env):
         if success:
             reward += 1.0
         truncated = not terminated and self.elapsed_steps >= self.time_limit
+        if truncated and self.terminate_on_timeout:
+            terminated, truncated = True, False
 
         info: dict[str, Any] = {}
         if terminated or truncated:
@@ -231,6 +238,8 @@ class TMazeVecEnv(VecEnv):
     :param seed: Seed of the (shared) random generator
     :param cues: Optional array of +1/-1 (one per env) fixing the cue of every episode
         of each env (e.g. for balanced evaluation)
+    :param terminate_on_timeout: report time-outs as terminations (``TimeLimit.truncated`` False), see
+        :class:`TMazeEnv`
     """
 
     # Per-env state readable through ``get_attr``: name -> internal array
@@ -244,6 +253,7 @@ class TMazeVecEnv(VecEnv):
         noise: bool = True,
         seed: int | None = None,
         cues: Sequence[int] | np.ndarray | None = None,
+        terminate_on_timeout: bool = False,
     ):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"`num_envs` must be an int >= 1, got {num_envs!r}")
@@ -256,6 +266,7 @@ class TMazeVecEnv(VecEnv):
             self._length_range = (_check_corridor_length(corridor_length),) * 2
         self._variant = _check_variant(variant)
         self._noise = bool(noise)
+        self.terminate_on_timeout = bool(terminate_on_timeout)
         self._fixed_cues = self._check_cues(cues, num_envs)
         # The longest episode (the limit of the longest corridor, with a range)
         self.time_limit = self._length_range[1] + 2
@@ -430,7 +441,7 @@ class TMazeVecEnv(VecEnv):
             done_idx = np.flatnonzero(dones)
             terminal_obs = obs[done_idx]
             is_success = success[done_idx].tolist()
-            timeouts = truncated[done_idx].tolist()
+            timeouts = (truncated[done_idx] & (not self.terminate_on_timeout)).tolist()
             for j, i in enumerate(done_idx.tolist()):
                 infos[i] = {
                     "terminal_observation": terminal_obs[j],
