@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=500_000)
     parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS")
     parser.add_argument("--policy-kwargs", default="{}", help="JSON merged over the policy's T-Maze preset")
+    parser.add_argument("--terminate-on-timeout", action="store_true", help="time-outs end episodes as failures")
     parser.add_argument("--save", default=None, help="path of the final model")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -41,7 +42,9 @@ def main() -> None:
     ppo_kwargs = {**presets.TMAZE_PPO_KWARGS, **json.loads(args.ppo_kwargs)}
     preset = presets.TMAZE_POLICY_KWARGS if args.policy == "ElmurPolicy" else presets.TMAZE_LSTM_POLICY_KWARGS
     policy_kwargs = {**preset, **json.loads(args.policy_kwargs)}
-    env = VecMonitor(TMazeVecEnv(8, corridor_length=train_corridor, variant="passive", seed=0))
+    env = TMazeVecEnv(8, corridor_length=train_corridor, variant="passive", seed=0,
+                      terminate_on_timeout=args.terminate_on_timeout)
+    env = VecMonitor(env)
     model = RecurrentPPO(args.policy, env, policy_kwargs=policy_kwargs, seed=0, **ppo_kwargs)
     print(ppo_kwargs, policy_kwargs, flush=True)
     start = time.time()
