@@ -7,6 +7,7 @@ import pytest
 import torch
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
+from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -66,6 +67,19 @@ def _assert_rollout_matches_training(model) -> None:
 @pytest.mark.parametrize("shared_backbone", [True, False], ids=["shared", "separate"])
 def test_rollout_matches_training_vector(action_space, shared_backbone):
     _assert_rollout_matches_training(_model(action_space, shared_backbone=shared_backbone))
+
+
+@pytest.mark.parametrize("detach_critic", [False, True])
+def test_value_loss_trains_shared_backbone_unless_detached(detach_critic):
+    model = _model(spaces.Discrete(3), detach_critic=detach_critic)
+    policy = model.policy
+    obs = torch.randn(4 * 6, 3)
+    states = RNNStates(*[(torch.zeros(1, 4, policy.lstm_actor.hidden_size),) * 2] * 2)
+    values, _, _ = policy.evaluate_actions(obs, torch.zeros(4 * 6), states, torch.zeros(4 * 6))
+    values.sum().backward()
+    backbone_grad = sum(p.grad.abs().sum() for p in policy.lstm_actor.parameters() if p.grad is not None)
+    assert policy.value_net.weight.grad.abs().sum() > 0
+    assert (backbone_grad == 0) == detach_critic
 
 
 def test_rollout_matches_training_dict_observation():
