@@ -8,8 +8,10 @@ benchmark can be split across sessions. The table (markdown) and plot (PNG) are 
 """
 
 import argparse
+import hashlib
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -29,9 +31,11 @@ SIZES = {
 
 
 def run_one(
-    policy: str, corridor: int, seed: int, timesteps: int, eval_every: int, n_envs: int, size: str
+    policy: str, corridor: int, seed: int, timesteps: int, eval_every: int, n_envs: int, size: str,
+    ppo_kwargs: Dict[str, Any], min_corridor: int,
 ) -> Dict[str, Any]:
-    """Train one policy on one corridor; evaluate every ``eval_every`` steps (evaluation time not counted)."""
+    """Train one policy on corridors ``min_corridor..corridor`` (each episode draws its length; one length if
+    equal) and evaluate at ``corridor`` every ``eval_every`` steps (evaluation time not counted)."""
     import torch
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -58,10 +62,12 @@ def run_one(
         def _on_step(self) -> bool:
             return True
 
-    env = VecMonitor(TMazeVecEnv(n_envs, corridor_length=corridor, variant="passive", seed=seed))
+    lengths = corridor if min_corridor >= corridor else (min_corridor, corridor)
+    env = VecMonitor(TMazeVecEnv(n_envs, corridor_length=lengths, variant="passive", seed=seed))
     policy_kwargs = SIZES[size][policy]
     policy_kwargs = getattr(presets, policy_kwargs) if isinstance(policy_kwargs, str) else policy_kwargs
-    model = RecurrentPPO(policy, env, policy_kwargs=policy_kwargs, seed=seed, **presets.TMAZE_PPO_KWARGS)
+    ppo_kwargs = {**presets.TMAZE_PPO_KWARGS, **ppo_kwargs}
+    model = RecurrentPPO(policy, env, policy_kwargs=policy_kwargs, seed=seed, **ppo_kwargs)
     timer = RolloutTimer()
     curve: List[List[float]] = []
     learn_time = 0.0
@@ -77,6 +83,8 @@ def run_one(
         "policy": policy,
         "size": size,
         "corridor": corridor,
+        "min_corridor": min(min_corridor, corridor),
+        "ppo_kwargs": ppo_kwargs,
         "seed": seed,
         "timesteps": steps,
         "n_envs": n_envs,
@@ -117,9 +125,13 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suf
             f"{mean('train_share'):.0%} | {mean('peak_rss_mb'):.0f} |"
         )
     budget = sorted({r["timesteps"] for r in results})
+    min_corridors = sorted({r.get("min_corridor", r["corridor"]) for r in results if r.get("min_corridor", r["corridor"]) < r["corridor"]})
+    if min_corridors:
+        rows += ["", f"Training corridors: every episode draws its length uniformly in {min_corridors[0]}..L "
+                 "(evaluation at L)."]
     rows += ["", f"Budget: {', '.join(f'{b:,}' for b in budget)} env steps per run, 8 envs, success over 100 greedy "
-             "episodes (half per cue) at the end of training (final) and at the best of the evaluations every "
-             "25k steps (best). Steps/s exclude evaluation."]
+             "episodes (half per cue) at the end of training (final) and at the best of the evaluations during "
+             "training (best). Steps/s exclude evaluation."]
     (out_dir / f"tmaze_vs_lstm{suffix}.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 
@@ -153,6 +165,9 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=500_000)
     parser.add_argument("--eval-every", type=int, default=25_000)
     parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS")
+    parser.add_argument("--min-corridor", type=int, default=0,
+                        help="train on corridors drawn in MIN..L (evaluate at L); default: L only")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON to this path
@@ -163,16 +178,20 @@ def main() -> None:
 
     if args.run:
         policy, corridor, seed = args.policies[0], args.corridors[0], args.seeds[0]
-        result = run_one(policy, corridor, seed, args.timesteps, args.eval_every, args.n_envs, args.size)
+        result = run_one(policy, corridor, seed, args.timesteps, args.eval_every, args.n_envs, args.size,
+                         json.loads(args.ppo_kwargs), args.min_corridor)
         Path(args.run).write_text(json.dumps(result, indent=1))
         return
 
+    # Runs with other settings than the defaults get a tag of their own, so that results never mix.
+    settings = dict(size=args.size, ppo_kwargs=_ppo_overrides(json.loads(args.ppo_kwargs)), min_corridor=args.min_corridor)
+    tag = "" if settings == dict(size="small", ppo_kwargs={}, min_corridor=0) else "_" + hashlib.sha1(
+        json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     pending = []
     for corridor in args.corridors:
         for policy in args.policies:
             for seed in args.seeds:
-                suffix = "" if args.size == "small" else f"_{args.size}"
-                path = runs_dir / f"{policy}_L{corridor}_s{seed}_{args.timesteps}{suffix}.json"
+                path = runs_dir / f"{policy}_L{corridor}_s{seed}_{args.timesteps}{tag}.json"
                 if not path.exists():
                     pending.append((policy, corridor, seed, path))
     running: List[subprocess.Popen] = []
@@ -181,7 +200,8 @@ def main() -> None:
             policy, corridor, seed, path = pending.pop(0)
             cmd = [sys.executable, __file__, "--run", str(path), "--policies", policy, "--corridors", str(corridor),
                    "--seeds", str(seed), "--timesteps", str(args.timesteps), "--eval-every", str(args.eval_every),
-                   "--n-envs", str(args.n_envs), "--out", str(out_dir), "--size", args.size]
+                   "--n-envs", str(args.n_envs), "--out", str(out_dir), "--size", args.size,
+                   "--ppo-kwargs", args.ppo_kwargs, "--min-corridor", str(args.min_corridor)]
             running.append(subprocess.Popen(cmd))
         time.sleep(1)
         for proc in [p for p in running if p.poll() is not None]:
@@ -189,13 +209,26 @@ def main() -> None:
             if proc.returncode != 0:
                 raise RuntimeError(f"run failed: {' '.join(proc.args)}")
 
-    results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob(f"*{tag}.json"))]
     results = [
         r for r in results
-        if r["corridor"] in args.corridors and r["timesteps"] >= args.timesteps and r.get("size", "small") == args.size
+        if r["corridor"] in args.corridors and r["timesteps"] >= args.timesteps
+        and dict(size=r.get("size", "small"), ppo_kwargs=_ppo_overrides(r.get("ppo_kwargs", {})),
+                 min_corridor=_min_corridor(r)) == settings
     ]
-    command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(sys.argv[1:])
-    write_report(results, out_dir, command, "" if args.size == "small" else f"_{args.size}")
+    command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_report(results, out_dir, command, tag)
+
+
+def _ppo_overrides(ppo_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The PPO kwargs that differ from presets.TMAZE_PPO_KWARGS."""
+    from sb3_elmur import presets
+
+    return {k: v for k, v in ppo_kwargs.items() if presets.TMAZE_PPO_KWARGS.get(k) != v}
+
+
+def _min_corridor(record: Dict[str, Any]) -> int:
+    return 0 if record.get("min_corridor", record["corridor"]) >= record["corridor"] else record["min_corridor"]
 
 
 if __name__ == "__main__":
