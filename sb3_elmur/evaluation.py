@@ -5,10 +5,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch as th
+from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.policies import BaseModel
 
 from sb3_elmur.envs import TMazeVecEnv
+from sb3_elmur.policies import ElmurPolicy
 
 
 def evaluate_tmaze(
@@ -119,6 +122,8 @@ def _actor(model: BaseAlgorithm, deterministic: bool) -> Callable[[np.ndarray, n
     # RecurrentActorCriticPolicy.predict, without its per-step mode switch and numpy round trips of the state.
     policy.set_training_mode(False)
     device = policy.device  # a property that walks the parameters: read it once
+    if isinstance(policy, ElmurPolicy):
+        return _elmur_actor(policy, deterministic, device)
     states = None
 
     def act(obs: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
@@ -130,6 +135,35 @@ def _actor(model: BaseAlgorithm, deterministic: bool) -> Callable[[np.ndarray, n
                 states = (th.zeros(shape, device=device), th.zeros(shape, device=device))
             starts = th.as_tensor(episode_start, dtype=th.float32, device=device)
             actions, states = policy._predict(obs_tensor, states, starts, deterministic=deterministic)
+        return actions.cpu().numpy()
+
+    return act
+
+
+def _elmur_actor(
+    policy: ElmurPolicy, deterministic: bool, device: th.device
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The actor part of ``ElmurPolicy._predict`` on an ``ElmurState`` kept between steps: packing it into the
+    LSTM-shaped pair and back, which only RecurrentPPO's buffer needs, cost as much as the heads per step."""
+    model = policy.lstm_actor.model
+    # Greedy discrete actions are the argmax of the logits: no distribution object per step.
+    greedy_logits = deterministic and isinstance(policy.action_space, spaces.Discrete)
+    state = None
+
+    def act(obs: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
+        nonlocal state
+        with th.no_grad():
+            obs_tensor = th.as_tensor(obs, device=device)
+            if state is None:
+                state = model.initial_state(len(obs), device)
+            starts = th.as_tensor(episode_start, dtype=th.bool, device=device).view(-1, 1)
+            features = BaseModel.extract_features(policy, obs_tensor, policy.pi_features_extractor)
+            latent, state = model(features.unsqueeze(1), state, starts)
+            latent_pi = policy.mlp_extractor.forward_actor(latent[:, 0])
+            if greedy_logits:
+                actions = policy.action_net(latent_pi).argmax(dim=1)
+            else:
+                actions = policy._get_action_dist_from_latent(latent_pi).get_actions(deterministic=deterministic)
         return actions.cpu().numpy()
 
     return act

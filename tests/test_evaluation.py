@@ -31,21 +31,35 @@ class Broken:
         raise ValueError("no policy here")
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("policy", ["ElmurPolicy", "MlpLstmPolicy"])
-def test_lean_actor_matches_predict(policy):
-    """The loop that keeps the state as tensors takes the same actions as ``predict`` with numpy states."""
+def test_lean_actor_matches_predict(policy, deterministic):
+    """The loops that keep the state as tensors (ElmurPolicy: unpacked, with greedy actions as the argmax of
+    the logits) take the same actions as ``predict`` with numpy states, across segment ends and episode starts
+    (sampled actions: from the same random draws)."""
     th.manual_seed(0)
     env = TMazeVecEnv(5, corridor_length=12, seed=0)
-    kwargs = dict(d_model=16, n_heads=2, context_length=4) if policy == "ElmurPolicy" else dict(lstm_hidden_size=16)
+    if policy == "ElmurPolicy":
+        kwargs = dict(d_model=16, n_heads=2, n_layers=2, memory_size=2, context_length=4)
+    else:
+        kwargs = dict(lstm_hidden_size=16)
     model = RecurrentPPO(policy, env, policy_kwargs=kwargs, n_steps=8, seed=0)
-    act = _actor(model, deterministic=True)
+    with th.no_grad():  # spread the logits, so that greedy actions vary from step to step
+        model.policy.action_net.weight.mul_(100.0)
+    act = _actor(model, deterministic=deterministic)
     rng = np.random.default_rng(0)
     state = None
-    for step in range(40):
+    actions = []
+    for step in range(60):
         obs = rng.uniform(-1, 1, size=(5, 4)).astype(np.float32)
         starts = rng.random(5) < 0.1 if step else np.ones(5, dtype=bool)
-        expected, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
-        np.testing.assert_array_equal(act(obs, starts), expected)
+        starts[step % 5] |= step in (9, 23)  # episode starts mid-segment and at a segment start
+        th.manual_seed(step)
+        expected, state = model.predict(obs, state=state, episode_start=starts, deterministic=deterministic)
+        th.manual_seed(step)
+        actions.append(act(obs, starts))
+        np.testing.assert_array_equal(actions[-1], expected)
+    assert len(np.unique(actions)) > 1
 
 
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
