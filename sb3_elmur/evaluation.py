@@ -143,23 +143,24 @@ def _actor(model: BaseAlgorithm, deterministic: bool) -> Callable[[np.ndarray, n
 def _elmur_actor(
     policy: ElmurPolicy, deterministic: bool, device: th.device
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """The actor part of ``ElmurPolicy._predict`` on an ``ElmurState`` kept between steps: packing it into the
-    LSTM-shaped pair and back, which only RecurrentPPO's buffer needs, cost as much as the heads per step."""
+    """The actor part of ``ElmurPolicy._predict`` on an ``ElmurState`` kept between steps, with the layer
+    outputs of its segment (``ElmurModel.step``): packing the state into the LSTM-shaped pair and back, which
+    only RecurrentPPO's buffer needs, cost as much as the heads per step."""
     model = policy.lstm_actor.model
     # Greedy discrete actions are the argmax of the logits: no distribution object per step.
     greedy_logits = deterministic and isinstance(policy.action_space, spaces.Discrete)
-    state = None
+    state, outputs = None, None
 
     def act(obs: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
-        nonlocal state
+        nonlocal state, outputs
         with th.no_grad():
             obs_tensor = th.as_tensor(obs, device=device)
             if state is None:
                 state = model.initial_state(len(obs), device)
-            starts = th.as_tensor(episode_start, dtype=th.bool, device=device).view(-1, 1)
+            starts = th.as_tensor(episode_start, dtype=th.bool, device=device)
             features = BaseModel.extract_features(policy, obs_tensor, policy.pi_features_extractor)
-            latent, state = model(features.unsqueeze(1), state, starts)
-            latent_pi = policy.mlp_extractor.forward_actor(latent[:, 0])
+            latent, state, outputs = model.step(features, state, starts, outputs)
+            latent_pi = policy.mlp_extractor.forward_actor(latent)
             if greedy_logits:
                 actions = policy.action_net(latent_pi).argmax(dim=1)
             else:

@@ -124,6 +124,7 @@ def lru_write(
     newest_step: torch.Tensor,
     alpha: float,
     hard_write_empty: bool = True,
+    rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Write one slot per row: the first never-written slot, else the least recently written one.
 
@@ -133,6 +134,7 @@ def lru_write(
     :param newest_step: [N] step of the newest token of the segment being written
     :param alpha: blend factor: ``slot <- alpha * candidate + (1 - alpha) * slot``
     :param hard_write_empty: write the candidate as is into a never-written slot
+    :param rows: [N] bool, the rows that write (the others keep their memory and positions); None: all
     :return: new memory and positions
     """
     n_slots = positions.shape[-1]
@@ -141,11 +143,12 @@ def lru_write(
     # Empty slots get keys below every valid position, in slot order, so argmin picks the first empty one.
     key = torch.where(empty, slot_index - n_slots - 1, positions)
     chosen = F.one_hot(key.argmin(dim=-1), n_slots).bool()  # [N, M]
-    weight = torch.full_like(positions, alpha, dtype=memory.dtype)
-    if hard_write_empty:
-        weight = torch.where(empty, torch.ones_like(weight), weight)
-    weight = torch.where(chosen, weight, torch.zeros_like(weight)).unsqueeze(-1)
-    new_memory = weight * candidates + (1.0 - weight) * memory
+    if rows is not None:
+        chosen = chosen & rows.unsqueeze(-1)
+    weight = torch.where(empty, 1.0, alpha) if hard_write_empty else alpha
+    weight = torch.where(chosen, weight, 0.0).to(memory.dtype).unsqueeze(-1)
+    # lerp is exact at weights 0 and 1: unchosen slots stay bit for bit, hard writes copy the candidate.
+    new_memory = torch.lerp(memory, candidates, weight)
     new_positions = torch.where(chosen, newest_step.unsqueeze(-1).to(positions.dtype), positions)
     return new_memory, new_positions
 
@@ -239,7 +242,9 @@ class Attention(nn.Module):
         # broadcast products beat bmm over N * H tiny matrices by about 2x (measured).
         few = tq <= 2
         scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if few else q @ k.transpose(-1, -2)
-        scores = scores * scale if bias is None else torch.add(bias, scores, alpha=scale)
+        scores = scores * scale
+        if bias is not None:  # added second, so that the sum keeps the layout of the scores, not the bias's
+            scores = scores + bias
         weights = _dropout(_softmax(scores), self.attn_dropout, self.training)
         out = (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if few else weights @ v
         return _dropout(self.proj(out.transpose(1, 2).reshape(n, tq, d)), self.dropout, self.training)
@@ -301,19 +306,16 @@ class ElmurLayer(nn.Module):
         token_steps: torch.Tensor,
         memory: torch.Tensor,
         positions: torch.Tensor,
-        write: bool = True,
         query_slots: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> torch.Tensor:
         """:param x: [N, K, D] segment tokens; :param token_steps: [N, K] their steps in the episode;
-        :param memory: [N, M, D]; :param positions: [N, M]; :param write: compute the write candidates;
-        :param query_slots: [N] if given, compute the output of that one position per row only (acting: the
-            other positions' outputs are not needed), without write.
-        :return: output tokens [N, K, D] (or [N, 1, D]) and the write candidates [N, M, D] (None if not written)."""
+        :param memory: [N, M, D]; :param positions: [N, M];
+        :param query_slots: [N] if given, compute the output of that one position per row only (acting).
+        :return: output tokens [N, K, D] (or [N, 1, D] at ``query_slots``)."""
         causal_bias = self.relative_bias[:, self.offsets] + self.causal_mask  # [H, K, K]
         if query_slots is None:
             x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias.unsqueeze(0)))
         else:
-            write = False
             rows = torch.arange(x.shape[0], device=x.device)
             context = self.ln_self_attn(x) if self.config.norm == "pre" else x
             causal_bias = causal_bias[:, query_slots].transpose(0, 1).unsqueeze(2)  # [N, H, 1, K]
@@ -324,13 +326,16 @@ class ElmurLayer(nn.Module):
             read_bias = self._memory_bias(self.read_bias, token_steps, positions, slots_query=False)
             mem = _dropout(memory, self.config.memory_dropout, self.training)
             x = self._sublayer(x, self.ln_read, lambda h: self.read(h, mem, read_bias))
-        x = self._sublayer(x, self.ln_mlp, self.mlp)
-        if not (write and self.config.use_memory_write):
-            return x, None
+        return self._sublayer(x, self.ln_mlp, self.mlp)
+
+    def candidates(
+        self, x: torch.Tensor, token_steps: torch.Tensor, memory: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Write candidates [N, M, D]: the slots attend to the layer's output tokens x [N, K, D]."""
         write_bias = self._memory_bias(self.write_bias, token_steps, positions, slots_query=True)
         m = self._sublayer(memory, self.ln_write, lambda h: self.write(h, x, write_bias))
         m = self._sublayer(m, self.ln_memory_mlp, self.memory_mlp)
-        return x, self.ln_candidate(m)
+        return self.ln_candidate(m)
 
 
 class _SegmentPlan(NamedTuple):
@@ -424,7 +429,8 @@ class ElmurModel(nn.Module):
         if episode_starts.shape != (n, t):
             raise ValueError(f"episode_starts must have shape {(n, t)}, got {tuple(episode_starts.shape)}")
         if t == 1:
-            return self._step(x[:, 0], state, episode_starts[:, 0])
+            out, state, _ = self.step(x[:, 0], state, episode_starts[:, 0], return_outputs=False)
+            return out.unsqueeze(1), state
         k, d = self.config.context_length, self.config.d_model
         plan = self._plan(state.step, episode_starts)
         n_segments = plan.reset.shape[1]
@@ -440,7 +446,7 @@ class ElmurModel(nn.Module):
         memory, positions = state.memory, state.positions
         outputs = []
         for s in range(n_segments):
-            h, memory, positions = self._segment(
+            h, memory, positions, _ = self._segment(
                 grid[:, s], plan.segment_start_step[:, s : s + 1] + position, memory, positions,
                 plan.reset[:, s], plan.complete[:, s],
             )
@@ -454,11 +460,35 @@ class ElmurModel(nn.Module):
         segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
         return out, ElmurState(memory, positions, segment, last_step + 1)
 
-    def _step(self, x: torch.Tensor, state: ElmurState, episode_starts: torch.Tensor) -> Tuple[torch.Tensor, ElmurState]:
-        """One step of N rows (acting): [N, input_dim] -> [N, 1, d_model]. Same result as the segment-parallel
-        path, with less bookkeeping, and the last layer computes only the new token unless a segment completes."""
+    def step(
+        self,
+        x: torch.Tensor,
+        state: ElmurState,
+        episode_starts: torch.Tensor,
+        outputs: Optional[torch.Tensor] = None,
+        return_outputs: bool = True,
+    ) -> Tuple[torch.Tensor, ElmurState, Optional[torch.Tensor]]:
+        """One step of N rows (acting), same result as the segment-parallel path with less bookkeeping.
+
+        Memory is frozen inside a segment, so the outputs of every layer at the segment's earlier positions do
+        not change: with them (``outputs``, returned by the previous call for this very state) every layer
+        computes only the new token, also when a segment completes and its memory write needs all of them.
+
+        :param x: [N, input_dim] inputs; :param state: state before the step
+        :param episode_starts: [N] bool, True where a new episode begins
+        :param outputs: [N, L, K, D] layer outputs of the state's current segment (as returned with ``state``),
+            or None to compute them from the state (then the last layer computes only the new token)
+        :param return_outputs: return the layer outputs for the next call (else None)
+        :return: output [N, d_model], state after the step, layer outputs of its segment
+        """
         n = x.shape[0]
         k, d = self.config.context_length, self.config.d_model
+        if x.shape != (n, self.input_dim) or state.step.shape != (n,) or episode_starts.shape != (n,):
+            raise ValueError(
+                f"expected inputs [batch, {self.input_dim}] and a state and episode starts for that batch, got "
+                f"{tuple(x.shape)}, {tuple(state.step.shape)} and {tuple(episode_starts.shape)}"
+            )
+        episode_starts = episode_starts.to(dtype=torch.bool)
         # Most steps start no episode and complete no segment: test once and skip the masking they need.
         reset = episode_starts if bool(episode_starts.any()) else None
         step, segment = state.step, state.segment
@@ -471,13 +501,17 @@ class ElmurModel(nn.Module):
         tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
         tokens = tokens.scatter(1, slot.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
         token_steps = (step - slot).unsqueeze(1) + torch.arange(k, device=x.device)
-        out, memory, positions = self._segment(tokens, token_steps, state.memory, state.positions, reset, complete, slot)
-        if out.shape[1] == k:  # a segment completed: every position was computed, for the write
-            out = out[torch.arange(n, device=x.device), slot].unsqueeze(1)
+        out, memory, positions, outputs = self._segment(
+            tokens, token_steps, state.memory, state.positions, reset, complete, slot, outputs, return_outputs
+        )
+        if out.shape[1] == k:  # computed at every position
+            out = out[torch.arange(n, device=x.device), slot]
+        else:
+            out = out[:, 0]
         segment = tokens[:, : k - 1]
         if complete is not None:  # the next segment starts empty
             segment = segment.masked_fill(complete.view(n, 1, 1), 0.0)
-        return self.ln_out(out), ElmurState(memory, positions, segment, step + 1)
+        return self.ln_out(out), ElmurState(memory, positions, segment, step + 1), outputs
 
     def _segment(
         self,
@@ -488,7 +522,9 @@ class ElmurModel(nn.Module):
         reset: Optional[torch.Tensor],
         complete: Optional[torch.Tensor],
         query_slots: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs: Optional[torch.Tensor] = None,
+        return_outputs: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Run one segment through every layer and commit the memory writes of the rows that complete it.
 
         :param tokens: [N, K, D] input tokens; :param token_steps: [N, K] their episode steps
@@ -496,29 +532,42 @@ class ElmurModel(nn.Module):
         :param reset: [N] the episode starts in this segment: memory restarts from its initial content
             (None: no row resets)
         :param complete: [N] the segment holds its last position: write to memory (None: no row completes)
-        :param query_slots: [N] if no row completes, the last layer computes only this position per row
-        :return: [N, K, D] output tokens, or [N, 1, D] (the ``query_slots`` positions) when no row completes;
-            memory and positions after the segment
+        :param query_slots: [N] acting: the one position per row whose output is needed
+        :param outputs: [N, L, K, D] acting: every layer's outputs at the positions before ``query_slots``;
+            each layer then computes the ``query_slots`` position only
+        :param return_outputs: also return every layer's outputs [N, L, K, D]
+        :return: output tokens [N, K, D], or [N, 1, D] at ``query_slots`` when only those were computed;
+            memory and positions after the segment; every layer's outputs (None unless ``return_outputs``)
         """
         cfg = self.config
-        n = tokens.shape[0]
+        n, k, d = tokens.shape
         if reset is not None:
             memory = torch.where(reset.view(n, 1, 1, 1), self.memory_init.to(tokens.dtype), memory)
             positions = positions.masked_fill(reset.view(n, 1, 1), -1)
         if cfg.detach_memory:
             memory = memory.detach()
         write = cfg.use_memory_write and complete is not None and bool(complete.any())
-        written_memory, written_positions = [], []
+        # Without cached outputs, the positions before ``query_slots`` are recomputed where a later layer, the
+        # write or the caller needs them; the last layer computes only the queried one if none of them does.
+        full_last = query_slots is None or write or return_outputs
+        written_memory, written_positions, layer_outputs = [], [], []
         h = tokens
         for i, layer in enumerate(self.layers):
             mem, pos = memory[:, i], positions[:, i]
-            last_query = query_slots if i == len(self.layers) - 1 and not write else None
-            h, candidates = layer(h, token_steps, mem, pos, write=write, query_slots=last_query)
-            if candidates is not None:
-                hard = cfg.empty_slot_write == "hard"
-                new_mem, new_pos = lru_write(mem, pos, candidates, token_steps[:, -1], cfg.alpha, hard)
-                written_memory.append(torch.where(complete.view(n, 1, 1), new_mem, mem))
-                written_positions.append(torch.where(complete.view(n, 1), new_pos, pos))
+            if outputs is not None:
+                out = layer(h, token_steps, mem, pos, query_slots)
+                h = outputs[:, i].scatter(1, query_slots.view(n, 1, 1).expand(n, 1, d), out)
+            else:
+                last = i == len(self.layers) - 1
+                h = out = layer(h, token_steps, mem, pos, None if full_last or not last else query_slots)
+            layer_outputs.append(h)
+            if write:
+                new_mem, new_pos = lru_write(
+                    mem, pos, layer.candidates(h, token_steps, mem, pos), token_steps[:, -1], cfg.alpha,
+                    cfg.empty_slot_write == "hard", rows=complete,
+                )
+                written_memory.append(new_mem)
+                written_positions.append(new_pos)
         if write:
             memory, positions = torch.stack(written_memory, dim=1), torch.stack(written_positions, dim=1)
-        return h, memory, positions
+        return out, memory, positions, torch.stack(layer_outputs, dim=1) if return_outputs else None

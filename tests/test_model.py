@@ -273,3 +273,34 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(2, 3, 5), state, torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="input_dim"):
         ElmurModel(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"norm": "post", "n_layers": 3},
+        {"context_length": 1, "memory_size": 1},
+        {"use_memory_write": False},
+        {"use_memory_read": False, "empty_slot_write": "blend"},
+    ],
+)
+def test_step_with_layer_outputs_equals_sequence(kwargs):
+    """Acting with the carried layer outputs (every layer computes the new token only) gives the outputs and
+    states of the segment-parallel pass, also when the outputs are dropped and rebuilt from the state."""
+    model = _model(**kwargs)
+    gen = torch.Generator().manual_seed(2)
+    n, t = 5, 41
+    _, state = model(torch.randn(n, 6, 5, generator=gen), model.initial_state(n))
+    x = torch.randn(n, t, 5, generator=gen)
+    starts = torch.rand(n, t, generator=gen) < 0.08
+    starts[0, 5] = starts[1, 0] = starts[2, 4] = True  # mid-segment, first step, segment start
+    with torch.no_grad():
+        seq_out, seq_state = model(x, state, starts)
+        outputs, step_state = None, state
+        for i in range(t):
+            if i == 17:
+                outputs = None  # as after unpacking a packed state
+            out, step_state, outputs = model.step(x[:, i], step_state, starts[:, i], outputs)
+            torch.testing.assert_close(out, seq_out[:, i], atol=1e-5, rtol=0)
+    _assert_states_close(seq_state, step_state)
