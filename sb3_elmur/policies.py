@@ -49,6 +49,7 @@ class ElmurBackbone(nn.Module):
         self._sizes = [1, c.n_layers * c.memory_size, c.n_layers * c.memory_size * c.d_model, (c.context_length - 1) * c.d_model]
         self.state_size = sum(self._sizes)
         self.hidden_size = (self.state_size + 1) // 2
+        self._padding = 2 * self.hidden_size - self.state_size
 
     @property
     def input_size(self) -> int:
@@ -57,17 +58,13 @@ class ElmurBackbone(nn.Module):
     def pack(self, state: ElmurState) -> Tuple[th.Tensor, th.Tensor]:
         """ElmurState -> (hidden, cell), each [1, N, hidden_size] float32."""
         n = state.step.shape[0]
-        flat = th.cat(
-            [
-                (state.step + 1).float().view(n, 1),
-                state.positions.float().reshape(n, -1),
-                state.memory.reshape(n, -1),
-                state.segment.reshape(n, -1),
-            ],
-            dim=1,
-        )
-        flat = nn.functional.pad(flat, (0, 2 * self.hidden_size - self.state_size))
-        hidden, cell = flat.unsqueeze(0).chunk(2, dim=-1)
+        # One cat does it all (it runs every rollout step): it promotes the integer fields to float32, and
+        # the padding comes in as a last part.
+        parts = [(state.step + 1).view(n, 1), state.positions.reshape(n, -1), state.memory.reshape(n, -1),
+                 state.segment.reshape(n, -1)]
+        if self._padding:
+            parts.append(state.memory.new_zeros(n, self._padding))
+        hidden, cell = th.cat(parts, dim=1).unsqueeze(0).chunk(2, dim=-1)
         return hidden, cell
 
     def unpack(self, packed: Tuple[th.Tensor, th.Tensor]) -> ElmurState:
@@ -76,13 +73,14 @@ class ElmurBackbone(nn.Module):
         n = flat.shape[0]
         c = self.model.config
         step1, positions, memory, segment = flat.split(self._sizes, dim=1)
-        fresh = step1[:, 0] < 0.5
+        # Steps and positions are integers stored exactly (below MAX_EXACT_STEP): no rounding needed.
         decoded = ElmurState(
             memory=memory.reshape(n, c.n_layers, c.memory_size, c.d_model),
-            positions=positions.round().long().reshape(n, c.n_layers, c.memory_size),
+            positions=positions.long().reshape(n, c.n_layers, c.memory_size),
             segment=segment.reshape(n, c.context_length - 1, c.d_model),
-            step=step1[:, 0].round().long() - 1,
+            step=step1[:, 0].long() - 1,
         )
+        fresh = decoded.step < 0
         if not bool(fresh.any()):
             return decoded
         init = self.model.initial_state(n, flat.device)
