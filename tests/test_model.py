@@ -146,6 +146,18 @@ def test_lru_empty_slot_hard_write_vs_blend():
     assert torch.equal(hard[0, 0], memory[0, 0]) and torch.equal(blend[0, 0], memory[0, 0])
 
 
+def test_lru_write_only_the_given_rows():
+    gen = torch.Generator().manual_seed(0)
+    memory, candidates = torch.randn(3, 2, 4, generator=gen), torch.randn(3, 2, 4, generator=gen)
+    positions = torch.tensor([[5, -1], [5, 15], [-1, -1]])
+    rows = torch.tensor([True, False, True])
+    new_memory, new_positions = lru_write(memory, positions, candidates, torch.tensor([29] * 3), 0.5, rows=rows)
+    assert torch.equal(new_memory[1], memory[1]) and torch.equal(new_positions[1], positions[1])
+    everywhere = lru_write(memory, positions, candidates, torch.tensor([29] * 3), 0.5)
+    assert torch.equal(new_memory[rows], everywhere[0][rows]) and torch.equal(new_positions[rows], everywhere[1][rows])
+    assert new_positions[rows].tolist() == [[5, 29], [29, -1]]
+
+
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
 def test_forgetting_law(alpha):
     """A cue written once keeps weight (1 - alpha)^n after n blends into its slot."""
