@@ -3,7 +3,10 @@ segment-parallel processing versus a loop over steps.
 
     python benchmarks/model_speed.py --out benchmarks/results/model_speed.md
 
-Acting must cost the same per step at episode step 10, 10^3 and 10^5 (the state does not grow).
+Acting must cost the same per step at episode step 10, 10^3 and 10^5 (the state does not grow). It is timed
+through ``model(x, state)`` (what RecurrentPPO's rollouts run, on a state unpacked every step) and through
+``model.step`` carrying every layer's outputs of the current segment (what ``evaluate_tmaze`` runs).
+Before/after comparisons of the acting path: ``benchmarks/acting_speed.py``.
 """
 
 import argparse
@@ -25,9 +28,9 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def acting_step_ms(model: ElmurModel, batch: int, episode_step: int, repeats: int) -> float:
+def acting_step_ms(model: ElmurModel, batch: int, episode_step: int, repeats: int, carry_outputs: bool) -> float:
     """Milliseconds per acting step, averaged over ``repeats`` consecutive steps from episode step
-    ``episode_step`` on."""
+    ``episode_step`` on (``carry_outputs``: ``model.step`` with the layer outputs, else ``model(x, state)``)."""
     state = model.initial_state(batch)
     with torch.no_grad():
         done = 0
@@ -35,10 +38,13 @@ def acting_step_ms(model: ElmurModel, batch: int, episode_step: int, repeats: in
             chunk = min(10_000, episode_step - done)
             _, state = model(torch.randn(batch, chunk, model.input_dim), state)
             done += chunk
-        x = torch.randn(batch, 1, model.input_dim)
+        x, starts, outputs = torch.randn(batch, 1, model.input_dim), torch.zeros(batch, dtype=torch.bool), None
         start = time.perf_counter()
         for _ in range(repeats):  # consecutive steps: every phase of the segment, writes included
-            _, state = model(x, state)
+            if carry_outputs:
+                _, state, outputs = model.step(x[:, 0], state, starts, outputs)
+            else:
+                _, state = model(x, state)
         return 1e3 * (time.perf_counter() - start) / repeats
 
 
@@ -75,7 +81,9 @@ def main() -> None:
     acting = {}
     for batch in (1, 100):
         for step in (10, 1_000, 100_000):
-            acting[f"batch {batch}, step {step}"] = acting_step_ms(model, batch, step, args.repeats)
+            acting[f"batch {batch}, step {step}"] = [
+                acting_step_ms(model, batch, step, args.repeats, carry_outputs) for carry_outputs in (False, True)
+            ]
     model.train()
     training = {
         mode: training_step_us(model, batch=8, length=128, parallel=(mode == "segment-parallel"), repeats=5)
@@ -95,15 +103,18 @@ def main() -> None:
         f"Command: `python benchmarks/model_speed.py --out {args.out}` ({results['machine']}).",
         "Config: d_model 64, 2 layers, 2 heads, 2 slots, context 10, input 16.",
         "",
-        "| acting (mean over consecutive single steps, no grad) | ms per step |",
-        "|---|---|",
-        *[f"| {k} | {v:.3f} |" for k, v in acting.items()],
+        "| acting (mean over consecutive single steps, no grad) | `model(x, state)`, ms per step | "
+        "`model.step` with layer outputs, ms per step |",
+        "|---|---|---|",
+        *[f"| {k} | {v[0]:.3f} | {v[1]:.3f} |" for k, v in acting.items()],
         "",
         "| training, forward + backward over 8 x 128 steps | us per env step |",
         "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in training.items()],
         "",
         f"Segment-parallel training is {results['training_speedup']:.1f}x faster than the step loop.",
+        "",
+        "Acting before/after the acting speed-ups, as ratios within one run: `benchmarks/results/acting_speed.md`.",
         "",
     ]
     text = "\n".join(lines)

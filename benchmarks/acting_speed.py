@@ -1,0 +1,164 @@
+"""Acting speed, baseline commit versus working tree, in one run: the T-Maze evaluation loop (policy, heads and
+env, one step at a time, no grad), the bare ELMUR step, and RecurrentPPO's rollout step (packed state).
+
+    python benchmarks/acting_speed.py --baseline 0a1f5e3 --out benchmarks/results/acting_speed.md
+
+Each variant runs in its own subprocess that imports ``sb3_elmur`` from its source tree (the baseline is
+exported with ``git archive``). Rounds alternate between the variants and the table gives the median over rounds
+and the ratio baseline / current, so that load from other jobs on the machine weighs on both alike.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "benchmarks/results/tmaze_offline/ElmurPolicy_s0.zip"
+
+
+def _ms_per_call(fn: Callable[[], None], calls: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` means over ``calls`` consecutive calls (other jobs only ever slow a run down)."""
+    for _ in range(20):  # warm-up, and past the first segment
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return 1e3 * best
+
+
+def child(steps: int) -> Dict[str, float]:
+    """Time every case with the ``sb3_elmur`` found first on ``sys.path``."""
+    import numpy as np
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from sb3_contrib.common.recurrent.type_aliases import RNNStates
+
+    from sb3_elmur.bc import RecurrentBC
+    from sb3_elmur.envs import TMazeVecEnv
+    from sb3_elmur.evaluation import _actor
+    from sb3_elmur.model import ElmurConfig, ElmurModel
+
+    torch.set_num_threads(1)
+    results = {}
+    offline = RecurrentBC.load(ROOT / MODEL, device="cpu")
+    for batch in (50, 100):
+        # The loop of evaluate_tmaze at a 10^6 corridor (nobody reaches the junction within these steps).
+        env = TMazeVecEnv(batch, corridor_length=1_000_000, variant="reference", seed=0)
+        act = _actor(offline, deterministic=True)
+        loop = {"obs": env.reset(), "starts": np.ones(batch, dtype=bool)}
+
+        def tmaze_step() -> None:
+            loop["obs"], _, loop["starts"], _ = env.step(act(loop["obs"], loop["starts"]))
+
+        results[f"T-Maze eval loop, offline ElmurPolicy (D 32, 1 layer), batch {batch}"] = _ms_per_call(tmaze_step, steps)
+
+    for d_model, n_layers, batch in ((32, 1, 50), (64, 2, 100)):
+        torch.manual_seed(0)
+        config = ElmurConfig(d_model=d_model, n_layers=n_layers, n_heads=2, memory_size=2, context_length=10)
+        model = ElmurModel(16, config).eval()
+        x, starts = torch.randn(batch, 1, 16), torch.zeros(batch, 1, dtype=torch.bool)
+        carry = {"state": model.initial_state(batch), "outputs": None}
+
+        def model_call() -> None:
+            with torch.no_grad():
+                _, carry["state"] = model(x, carry["state"], starts)
+
+        def model_step() -> None:  # the acting path: ElmurModel.step with the layer outputs, where it exists
+            if not hasattr(model, "step"):
+                return model_call()
+            with torch.no_grad():
+                _, carry["state"], carry["outputs"] = model.step(x[:, 0], carry["state"], starts[:, 0], carry["outputs"])
+
+        name = f"(D {d_model}, {n_layers} layers), batch {batch}"
+        results[f"ElmurModel `model(x, state)` {name}"] = _ms_per_call(model_call, steps)
+        carry["state"] = model.initial_state(batch)
+        results[f"ElmurModel acting step (`model.step` + layer outputs) {name}"] = _ms_per_call(model_step, steps)
+
+    # RecurrentPPO.collect_rollouts calls policy.forward on the packed (hidden, cell) state every step.
+    env = TMazeVecEnv(16, corridor_length=1_000_000, seed=0)
+    ppo = RecurrentPPO("ElmurPolicy", env, seed=0, device="cpu")
+    policy = ppo.policy.set_training_mode(False) or ppo.policy
+    obs = torch.as_tensor(env.reset())
+    zero = (torch.zeros(1, 16, policy.lstm_hidden_state_shape[2]),) * 2
+    packed = {"state": policy.forward(obs, RNNStates(zero, zero), torch.ones(16))[3]}
+    zeros = torch.zeros(16)
+
+    def rollout_step() -> None:
+        with torch.no_grad():
+            packed["state"] = policy.forward(obs, packed["state"], zeros)[3]
+
+    results["RecurrentPPO rollout step, ElmurPolicy defaults (D 64, 2 layers), 16 envs"] = _ms_per_call(
+        rollout_step, steps
+    )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="0a1f5e3", help="git revision to compare the working tree against")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per variant")
+    parser.add_argument("--steps", type=int, default=500, help="consecutive steps per timing")
+    parser.add_argument("--out", default="benchmarks/results/acting_speed.md")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        sys.path.insert(0, args.child)
+        print(json.dumps(child(args.steps)))
+        return
+
+    with tempfile.TemporaryDirectory() as baseline_dir:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "sb3_elmur"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", baseline_dir], input=archive, check=True)
+        sources = {"baseline": baseline_dir, "current": str(ROOT)}
+        runs: Dict[str, list] = {name: [] for name in sources}
+        for round_index in range(args.rounds):
+            for name, source in sources.items():
+                command = [sys.executable, __file__, "--child", source, "--steps", str(args.steps)]
+                output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                runs[name].append(json.loads(output.strip().splitlines()[-1]))
+                print(f"round {round_index + 1}/{args.rounds} {name}: {runs[name][-1]}", flush=True)
+
+    cases = list(runs["current"][0])
+    median = {name: {c: statistics.median(r[c] for r in rs) for c in cases} for name, rs in runs.items()}
+    revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    command = f"python benchmarks/acting_speed.py --baseline {args.baseline} --rounds {args.rounds} --steps {args.steps}"
+    lines = [
+        "# Acting speed: baseline versus current",
+        "",
+        f"Command: `{command}` ({platform.machine()}, Python {platform.python_version()}, one torch thread per "
+        f"process); baseline `{args.baseline}`, current: working tree at `{revision}`.",
+        "",
+        f"Milliseconds per step (best of 3 x {args.steps} consecutive steps, median over {args.rounds} alternating "
+        "rounds); ratio = baseline / current. The baseline has no `model.step`: its acting step is `model(x, state)`.",
+        "",
+        "| case | baseline ms | current ms | speed-up |",
+        "|---|---|---|---|",
+        *[
+            f"| {c} | {median['baseline'][c]:.3f} | {median['current'][c]:.3f} | "
+            f"{median['baseline'][c] / median['current'][c]:.2f}x |"
+            for c in cases
+        ],
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"baseline": args.baseline, "runs": runs, "median": median}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
