@@ -83,7 +83,7 @@ def run_one(
         "policy": policy,
         "size": size,
         "corridor": corridor,
-        "min_corridor": min(min_corridor, corridor),
+        "min_corridor": min_corridor,  # as requested (0: none)
         "ppo_kwargs": ppo_kwargs,
         "seed": seed,
         "timesteps": steps,
@@ -214,7 +214,7 @@ def main() -> None:
         r for r in results
         if r["corridor"] in args.corridors and r["timesteps"] >= args.timesteps
         and dict(size=r.get("size", "small"), ppo_kwargs=_ppo_overrides(r.get("ppo_kwargs", {})),
-                 min_corridor=_min_corridor(r)) == settings
+                 min_corridor=r.get("min_corridor", 0)) == settings
     ]
     command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(results, out_dir, command, tag)
@@ -226,9 +226,6 @@ def _ppo_overrides(ppo_kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
     return {k: v for k, v in ppo_kwargs.items() if presets.TMAZE_PPO_KWARGS.get(k) != v}
 
-
-def _min_corridor(record: Dict[str, Any]) -> int:
-    return 0 if record.get("min_corridor", record["corridor"]) >= record["corridor"] else record["min_corridor"]
 
 
 if __name__ == "__main__":
