@@ -1,15 +1,19 @@
 """Acting speed, baseline commit versus working tree, in one run: the T-Maze evaluation loop (policy, heads and
-env, one step at a time, no grad), the bare ELMUR step, and RecurrentPPO's rollout step (packed state).
+env, one step at a time, no grad; also compiled, ``evaluate_tmaze(compile=True)``, where the source has it), the bare
+ELMUR step, and RecurrentPPO's rollout step (packed state).
 
     python benchmarks/acting_speed.py --baseline 0a1f5e3 --out benchmarks/results/acting_speed.md
 
 Each variant runs in its own subprocess that imports ``sb3_elmur`` from its source tree (the baseline is
 exported with ``git archive``). Rounds alternate between the variants and the table gives the median over rounds
-and the ratio baseline / current, so that load from other jobs on the machine weighs on both alike.
+and the ratio baseline / current, so that load from other jobs on the machine weighs on both alike. Every child
+compiles with an empty inductor cache, so the compile time is that of a first run.
 """
 
 import argparse
+import inspect
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -23,10 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "benchmarks/results/tmaze_offline/ElmurPolicy_s0.zip"
 
 
+# Keys of a child's results that are seconds, not milliseconds per step: reported below the table.
+SECONDS = "seconds: "
+
+
 def _ms_per_call(fn: Callable[[], None], calls: int, repeats: int = 3) -> float:
     """Best of ``repeats`` means over ``calls`` consecutive calls (other jobs only ever slow a run down)."""
-    for _ in range(20):  # warm-up, and past the first segment
-        fn()
+    warm_up(fn)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -34,6 +41,14 @@ def _ms_per_call(fn: Callable[[], None], calls: int, repeats: int = 3) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
     return 1e3 * best
+
+
+def warm_up(fn: Callable[[], None], calls: int = 30) -> float:
+    """Run the first calls (compilation included, past the first segments); :return: their seconds."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return time.perf_counter() - start
 
 
 def child(steps: int) -> Dict[str, float]:
@@ -51,16 +66,23 @@ def child(steps: int) -> Dict[str, float]:
     torch.set_num_threads(1)
     results = {}
     offline = RecurrentBC.load(ROOT / MODEL, device="cpu")
-    for batch in (50, 100):
+
+    def tmaze_loop(batch: int, compile: bool = False) -> None:
         # The loop of evaluate_tmaze at a 10^6 corridor (nobody reaches the junction within these steps).
         env = TMazeVecEnv(batch, corridor_length=1_000_000, variant="reference", seed=0)
-        act = _actor(offline, deterministic=True)
+        act = _actor(offline, deterministic=True, compile=True) if compile else _actor(offline, deterministic=True)
         loop = {"obs": env.reset(), "starts": np.ones(batch, dtype=bool)}
 
         def tmaze_step() -> None:
             loop["obs"], _, loop["starts"], _ = env.step(act(loop["obs"], loop["starts"]))
 
-        results[f"T-Maze eval loop, offline ElmurPolicy (D 32, 1 layer), batch {batch}"] = _ms_per_call(tmaze_step, steps)
+        name = f"T-Maze eval loop{', compiled' if compile else ''}, offline ElmurPolicy (D 32, 1 layer), batch {batch}"
+        if compile:
+            results[f"{SECONDS}first 30 steps of the compiled loop (compilation), batch {batch}"] = warm_up(tmaze_step)
+        results[name] = _ms_per_call(tmaze_step, steps)
+
+    for batch in (50, 100):
+        tmaze_loop(batch)
 
     for d_model, n_layers, batch in ((32, 1, 50), (64, 2, 100)):
         torch.manual_seed(0)
@@ -100,6 +122,9 @@ def child(steps: int) -> Dict[str, float]:
     results["RecurrentPPO rollout step, ElmurPolicy defaults (D 64, 2 layers), 16 envs"] = _ms_per_call(
         rollout_step, steps
     )
+    # Last: in one run, eager steps timed after a compilation in the same process were a few percent slower.
+    if "compile" in inspect.signature(_actor).parameters:
+        tmaze_loop(50, compile=True)
     return results
 
 
@@ -125,12 +150,15 @@ def main() -> None:
         for round_index in range(args.rounds):
             for name, source in sources.items():
                 command = [sys.executable, __file__, "--child", source, "--steps", str(args.steps)]
-                output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                with tempfile.TemporaryDirectory() as cache:
+                    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+                    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
                 runs[name].append(json.loads(output.strip().splitlines()[-1]))
                 print(f"round {round_index + 1}/{args.rounds} {name}: {runs[name][-1]}", flush=True)
 
-    cases = list(runs["current"][0])
-    median = {name: {c: statistics.median(r[c] for r in rs) for c in cases} for name, rs in runs.items()}
+    cases = [c for c in runs["current"][0] if not c.startswith(SECONDS)]
+    median = {name: {c: statistics.median(r[c] for r in rs) for c in rs[0]} for name, rs in runs.items()}
+    cells = {name: {c: f"{m[c]:.3f}" if c in m else "-" for c in cases} for name, m in median.items()}
     revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     command = f"python benchmarks/acting_speed.py --baseline {args.baseline} --rounds {args.rounds} --steps {args.steps}"
@@ -141,17 +169,25 @@ def main() -> None:
         f"process); baseline `{args.baseline}`, current: working tree at `{revision}`.",
         "",
         f"Milliseconds per step (best of 3 x {args.steps} consecutive steps, median over {args.rounds} alternating "
-        "rounds); ratio = baseline / current. The baseline has no `model.step`: its acting step is `model(x, state)`.",
+        "rounds); ratio = baseline / current. A baseline without `model.step` times `model(x, state)` as its acting step.",
         "",
         "| case | baseline ms | current ms | speed-up |",
         "|---|---|---|---|",
         *[
-            f"| {c} | {median['baseline'][c]:.3f} | {median['current'][c]:.3f} | "
-            f"{median['baseline'][c] / median['current'][c]:.2f}x |"
+            f"| {c} | {cells['baseline'][c]} | {cells['current'][c]} | "
+            + (f"{median['baseline'][c] / median['current'][c]:.2f}x |" if c in median["baseline"] else "- |")
             for c in cases
         ],
         "",
     ]
+    compiled = [c for c in cases if ", compiled," in c]
+    for c in compiled:  # against the same loop uncompiled, in the same processes
+        eager = c.replace(", compiled", "")
+        lines.append(f"{c}: {median['current'][eager] / median['current'][c]:.2f}x faster than uncompiled (current).")
+    for c in (c for c in median["current"] if c.startswith(SECONDS)):
+        lines.append(f"{c[len(SECONDS):]}: {median['current'][c]:.1f} s (median; empty inductor cache).")
+    if compiled or any(c.startswith(SECONDS) for c in median["current"]):
+        lines.append("")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

@@ -446,9 +446,10 @@ class ElmurModel(nn.Module):
         memory, positions = state.memory, state.positions
         outputs = []
         for s in range(n_segments):
+            complete = plan.complete[:, s]
             h, memory, positions, _ = self._segment(
                 grid[:, s], plan.segment_start_step[:, s : s + 1] + position, memory, positions,
-                plan.reset[:, s], plan.complete[:, s],
+                plan.reset[:, s], complete if bool(complete.any()) else None,
             )
             outputs.append(h)
         out = self.ln_out(torch.stack(outputs, dim=1))[rows, plan.segment_index, plan.slot]  # from [N, S, K, D]
@@ -482,21 +483,45 @@ class ElmurModel(nn.Module):
         :return: output [N, d_model], state after the step, layer outputs of its segment
         """
         n = x.shape[0]
-        k, d = self.config.context_length, self.config.d_model
         if x.shape != (n, self.input_dim) or state.step.shape != (n,) or episode_starts.shape != (n,):
             raise ValueError(
                 f"expected inputs [batch, {self.input_dim}] and a state and episode starts for that batch, got "
                 f"{tuple(x.shape)}, {tuple(state.step.shape)} and {tuple(episode_starts.shape)}"
             )
+        return self.step_core(x, state, *self.step_branches(state, episode_starts), outputs, return_outputs)
+
+    def step_branches(
+        self, state: ElmurState, episode_starts: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The data-dependent part of :meth:`step`, which picks its code path (eager, on tensor values).
+
+        Most steps start no episode and complete no segment: testing that once skips the masking they need.
+
+        :return: step [N] and position in the segment [N] of the new token; the rows that start an episode
+            and the rows that complete their segment ([N] bool), each None if there are none
+        """
         episode_starts = episode_starts.to(dtype=torch.bool)
-        # Most steps start no episode and complete no segment: test once and skip the masking they need.
         reset = episode_starts if bool(episode_starts.any()) else None
-        step, segment = state.step, state.segment
-        if reset is not None:
-            step, segment = step.masked_fill(reset, 0), segment.masked_fill(reset.view(n, 1, 1), 0.0)
-        slot = step % k
-        complete = slot == k - 1
-        complete = complete if bool(complete.any()) else None
+        step = state.step if reset is None else state.step.masked_fill(reset, 0)
+        slot = step % self.config.context_length
+        complete = slot == self.config.context_length - 1
+        return step, slot, reset, complete if bool(complete.any()) else None
+
+    def step_core(
+        self,
+        x: torch.Tensor,
+        state: ElmurState,
+        step: torch.Tensor,
+        slot: torch.Tensor,
+        reset: Optional[torch.Tensor],
+        complete: Optional[torch.Tensor],
+        outputs: Optional[torch.Tensor] = None,
+        return_outputs: bool = True,
+    ) -> Tuple[torch.Tensor, ElmurState, Optional[torch.Tensor]]:
+        """:meth:`step` given :meth:`step_branches`: no data-dependent control flow, so ``torch.compile`` traces
+        it whole (one graph per combination of None / tensor ``reset`` and ``complete``)."""
+        n, k, d = x.shape[0], self.config.context_length, self.config.d_model
+        segment = state.segment if reset is None else state.segment.masked_fill(reset.view(n, 1, 1), 0.0)
         # The state's segment holds the valid tokens before ``slot`` and zeros after: put the new token at ``slot``.
         tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
         tokens = tokens.scatter(1, slot.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
@@ -508,9 +533,9 @@ class ElmurModel(nn.Module):
             out = out[torch.arange(n, device=x.device), slot]
         else:
             out = out[:, 0]
-        segment = tokens[:, : k - 1]
         if complete is not None:  # the next segment starts empty
-            segment = segment.masked_fill(complete.view(n, 1, 1), 0.0)
+            tokens = tokens.masked_fill(complete.view(n, 1, 1), 0.0)
+        segment = tokens[:, : k - 1]  # a view either way: the same strides for the next step's compiled graph
         return self.ln_out(out), ElmurState(memory, positions, segment, step + 1), outputs
 
     def _segment(
@@ -546,7 +571,7 @@ class ElmurModel(nn.Module):
             positions = positions.masked_fill(reset.view(n, 1, 1), -1)
         if cfg.detach_memory:
             memory = memory.detach()
-        write = cfg.use_memory_write and complete is not None and bool(complete.any())
+        write = cfg.use_memory_write and complete is not None
         # Without cached outputs, the positions before ``query_slots`` are recomputed where a later layer, the
         # write or the caller needs them; the last layer computes only the queried one if none of them does.
         full_last = query_slots is None or write or return_outputs
