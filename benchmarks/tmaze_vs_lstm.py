@@ -125,7 +125,7 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suf
             f"{mean('train_share'):.0%} | {mean('peak_rss_mb'):.0f} |"
         )
     budget = sorted({r["timesteps"] for r in results})
-    min_corridors = sorted({r.get("min_corridor", r["corridor"]) for r in results if r.get("min_corridor", r["corridor"]) < r["corridor"]})
+    min_corridors = sorted({r["min_corridor"] for r in results if 0 < r.get("min_corridor", 0) < r["corridor"]})
     if min_corridors:
         rows += ["", f"Training corridors: every episode draws its length uniformly in {min_corridors[0]}..L "
                  "(evaluation at L)."]
