@@ -13,7 +13,14 @@ from sb3_contrib import RecurrentPPO
 import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
 from sb3_elmur.callbacks import ElmurTensorboardCallback
 from sb3_elmur.policies import ElmurPolicy
-from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.presets import (
+    POPGYM_LSTM_POLICY_KWARGS,
+    POPGYM_POLICY_KWARGS,
+    POPGYM_PPO_KWARGS,
+    TMAZE_LSTM_POLICY_KWARGS,
+    TMAZE_POLICY_KWARGS,
+    TMAZE_PPO_KWARGS,
+)
 from sb3_elmur.wrappers import FlattenObservationWrapper, PreviousActionWrapper
 
 rl_zoo3 = pytest.importorskip("rl_zoo3")
@@ -88,6 +95,15 @@ def test_tmaze_entries_are_the_presets():
             assert {key: entry[key] for key in TMAZE_PPO_KWARGS} == TMAZE_PPO_KWARGS, env_id
             assert _zoo_eval(entry["policy_kwargs"]) == policy_kwargs, env_id
             assert entry["env_kwargs"] == {"corridor_length": 10}
+
+
+def test_popgym_entries_are_the_comparison_presets():
+    elmur, lstm, mlp = _load(ELMUR), _load(LSTM), _load(MLP)
+    for env_id in POPGYM_IDS:
+        for config, policy_kwargs in ((elmur, POPGYM_POLICY_KWARGS), (lstm, POPGYM_LSTM_POLICY_KWARGS), (mlp, None)):
+            entry = config[env_id]
+            assert {key: entry[key] for key in POPGYM_PPO_KWARGS} == POPGYM_PPO_KWARGS, env_id
+            assert policy_kwargs is None or _zoo_eval(entry["policy_kwargs"]) == policy_kwargs, env_id
 
 
 def test_policy_kwargs_build_the_policies():
