@@ -124,6 +124,16 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suf
             f"{mean('rollout_steps_per_s'):,.0f} | {mean('train_steps_per_s'):,.0f} | {mean('total_steps_per_s'):,.0f} | "
             f"{mean('train_share'):.0%} | {mean('peak_rss_mb'):.0f} |"
         )
+    # The speed target as a ratio per seed (absolute speeds follow the load of the machine, so run both side by side).
+    ratios = []
+    for corridor in sorted({r["corridor"] for r in results}):
+        total = {(r["seed"], r["policy"]): r["total_steps_per_s"] for r in results if r["corridor"] == corridor}
+        seeds = sorted({seed for seed, _ in total if all((seed, p) in total for p in POLICIES)})
+        if seeds:
+            per_seed = (total[seed, POLICIES[0]] / total[seed, POLICIES[1]] for seed in seeds)
+            ratios.append(f"L {corridor}: " + ", ".join(f"{ratio:.2f}" for ratio in per_seed))
+    if ratios:
+        rows += ["", f"Total env steps/s, {POLICIES[0]} / {POLICIES[1]}, per seed: " + "; ".join(ratios) + "."]
     budget = sorted({r["timesteps"] for r in results})
     min_corridors = sorted({r["min_corridor"] for r in results if 0 < r.get("min_corridor", 0) < r["corridor"]})
     if min_corridors:
