@@ -98,7 +98,6 @@ def test_compiled_actor_matches_eager(deterministic):
         th.manual_seed(step)
         np.testing.assert_array_equal(compiled(obs, starts), actions[-1])
     assert len(np.unique(actions)) > 1
-    if not deterministic:
-        return
-    success = evaluate_tmaze(model, 12, n_episodes=4, variant="passive")
-    assert evaluate_tmaze(model, 12, n_episodes=4, variant="passive", compile=True) == success
+    if deterministic:  # evaluate_tmaze acts greedily
+        success = evaluate_tmaze(model, 12, n_episodes=4, variant="passive")
+        assert evaluate_tmaze(model, 12, n_episodes=4, variant="passive", compile=True) == success
