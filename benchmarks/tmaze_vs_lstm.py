@@ -237,6 +237,5 @@ def _ppo_overrides(ppo_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in ppo_kwargs.items() if presets.TMAZE_PPO_KWARGS.get(k) != v}
 
 
-
 if __name__ == "__main__":
     main()
