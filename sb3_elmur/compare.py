@@ -12,6 +12,8 @@ TensorBoard (``<out>/tensorboard``), with ELMUR's memory scalars for ELMUR polic
 """
 
 import argparse
+import datetime
+import fcntl
 import functools
 import importlib
 import importlib.util
@@ -20,18 +22,27 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
-from sb3_elmur.utils import algorithm_class
+from sb3_elmur.utils import (
+    algorithm_class,
+    remove_leftover_temp_files,
+    write_atomically,
+    write_json_atomically,
+    write_text_atomically,
+)
 from sb3_elmur.wrappers import is_popgym_id
 
 DEFAULT_POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
@@ -305,6 +316,7 @@ class RunPaths:
         folder = Path(out) / "runs" / env_slug(spec["env_id"]) / spec["label"]
         stem = f"seed{spec['seed']}"
         self.record = folder / f"{stem}.json"
+        self.lock = folder / f"{stem}.lock"
         self.log = folder / f"{stem}.log"
         self.checkpoint = folder / f"{stem}_checkpoint.zip"
         self.model = folder / f"{stem}_model.zip"
@@ -313,17 +325,67 @@ class RunPaths:
 
 
 def read_record(path: Path) -> Dict[str, Any]:
-    with open(path) as file:
-        return json.load(file)
+    """The JSON record of a run, with an error naming the file if it cannot be read."""
+    try:
+        with open(path) as file:
+            record = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read the run record {path} ({error}); delete it to redo the run") from error
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "status" not in record:
+        raise ValueError(f"{path} is not a run record of sb3_elmur.compare; delete it to redo the run")
+    return record
 
 
-def write_record(path: Path, record: Dict[str, Any]) -> None:
-    """Write atomically, so that an interrupted write never leaves a truncated JSON file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as file:
-        json.dump(record, file, indent=1)
-    os.replace(tmp, path)
+def record_paths_in(out: Path) -> List[Path]:
+    """The run records in the output folder ``out`` (of this and earlier invocations)."""
+    return sorted((Path(out) / "runs").glob("*/*/seed*.json"))
+
+
+class RunLock:
+    """Exclusive ``flock`` of one run, so that two invocations never train the same run at once. The operating
+    system releases it when the last process holding it exits (a worker inherits its launcher's lock), so a
+    killed invocation never leaves a stale lock. The lock file holds the holder's pid, host and start time.
+
+    :param path: the lock file (beside the run's record)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting. :return: whether it was taken (False: another process holds it)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        holder = dict(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            command=" ".join(sys.argv),
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it in the lock file."""
+        try:
+            holder = json.loads(self.path.read_text())
+            return f"pid {holder['pid']} on {holder['host']}, since {holder['started']} ({holder['command']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            # The holder has not written its details yet (or the file is not ours).
+            return f"an unknown process (lock file {self.path})"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
 
 
 def new_record(spec: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
@@ -453,17 +515,38 @@ def _build_evaluator(
     return Evaluator()
 
 
-def run_worker(record_path: Path, deadline: Optional[float] = None) -> int:
+def run_worker(record_path: Path, deadline: Optional[float] = None, lock_fd: Optional[int] = None) -> int:
     """Train and evaluate one run (resuming from its checkpoint if any), updating its JSON file.
 
     :param record_path: the run's JSON file (holds its spec)
     :param deadline: stop training cleanly (checkpoint, status "unfinished") after this Unix time
-    :return: process exit code
+    :param lock_fd: the run's lock, inherited from the launching process; None: take it here
+    :return: process exit code (2: the run is locked by another process, or finished already)
     """
     record_path = Path(record_path)
+    if lock_fd is not None:
+        return _train_run(record_path, deadline)
+    lock = RunLock(record_path.with_suffix(".lock"))
+    if not lock.acquire():
+        print(f"{record_path} is locked by {lock.holder()}: not running it", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return _train_run(record_path, deadline)
+    finally:
+        lock.release()
+
+
+def _train_run(record_path: Path, deadline: Optional[float]) -> int:
+    """:func:`run_worker`, with the run's lock held."""
     record = read_record(record_path)
+    if record["status"] == FINISHED:
+        print(f"{record_path} is finished already: not running it", file=sys.stderr, flush=True)
+        return 2
     spec, options = record["spec"], record["options"]
     paths = RunPaths(record_path.parents[3], spec)
+    for path in (paths.record, paths.checkpoint, paths.model):
+        for leftover in remove_leftover_temp_files(path):
+            print(f"removed {leftover}, left by a write that was interrupted", flush=True)
     worker_start = time.perf_counter()
     previous_wall_time = record["wall_time_s"]
     record["sessions"] += 1
@@ -473,7 +556,7 @@ def run_worker(record_path: Path, deadline: Optional[float] = None) -> int:
         record["status"] = status
         record["num_timesteps"] = int(model.num_timesteps)
         record["wall_time_s"] = previous_wall_time + time.perf_counter() - worker_start
-        write_record(record_path, record)
+        write_json_atomically(record_path, record)
 
     try:
         import torch
@@ -486,9 +569,9 @@ def run_worker(record_path: Path, deadline: Optional[float] = None) -> int:
         _, policy_class = resolve_policy(spec["policy"])
         env = make_env(spec, spec["n_envs"], spec["seed"])
         eval_env = make_env(spec, min(spec["n_envs"], spec["eval_episodes"]), spec["seed"] + EVAL_SEED_OFFSET)
-        resumed = paths.checkpoint.exists() and record["num_timesteps"] > 0
+        model = load_checkpoint(algo, paths.checkpoint, record, env, options["device"])
+        resumed = model is not None
         if resumed:
-            model = algo.load(paths.checkpoint, env=env, device=options["device"])
             # The saved last observation belongs to the old env instances: start new episodes instead.
             model._last_obs = None
             # New seeds for the new session's randomness (a resumed run is not bit-identical to an uninterrupted one).
@@ -511,7 +594,8 @@ def run_worker(record_path: Path, deadline: Optional[float] = None) -> int:
         record["versions"] = _versions()
 
         def checkpoint(model: Any) -> None:
-            model.save(paths.checkpoint)
+            # The previous checkpoint stays in place until the new one is complete.
+            write_atomically(paths.checkpoint, model.save)
             save_progress(model, UNFINISHED)
 
         evaluator = _build_evaluator(eval_env, spec, record, checkpoint, deadline)
@@ -536,7 +620,7 @@ def run_worker(record_path: Path, deadline: Optional[float] = None) -> int:
         if not record["evaluations"]["timesteps"] or record["evaluations"]["timesteps"][-1] < model.num_timesteps:
             evaluator.evaluate()
         record.update(run_scores(record["evaluations"]["mean_return"]))
-        model.save(paths.model)
+        write_atomically(paths.model, model.save)
         save_progress(model, FINISHED)
         paths.checkpoint.unlink(missing_ok=True)
         env.close()
@@ -546,9 +630,50 @@ def run_worker(record_path: Path, deadline: Optional[float] = None) -> int:
         record["status"] = FAILED
         record["error"] = traceback.format_exc()[-4000:]
         record["wall_time_s"] = previous_wall_time + time.perf_counter() - worker_start
-        write_record(record_path, record)
+        write_json_atomically(record_path, record)
         traceback.print_exc()
         return 1
+
+
+def load_checkpoint(algo: type, checkpoint: Path, record: Dict[str, Any], env: Any, device: str) -> Optional[Any]:
+    """The run's model from its checkpoint, or None (with a log line saying why) to start the run from step 0.
+
+    A checkpoint that cannot be loaded (e.g. one written in place by an older version and cut short by a kill) is
+    renamed ``*.broken`` (kept for inspection) rather than failing every later session of the run.
+
+    :param algo: the algorithm class
+    :param checkpoint: the run's checkpoint file
+    :param record: the run's record (``num_timesteps`` says whether an earlier session made progress)
+    :param env: the training env to attach
+    :param device: torch device
+    :return: the loaded model, or None
+    """
+    if record["num_timesteps"] == 0:
+        return None
+    if not checkpoint.exists():
+        print(f"no checkpoint {checkpoint} for step {record['num_timesteps']}: restarting the run from step 0", flush=True)
+        return None
+    problem = _zip_problem(checkpoint)
+    if problem is not None:
+        broken = checkpoint.with_name(checkpoint.name + ".broken")
+        os.replace(checkpoint, broken)
+        print(
+            f"cannot load the checkpoint {checkpoint} ({problem}): kept as {broken}, restarting the run from step 0",
+            flush=True,
+        )
+        return None
+    # Other errors (e.g. a bad --device) are not the checkpoint's fault: they fail the run, checkpoint kept.
+    return algo.load(checkpoint, env=env, device=device)
+
+
+def _zip_problem(path: Path) -> Optional[str]:
+    """What is wrong with the zip file ``path`` (truncated, not a zip, a corrupt member), or None if it is sound."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None if corrupt is None else f"corrupt member {corrupt}"
 
 
 def _has_module(name: str) -> bool:
@@ -589,37 +714,81 @@ def _versions() -> Dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prepare_runs(out: Path, specs: List[Dict[str, Any]], options: Dict[str, Any]) -> Tuple[List[Path], List[Path]]:
-    """Create or check the run files: which runs to launch, which are finished already.
+class PreparedRuns(NamedTuple):
+    """What :func:`prepare_runs` found: the runs to launch (their locks held), and those to leave alone."""
 
-    :return: (record paths to run, record paths of finished runs)
+    to_run: List[Path]
+    finished: List[Path]
+    busy: List[str]  # "<record> (locked by <holder>)", runs that another process is running
+    locks: Dict[Path, RunLock]  # record path -> its lock, held for the runs to launch
+
+    def release(self) -> None:
+        for lock in self.locks.values():
+            lock.release()
+
+
+def prepare_runs(out: Path, specs: List[Dict[str, Any]], options: Dict[str, Any]) -> PreparedRuns:
+    """Create or check the run files and lock the runs to launch.
+
+    Finished runs are skipped, and so are runs locked by another process (another invocation on the same
+    ``out``), which would otherwise be trained twice at once.
+
+    :param out: output folder of the comparison
+    :param specs: the run specs (:func:`build_specs`)
+    :param options: the runs' process options (threads, device, elmur_scalars)
+    :return: the runs to launch (locked, until :meth:`PreparedRuns.release` or the process ends), the finished
+        ones and the busy ones
     """
-    to_run, finished, conflicts = [], [], []
+    conflicts = []
     for spec in specs:
         paths = RunPaths(out, spec)
         if paths.record.exists():
-            record = read_record(paths.record)
-            differences = _spec_differences(record["spec"], spec)
+            differences = _spec_differences(read_record(paths.record)["spec"], spec)
             if differences:
                 conflicts.append(f"{paths.record} (differs in {', '.join(differences)})")
-                continue
-            if record["status"] == FINISHED:
-                finished.append(paths.record)
-                continue
-            record["options"] = options
-            write_record(paths.record, record)
-        else:
-            write_record(paths.record, new_record(spec, options))
-        to_run.append(paths.record)
     if conflicts:
         raise ValueError(
             "these runs exist with other settings; use another --out or delete them:\n  " + "\n  ".join(conflicts)
         )
-    return to_run, finished
+    prepared = PreparedRuns([], [], [], {})
+    try:
+        for spec in specs:
+            paths = RunPaths(out, spec)
+            lock = RunLock(paths.lock)
+            if not lock.acquire():
+                prepared.busy.append(f"{paths.record} (locked by {lock.holder()})")
+                continue
+            prepared.locks[paths.record] = lock
+            # Read under the lock: another process may have finished the run since.
+            if paths.record.exists():
+                record = read_record(paths.record)
+                if record["status"] == FINISHED:
+                    prepared.locks.pop(paths.record).release()
+                    prepared.finished.append(paths.record)
+                    continue
+                record["options"] = options
+            else:
+                record = new_record(spec, options)
+            write_json_atomically(paths.record, record)
+            prepared.to_run.append(paths.record)
+    except BaseException:
+        prepared.release()
+        raise
+    return prepared
 
 
-def launch_runs(record_paths: List[Path], jobs: int, deadline: Optional[float]) -> List[Path]:
-    """Run the workers, ``jobs`` at a time. :return: the record paths of runs that failed."""
+def launch_runs(
+    record_paths: List[Path], jobs: int, deadline: Optional[float], locks: Optional[Dict[Path, RunLock]] = None
+) -> List[Path]:
+    """Run the workers, ``jobs`` at a time.
+
+    :param record_paths: the runs
+    :param jobs: how many at a time
+    :param deadline: Unix time after which no run starts and the running ones stop cleanly
+    :param locks: the runs' locks (record path -> lock), handed down to their workers and released when they end
+    :return: the record paths of runs that failed
+    """
+    locks = locks or {}
     pending = list(record_paths)
     running: List[Tuple[subprocess.Popen, Path, Any]] = []
     failed = []
@@ -631,8 +800,14 @@ def launch_runs(record_paths: List[Path], jobs: int, deadline: Optional[float]) 
             command = [sys.executable, "-m", "sb3_elmur.compare", "--worker", str(path)]
             if deadline is not None:
                 command += ["--deadline", repr(deadline)]
+            lock = locks.get(path)
+            if lock is not None and lock.fd is not None:
+                # The worker shares the lock: it stays held if this process is killed while the worker trains.
+                command += ["--lock-fd", str(lock.fd)]
+            pass_fds = [lock.fd] if lock is not None and lock.fd is not None else []
             print(f"start {path}", flush=True)
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), path, log))
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
+            running.append((process, path, log))
         if deadline is not None and _clock() >= deadline and pending:
             print(f"time budget spent: {len(pending)} run(s) not started", flush=True)
             pending.clear()
@@ -642,6 +817,8 @@ def launch_runs(record_paths: List[Path], jobs: int, deadline: Optional[float]) 
                 still_running.append((process, path, log))
                 continue
             log.close()
+            if path in locks:
+                locks[path].release()
             status = read_record(path)["status"]
             print(f"{status:10s} {path}", flush=True)
             if process.returncode != 0 or status == FAILED:
@@ -661,14 +838,22 @@ def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per (env, policy label): mean and std over finished seeds of the final mean return, the MMER,
-    the normalised MMER and the wall time per seed."""
-    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
+def group_records(records: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str], List[Dict[str, Any]]]:
+    """Records by env id, policy label and all other settings but the seed: runs with other settings (e.g. of
+    other invocations on the same ``--out``) are never averaged together."""
+    groups: Dict[Tuple[str, str, str], List[Dict[str, Any]]] = {}
     for record in records:
-        groups.setdefault((record["spec"]["env_id"], record["spec"]["label"]), []).append(record)
+        spec = record["spec"]
+        settings = json.dumps({key: value for key, value in spec.items() if key != "seed"}, sort_keys=True)
+        groups.setdefault((spec["env_id"], spec["label"], settings), []).append(record)
+    return groups
+
+
+def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per :func:`group_records` group (env, policy label and settings): mean and std over finished seeds
+    of the final mean return, the MMER, the normalised MMER and the wall time per seed."""
     rows = []
-    for (env_id, label), group in groups.items():
+    for (env_id, label, _), group in group_records(records).items():
         done = [r for r in group if r["status"] == FINISHED]
         row: Dict[str, Any] = dict(
             env_id=env_id,
@@ -676,6 +861,7 @@ def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             policy=group[0]["spec"]["policy"],
             algo=group[0]["spec"]["algo"],
             timesteps=group[0]["spec"]["timesteps"],
+            seeds=sorted(r["spec"]["seed"] for r in group),
             seeds_finished=len(done),
             seeds_total=len(group),
             n_parameters=group[0].get("n_parameters"),
@@ -693,8 +879,40 @@ def _fmt(row: Dict[str, Any], key: str, digits: int = 3, unit: str = "") -> str:
     return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}{unit}"
 
 
-def write_table(rows: List[Dict[str, Any]], records: List[Dict[str, Any]], path: Path) -> str:
-    """Markdown table of :func:`summarize` rows, one section per env. :return: the markdown."""
+def evaluation_schedule(records: List[Dict[str, Any]]) -> str:
+    """When the runs were evaluated, read from their evaluation steps (evaluations wait for a rollout boundary,
+    so the real interval is a multiple of the rollout size, not ``--eval-freq`` itself).
+
+    :param records: run records with the same evaluation settings
+    :return: e.g. ``"at step 0, every 1,024 steps and at the end"``
+    """
+    intervals = set()
+    for record in records:
+        steps = record["evaluations"]["timesteps"]
+        if record["status"] == FINISHED:
+            steps = steps[:-1]  # the evaluation at the end is off the schedule
+        intervals.update(int(b - a) for a, b in zip(steps, steps[1:]))
+    eval_freq = records[0]["spec"]["eval_freq"]
+    if not intervals:
+        return f"at step 0, at the first rollout boundary after every {eval_freq:,} steps and at the end"
+    low, high = min(intervals), max(intervals)
+    every = f"every {low:,} steps" if low == high else f"every {low:,} to {high:,} steps"
+    if intervals != {eval_freq}:
+        every += f" (--eval-freq {eval_freq:,}, rounded up to rollout boundaries)"
+    return f"at step 0, {every} and at the end"
+
+
+def _section_settings(spec: Dict[str, Any]) -> str:
+    """The settings a table section states (runs that differ in them go to separate sections)."""
+    keys = ("timesteps", "n_envs", "eval_freq", "eval_episodes", "deterministic_eval", "env_kwargs", "wrappers")
+    return json.dumps([spec.get(key) for key in keys] + [spec.get("ppo_kwargs", {}).get("n_steps")], sort_keys=True)
+
+
+def write_table(records: List[Dict[str, Any]], path: Path) -> str:
+    """Markdown table of the :func:`summarize` rows of ``records``, one section per env and settings.
+
+    :return: the markdown
+    """
     lines = [
         "# Policy comparison",
         "",
@@ -702,24 +920,26 @@ def write_table(rows: List[Dict[str, Any]], records: List[Dict[str, Any]], path:
         "maximum over evaluation points of the mean evaluation return; POPGym's normalised score 0.5 * MMER + 0.5 "
         "(meaningful for returns in [-1, 1]); and the wall time of one seed's run (training and evaluations).",
     ]
-    for env_id in dict.fromkeys(row["env_id"] for row in rows):
-        spec = next(r["spec"] for r in records if r["spec"]["env_id"] == env_id)
+    sections: Dict[Tuple[str, str], List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]] = {}
+    for row, group in zip(summarize(records), group_records(records).values()):
+        sections.setdefault((row["env_id"], _section_settings(group[0]["spec"])), []).append((row, group))
+    for (env_id, _), section in sections.items():
+        section_records = [record for _, group in section for record in group]
+        spec = section_records[0]["spec"]
         mode = "deterministic" if spec["deterministic_eval"] else "stochastic"
         lines += [
             "",
             f"## {env_id}",
             "",
             f"{spec['timesteps']:,} env steps per run, {spec['n_envs']} envs; {spec['eval_episodes']} {mode} "
-            f"evaluation episodes every {spec['eval_freq']:,} steps (at rollout boundaries). "
+            f"evaluation episodes {evaluation_schedule(section_records)}. "
             f"Env kwargs: {json.dumps(spec['env_kwargs'])}; "
             f"wrappers: {', '.join(str(w) for w in spec['wrappers']) or 'none'}.",
             "",
             "| policy | algorithm | parameters | seeds | final return | MMER | normalised MMER | wall time / seed |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for row in rows:
-            if row["env_id"] != env_id:
-                continue
+        for row, _ in section:
             name = row["label"] if row["label"] == row["policy"] else f"{row['label']} ({row['policy']})"
             parameters = f"{row['n_parameters']:,}" if row["n_parameters"] else "-"
             lines.append(
@@ -728,8 +948,13 @@ def write_table(rows: List[Dict[str, Any]], records: List[Dict[str, Any]], path:
                 f"{_fmt(row, 'wall_time_s', 1, ' s')} |"
             )
     text = "\n".join(lines) + "\n"
-    path.write_text(text)
+    write_text_atomically(path, text)
     return text
+
+
+def curve_label(label: str, n_seeds: int) -> str:
+    """Legend entry of a learning curve: ``"ElmurPolicy (1 seed)"``, ``"ElmurPolicy (3 seeds)"``."""
+    return f"{label} ({n_seeds} seed{'' if n_seeds == 1 else 's'})"
 
 
 def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
@@ -743,15 +968,11 @@ def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
     n_cols = min(3, max(1, len(env_ids)))
     n_rows = math.ceil(len(env_ids) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(5 * n_cols, 3.6 * n_rows), squeeze=False)
+    groups = group_records(records)
     for ax, env_id in zip(axes.flat, env_ids):
-        labels = list(dict.fromkeys(r["spec"]["label"] for r in records if r["spec"]["env_id"] == env_id))
-        for label in labels:
-            curves = [
-                r["evaluations"]
-                for r in records
-                if r["spec"]["env_id"] == env_id and r["spec"]["label"] == label and r["evaluations"]["timesteps"]
-            ]
-            if not curves:
+        for (group_env_id, label, _), group in groups.items():
+            curves = [r["evaluations"] for r in group if r["evaluations"]["timesteps"]]
+            if group_env_id != env_id or not curves:
                 continue
             # Seeds are averaged on the evaluation points they all reached.
             common = sorted(set.intersection(*(set(c["timesteps"]) for c in curves)))
@@ -759,28 +980,38 @@ def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
                 continue
             values = np.array([[dict(zip(c["timesteps"], c["mean_return"]))[t] for t in common] for c in curves])
             mean, std = values.mean(axis=0), values.std(axis=0)
-            ax.plot(common, mean, label=f"{label} ({len(curves)} seeds)")
+            ax.plot(common, mean, label=curve_label(label, len(curves)))
             ax.fill_between(common, mean - std, mean + std, alpha=0.2)
         ax.set_title(env_id, fontsize=10)
         ax.set_xlabel("env steps")
         ax.set_ylabel("mean evaluation return")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(env_ids) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
-def write_report(out: Path, record_paths: List[Path]) -> Optional[str]:
-    """Table (``results.md``), summary (``summary.json``) and curves (``learning_curves.png``) in ``out``."""
-    records = [read_record(p) for p in record_paths if p.exists()]
+def write_report(out: Path) -> Optional[str]:
+    """Table (``results.md``), summary (``summary.json``) and curves (``learning_curves.png``) in ``out``, of every
+    run record there (this invocation's and earlier ones'), so that a run on a subset never drops the others.
+
+    :param out: output folder of the comparison
+    :return: the table, or None if there is no run record
+    """
+    records = []
+    for path in record_paths_in(out):
+        try:
+            records.append(read_record(path))
+        except ValueError as error:
+            print(f"left out of the report: {error}", file=sys.stderr)
     if not records:
         return None
-    rows = summarize(records)
-    text = write_table(rows, records, out / "results.md")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    text = write_table(records, out / "results.md")
+    write_json_atomically(out / "summary.json", summarize(records))
     if _has_module("matplotlib"):
         plot_curves(records, out / "learning_curves.png")
     else:
@@ -811,49 +1042,88 @@ def _epilog() -> str:
         "the end. Scores: final return (last evaluation), MMER (maximum over evaluations of the mean return) and "
         "0.5 * MMER + 0.5 (POPGym's normalisation), as mean +- std over seeds; wall time per seed includes the "
         "evaluations. A resumed run starts new episodes (and reseeds), so it is not bit-identical to an "
-        "uninterrupted one. Changing the settings of existing runs is refused: use another --out.",
-        "Output in --out: runs/<env>/<label>/seed<N>.json (+ .log, checkpoint while unfinished, final model), "
-        "tensorboard/<env>/<label>_seed<N>_1, results.md, summary.json, learning_curves.png.",
+        "uninterrupted one. Changing the settings of existing runs is refused: use another --out. A run being "
+        "trained by another invocation on the same --out is skipped (its .lock file names the process).",
+        "Output in --out: runs/<env>/<label>/seed<N>.json (+ .log, .lock, checkpoint while unfinished, final "
+        "model), tensorboard/<env>/<label>_seed<N>_1, results.md, summary.json, learning_curves.png. The report "
+        "covers every run in --out, also those of earlier invocations with other policies or seeds.",
     ]
     return "\n\n".join(textwrap.fill(paragraph, 100, break_on_hyphens=False) for paragraph in paragraphs)
 
 
 def make_parser() -> argparse.ArgumentParser:
+    # The defaults are None so that a --config file can set the options; the help names the real defaults.
     parser = argparse.ArgumentParser(
         prog="python -m sb3_elmur.compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_epilog(),
     )
-    parser.add_argument("--envs", nargs="+", help="env ids (gymnasium registry; POPGym ids need popgym)")
+    parser.add_argument(
+        "--envs", nargs="+", help="env ids (gymnasium registry; POPGym ids need popgym) (no default: give them here or in "
+        "--config)",
+    )
     parser.add_argument("--policies", nargs="+", help=f"policies or LABEL=POLICY (default: {' '.join(DEFAULT_POLICIES)})")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0)")
     parser.add_argument("--timesteps", type=int, help="env steps per run (default: 100000)")
     parser.add_argument("--n-envs", type=int, help="parallel training envs per run (default: 8)")
-    parser.add_argument("--eval-freq", type=int, help="evaluate every this many env steps (default: timesteps / 10)")
+    parser.add_argument(
+        "--eval-freq", type=int, help="evaluate every this many env steps, at rollout boundaries (default: timesteps / 10)"
+    )
     parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation (default: 20)")
-    parser.add_argument("--stochastic-eval", action="store_true", default=None, help="sample actions when evaluating")
-    parser.add_argument("--ppo-kwargs", help='shared PPO / RecurrentPPO kwargs as JSON, e.g. \'{"n_steps": 256}\'')
     parser.add_argument(
-        "--policy-kwargs", nargs="+", metavar="LABEL=JSON", help='per-policy kwargs, e.g. ElmurPolicy=\'{"d_model": 32}\''
-    )
-    parser.add_argument("--env-kwargs", nargs="+", metavar="ENV=JSON", help="per-env gym.make kwargs")
+        "--stochastic-eval", action="store_true", default=None,
+        help="sample actions when evaluating (default: off, greedy actions)",
+    )  # fmt: skip
     parser.add_argument(
-        "--wrappers", nargs="+", metavar="ENV=NAMES", help="per-env comma-separated dotted wrapper classes, or ENV=none"
+        "--ppo-kwargs", help='shared PPO / RecurrentPPO kwargs as JSON, e.g. \'{"n_steps": 256}\' (default: the presets below)'
     )
-    parser.add_argument("--gym-packages", nargs="+", help="modules to import in each run (to register env ids)")
-    parser.add_argument("--config", help="JSON or YAML file with any of the settings above")
-    parser.add_argument("--out", help="output folder (default: compare_runs)")
+    parser.add_argument(
+        "--policy-kwargs", nargs="+", metavar="LABEL=JSON",
+        help='per-policy kwargs, e.g. ElmurPolicy=\'{"d_model": 32}\' (default: the presets below)',
+    )  # fmt: skip
+    parser.add_argument("--env-kwargs", nargs="+", metavar="ENV=JSON", help="per-env gym.make kwargs (default: none)")
+    parser.add_argument(
+        "--wrappers", nargs="+", metavar="ENV=NAMES",
+        help="per-env comma-separated dotted wrapper classes, or ENV=none (default: the POPGym wrappers for POPGym "
+        "ids, none for others)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gym-packages", nargs="+", help="modules to import in each run (to register env ids) (default: none)"
+    )
+    parser.add_argument("--config", help="JSON or YAML file with any of the settings above (default: none)")
+    parser.add_argument("--out", help="output folder, created if missing (default: compare_runs)")
     parser.add_argument("--jobs", type=int, help="runs at a time, one process each (default: 1)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: 1)")
     parser.add_argument("--device", help="torch device (default: cpu)")
-    parser.add_argument("--no-elmur-scalars", dest="elmur_scalars", action="store_false", default=None,
-                        help="do not log ELMUR's memory scalars to TensorBoard")
-    parser.add_argument("--time-budget", type=float, help="seconds: stop cleanly after this (resume later)")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the table and plot from existing runs")
+    parser.add_argument(
+        "--no-elmur-scalars", dest="elmur_scalars", action="store_false", default=None,
+        help="do not log ELMUR's memory scalars to TensorBoard (default: logged)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--time-budget", type=float, help="seconds: stop cleanly after this, resume later (default: no limit)"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="rebuild the table and plot from the runs in --out, without training (default: off)",
+    )  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     return parser
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any training if the output folder cannot be created or written to.
+
+    :param out: the output folder (created if missing)
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"the output folder --out {out} is not writable ({error.strerror or error})") from error
 
 
 def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -881,7 +1151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.worker:
-        return run_worker(Path(args.worker), args.deadline)
+        return run_worker(Path(args.worker), args.deadline, args.lock_fd)
+    prepared = PreparedRuns([], [], [], {})
     try:
         settings = settings_from_args(args)
         out = Path(settings.get("out") or "compare_runs")
@@ -891,23 +1162,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device=settings.get("device") or "cpu",
             elmur_scalars=bool(settings.get("elmur_scalars", True)),
         )
-        if args.report_only and not settings.get("envs"):
-            record_paths = sorted((out / "runs").glob("*/*/seed*.json"))
-            specs: List[Dict[str, Any]] = []
-        else:
-            specs = build_specs(settings)
-            record_paths = [RunPaths(out, spec).record for spec in specs]
         if args.time_budget is not None and args.time_budget <= 0:
             raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
-        failed: List[Path] = []
-        if not args.report_only:
-            to_run, finished = prepare_runs(out, specs, options)
-            print(f"{len(specs)} runs: {len(finished)} finished (skipped), {len(to_run)} to run", flush=True)
-            deadline = _clock() + args.time_budget if args.time_budget else None
-            failed = launch_runs(to_run, jobs, deadline)
+        if args.report_only:
+            if not record_paths_in(out):
+                raise ValueError(f"--report-only: no run records in {out / 'runs'}")
+        else:
+            specs = build_specs(settings)
+        check_writable(out)
     except ValueError as error:
         parser.error(str(error))
-    text = write_report(out, record_paths)
+    failed: List[Path] = []
+    if not args.report_only:
+        try:
+            prepared = prepare_runs(out, specs, options)
+        except ValueError as error:
+            parser.error(str(error))
+        try:
+            busy = f"{len(prepared.busy)} running elsewhere (skipped), " if prepared.busy else ""
+            print(
+                f"{len(specs)} runs: {len(prepared.finished)} finished (skipped), {busy}{len(prepared.to_run)} to run",
+                flush=True,
+            )
+            for busy in prepared.busy:
+                print(f"skipped, running elsewhere: {busy}", flush=True)
+            deadline = _clock() + args.time_budget if args.time_budget else None
+            failed = launch_runs(prepared.to_run, jobs, deadline, prepared.locks)
+        finally:
+            prepared.release()
+    text = write_report(out)
+    if args.report_only and not text:
+        parser.error(f"--report-only: no readable run records in {out / 'runs'}")
     if text:
         print(text)
         print(f"table: {out / 'results.md'}, curves: {out / 'learning_curves.png'}, tensorboard: {out / 'tensorboard'}")

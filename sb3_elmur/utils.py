@@ -1,8 +1,18 @@
 """Small helpers shared by the command-line tools."""
 
-from typing import Any
+import json
+import os
+import secrets
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Set, Tuple, Union
 
 from stable_baselines3.common.base_class import BaseAlgorithm
+
+# Attributes only a RecurrentBC save holds: how a zip (which names no algorithm) is told to be one.
+_RECURRENT_BC_KEYS = {"sections", "continuous_loss", "detach_between_sections"}
+# Tag of the temporary files of atomic writes (".seed0.json.<random>.tmp.json").
+TMP_TAG = ".tmp"
 
 
 def algorithm_class(name: str) -> type:
@@ -19,6 +29,78 @@ def algorithm_class(name: str) -> type:
     raise ValueError(f"unknown algorithm {name!r}: expected a class of sb3_elmur, sb3_contrib or stable_baselines3")
 
 
-def load_algorithm(name: str, path: str, **kwargs: Any) -> BaseAlgorithm:
-    """Load a saved model with the ``load`` of the algorithm class called ``name``."""
-    return algorithm_class(name).load(path, **kwargs)
+def _saved_contents(path: Union[str, Path]) -> Optional[Tuple[Set[str], Set[str]]]:
+    """The attribute names and the state-dict names (``policy``, ``policy.optimizer``, ...) a SB3 zip holds,
+    or None if it cannot be read as one."""
+    path = Path(path)
+    if not path.is_file():  # SB3's load adds the suffix too
+        path = path.with_name(path.name + ".zip")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            keys = set(json.loads(archive.read("data")))
+            return keys, {Path(name).stem for name in archive.namelist() if name.endswith(".pth")}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def load_algorithm(name: str, path: Union[str, Path], **kwargs: Any) -> BaseAlgorithm:
+    """Load a saved model with the ``load`` of the algorithm class called ``name``.
+
+    :raise ValueError: if ``name`` is unknown, or if the zip is a RecurrentBC model that this class cannot load
+        (the message says what to call instead)
+    """
+    from sb3_elmur.bc import RecurrentBC
+
+    cls = algorithm_class(name)
+    try:
+        return cls.load(path, **kwargs)
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as error:
+        contents = _saved_contents(path)
+        if contents is None or issubclass(cls, RecurrentBC) or not _RECURRENT_BC_KEYS <= contents[0]:
+            raise
+        old = "policy.optimizer" not in contents[1]
+        raise ValueError(
+            f"{path} holds a RecurrentBC model{' saved without its optimizer state (sb3-elmur 0.1.0)' if old else ''}, "
+            f"which {cls.__name__}.load cannot read ({type(error).__name__}: {error}): load it with "
+            f"RecurrentBC.load (command line: --algo RecurrentBC), then call its to_recurrent_ppo(env) for a "
+            f"RecurrentPPO{'; or load it and save it again, which RecurrentPPO.load reads' if old else ''}"
+        ) from error
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file so that a kill at any point leaves either the old file or the new one, never a truncated one.
+
+    :param path: the file to (re)write
+    :param write: writes the content to the path it is given (a temporary file in the same folder, with the
+        same suffix, so that e.g. ``model.save`` keeps the name as given), then ``os.replace`` moves it in place
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden and ending in ".tmp<suffix>", so that the globs for run records never pick up a leftover; created
+    # by ``write`` itself (not mkstemp), so that the file gets the usual permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_TAG}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    write_text_atomically(path, json.dumps(data, indent=1))
+
+
+def remove_leftover_temp_files(path: Path) -> List[Path]:
+    """Delete the temporary files that a killed :func:`write_atomically` of ``path`` left behind.
+
+    Only call this while nobody else can be writing ``path`` (e.g. holding the run's lock).
+
+    :return: the files removed
+    """
+    leftovers = sorted(path.parent.glob(f".{path.name}.*{TMP_TAG}{path.suffix}"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers

@@ -1,6 +1,10 @@
 """python -m sb3_elmur.compare: settings, scores, a tiny end-to-end comparison, skipping and resuming runs."""
 
+import argparse
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_elmur import compare
+from sb3_elmur import compare, utils
 from sb3_elmur.compare import (
     POPGYM_WRAPPERS,
     build_specs,
@@ -170,6 +174,7 @@ def _records(out: Path):
 def test_every_run_writes_a_sane_json(comparison):
     out, _, result = comparison
     assert "4 runs: 0 finished (skipped), 4 to run" in result.stdout
+    assert "every 1,024 steps and at the end" in (out / "results.md").read_text()
     records = _records(out)
     assert set(records) == {(label, f"seed{s}") for label in ("ElmurPolicy", "MlpLstmPolicy") for s in (0, 1)}
     for (label, _), record in records.items():
@@ -250,7 +255,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         policies=["ElmurPolicy"], n_envs=4, eval_freq=512, eval_episodes=4, ppo_kwargs={"n_steps": 64},
         env_kwargs={TMAZE: {"corridor_length": CORRIDOR}},
     )  # fmt: skip
-    (path,), _ = prepare_runs(out, build_specs(settings), OPTIONS)
+    prepared = prepare_runs(out, build_specs(settings), OPTIONS)
+    (path,) = prepared.to_run
+    prepared.release()  # run_worker takes the run's lock itself
     # A session whose time runs out at the third rollout (the clock passes the deadline on its third reading).
     readings = iter([0.0, 0.0])
     monkeypatch.setattr(compare, "_clock", lambda: next(readings, 1e12))
@@ -258,7 +265,13 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     record = read_record(path)
     assert record["status"] == "unfinished" and record["num_timesteps"] == 2 * 64 * 4
     assert record["evaluations"]["timesteps"] == [0, 512]
-    assert path.with_name("seed0_checkpoint.zip").exists()
+    checkpoint = path.with_name("seed0_checkpoint.zip")
+    assert checkpoint.exists()
+    # A kill during the next save leaves a partly written temporary file beside the intact checkpoint.
+    good_checkpoint = checkpoint.read_bytes()
+    leftovers = [path.with_name(".seed0_checkpoint.zip.k1ll3d.tmp.zip"), path.with_name(".seed0.json.k1ll3d.tmp.json")]
+    for leftover in leftovers:
+        leftover.write_bytes(good_checkpoint[: len(good_checkpoint) // 3])
 
     result = _run_cli(
         "--envs", TMAZE, "--policies", "ElmurPolicy", "--timesteps", "2048", "--n-envs", "4", "--eval-freq", "512",
@@ -269,5 +282,164 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     record = read_record(path)
     assert record["status"] == "finished" and record["sessions"] == 2 and record["num_timesteps"] == 2048
     assert record["evaluations"]["timesteps"] == [0, 512, 1024, 1536, 2048]
-    assert "resuming from" in path.with_suffix(".log").read_text()
+    log = path.with_suffix(".log").read_text()
+    assert "resuming from" in log and "restarting" not in log
+    assert f"removed {leftovers[0]}, left by a write that was interrupted" in log
+    assert not any(leftover.exists() for leftover in leftovers)
     assert not path.with_name("seed0_checkpoint.zip").exists() and path.with_name("seed0_model.zip").exists()
+
+
+def test_unloadable_checkpoint_restarts_the_run_and_is_kept(tmp_path, capsys):
+    # E.g. a checkpoint cut short by a kill while an older version wrote it in place: "wasn't a zip-file".
+    out = tmp_path / "out"
+    settings = _settings(
+        policies=["MlpPolicy"], timesteps=256, n_envs=4, eval_freq=128, eval_episodes=2, ppo_kwargs={"n_steps": 32},
+        env_kwargs={TMAZE: {"corridor_length": CORRIDOR}},
+    )  # fmt: skip
+    prepared = prepare_runs(out, build_specs(settings), OPTIONS)
+    (path,) = prepared.to_run
+    prepared.release()
+    record = read_record(path)
+    record.update(status="unfinished", num_timesteps=128)
+    record["evaluations"] = dict(timesteps=[0, 128], mean_return=[9.0, 9.0], std_return=[0, 0], mean_length=[1, 1])
+    utils.write_json_atomically(path, record)
+    checkpoint = path.with_name("seed0_checkpoint.zip")
+    checkpoint.write_bytes(b"PK\x03\x04 cut short")
+    assert run_worker(path) == 0
+    assert "cannot load the checkpoint" in capsys.readouterr().out
+    record = read_record(path)
+    assert record["status"] == "finished" and record["num_timesteps"] == 256
+    assert record["evaluations"]["timesteps"] == [0, 128, 256] and 9.0 not in record["evaluations"]["mean_return"]
+    assert checkpoint.with_name("seed0_checkpoint.zip.broken").read_bytes() == b"PK\x03\x04 cut short"
+    assert not checkpoint.exists() and path.with_name("seed0_model.zip").exists()
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "seed0_checkpoint.zip"
+    target.write_bytes(b"previous checkpoint")
+
+    def killed_while_writing(tmp):
+        assert tmp.parent == target.parent and tmp.name.endswith(".zip")  # model.save keeps a name ending in .zip
+        tmp.write_bytes(b"half a che")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        utils.write_atomically(target, killed_while_writing)
+    assert target.read_bytes() == b"previous checkpoint"
+    assert sorted(tmp_path.iterdir()) == [target]
+    utils.write_text_atomically(target, "new")
+    reference = tmp_path / "reference"
+    reference.write_text("")
+    assert target.read_text() == "new" and target.stat().st_mode == reference.stat().st_mode  # the usual permissions
+
+
+def test_unreadable_run_record_is_named(tmp_path, capsys):
+    out = tmp_path / "out"
+    (spec,) = build_specs(_settings(policies=["MlpPolicy"]))
+    record_path = compare.RunPaths(out, spec).record
+    record_path.parent.mkdir(parents=True)
+    record_path.write_text('{"spec": {"env_id": ')
+    with pytest.raises(ValueError, match=r"cannot read the run record .*seed0\.json .*delete it to redo the run"):
+        prepare_runs(out, [spec], OPTIONS)
+    with pytest.raises(SystemExit):
+        compare.main(["--report-only", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"left out of the report: cannot read the run record {record_path}" in err
+    assert "--report-only: no readable run records in" in err
+
+
+def test_a_run_locked_by_another_process_is_skipped_and_named(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--envs", TMAZE, "--policies", "MlpPolicy", "--timesteps", "256", "--out", str(out)]
+    (spec,) = build_specs(_settings(policies=["MlpPolicy"], timesteps=256))
+    paths = compare.RunPaths(out, spec)
+    prepare_runs(out, [spec], OPTIONS).release()
+    before = paths.record.stat().st_mtime_ns
+    other = compare.RunLock(paths.lock)  # another open of the lock file conflicts, as another process's would
+    assert other.acquire()
+    try:
+        assert compare.main(args) == 0
+        stdout = capsys.readouterr().out
+        assert "1 runs: 0 finished (skipped), 1 running elsewhere (skipped), 0 to run" in stdout
+        assert f"skipped, running elsewhere: {paths.record} (locked by pid {os.getpid()} on {socket.gethostname()}" in stdout
+        assert run_worker(paths.record) == 2
+        assert f"is locked by pid {os.getpid()}" in capsys.readouterr().err
+        assert paths.record.stat().st_mtime_ns == before and read_record(paths.record)["status"] == "pending"
+        assert not paths.log.exists() and not paths.checkpoint.exists()
+    finally:
+        other.release()
+    # The holder's details stay in the file after it is gone, but the lock itself went with it.
+    assert "pid" in paths.lock.read_text()
+    prepared = prepare_runs(out, [spec], OPTIONS)
+    assert prepared.to_run == [paths.record] and not prepared.busy
+    prepared.release()
+
+
+def test_report_states_the_real_evaluation_interval(tmp_path):
+    def record(seed, steps, status="finished"):
+        spec = dict(env_id="E", label="L", policy="P", algo="A", seed=seed, timesteps=3000, n_envs=4, eval_freq=300,
+                    eval_episodes=5, deterministic_eval=True, env_kwargs={}, wrappers=[],
+                    ppo_kwargs={"n_steps": 256})  # fmt: skip
+        n = len(steps)
+        evaluations = dict(timesteps=steps, mean_return=[0.5] * n, std_return=[0.0] * n, mean_length=[3.0] * n)
+        return dict(spec=spec, status=status, evaluations=evaluations, final_mean_return=0.5, mmer=0.5,
+                    mmer_normalised=0.75, wall_time_s=1.0, n_parameters=7)  # fmt: skip
+
+    finished = record(0, [0, 1024, 2048, 3072])
+    text = compare.write_table([finished, record(1, [0, 1024], "unfinished")], tmp_path / "results.md")
+    assert "evaluation episodes at step 0, every 1,024 steps (--eval-freq 300, rounded up to rollout boundaries)" in text
+    assert "every 300 steps" not in text and text == (tmp_path / "results.md").read_text()
+    # The off-schedule evaluation at the end of a run is not an interval.
+    assert compare.evaluation_schedule([record(0, [0, 300, 600, 700])]) == "at step 0, every 300 steps and at the end"
+    # Other settings (here another rollout size) are a section of their own, never averaged together.
+    other = record(2, [0, 1536, 3072])
+    other["spec"]["ppo_kwargs"] = {"n_steps": 512}
+    text = compare.write_table([finished, other], tmp_path / "results.md")
+    assert text.count("## E") == 2 and "every 1,536 steps" in text and text.count("| L (P) | A | 7 | 1/1 |") == 2
+
+
+def test_curve_labels_count_seeds_in_the_singular_and_plural():
+    assert compare.curve_label("ElmurPolicy", 1) == "ElmurPolicy (1 seed)"
+    assert compare.curve_label("lstm", 3) == "lstm (3 seeds)"
+
+
+def test_cli_names_the_real_command_and_every_default(capsys):
+    parser = compare.make_parser()
+    assert parser.format_usage().startswith("usage: python -m sb3_elmur.compare ")
+    for action in parser._actions:
+        if action.help != argparse.SUPPRESS and action.dest != "help":
+            assert "default" in action.help, action.dest
+
+
+def test_unwritable_out_fails_before_any_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as error:
+        compare.main(["--envs", TMAZE, "--policies", "MlpPolicy", "--out", str(blocker / "out")])
+    assert error.value.code == 2
+    assert f"the output folder --out {blocker / 'out'} is not writable" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--report-only", "--out", str(tmp_path / "empty")])
+    assert "--report-only: no run records in" in capsys.readouterr().err
+
+
+def test_report_covers_the_runs_of_earlier_invocations(comparison, tmp_path, capsys, monkeypatch):
+    out, _, _ = comparison
+    out = Path(shutil.copytree(out, tmp_path / "out"))
+
+    def launch_in_process(record_paths, jobs, deadline, locks):  # a worker process would import torch anew (slow)
+        return [path for path in record_paths if run_worker(path, deadline, locks[path].fd) != 0]
+
+    monkeypatch.setattr(compare, "launch_runs", launch_in_process)
+    # A second invocation on the same --out with runs disjoint from the first one's.
+    assert compare.main([*TINY_ARGS, "--policies", "MlpPolicy", "--seeds", "1", "--out", str(out)]) == 0
+    assert "1 runs: 0 finished (skipped), 1 to run" in capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    for label, seeds in (("ElmurPolicy", "2/2"), ("MlpLstmPolicy", "2/2"), ("MlpPolicy", "1/1")):
+        (line,) = [line for line in table.splitlines() if line.startswith(f"| {label} |")]
+        assert f"| {seeds} |" in line
+    assert table.count("## ") == 1  # same settings: one section
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(row["label"], tuple(row["seeds"])) for row in summary} == {
+        ("ElmurPolicy", (0, 1)), ("MlpLstmPolicy", (0, 1)), ("MlpPolicy", (1,))
+    }  # fmt: skip
