@@ -6,6 +6,8 @@ through the whole window (or detaches the state between sections). It takes the 
 ``ElmurPolicy`` and its variants, and sb3-contrib's ``MlpLstmPolicy`` for the BC-LSTM baseline.
 """
 
+import warnings
+from collections.abc import Iterable
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Type, TypeVar, Union
 
 import numpy as np
@@ -28,6 +30,10 @@ from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolic
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The behaviour-cloning loss is NaN or inf: the step was skipped, the parameters are unchanged."""
+
+
 class _GradientStepProgressBar(ProgressBarCallback):
     """SB3's progress bar counts env steps of the training env; here a timestep is one gradient step."""
 
@@ -43,7 +49,8 @@ class RecurrentBC(BaseAlgorithm):
 
     :param policy: policy name (``ElmurPolicy``, ``MlpLstmPolicy``, ...) or class
     :param env: environment matching the dataset (used for its spaces, and for evaluation callbacks)
-    :param dataset: :class:`~sb3_elmur.datasets.EpisodeDataset`, a list of episodes, or a Minari dataset id
+    :param dataset: :class:`~sb3_elmur.datasets.EpisodeDataset`, a list of episodes, a Minari dataset id or a
+        loaded ``MinariDataset`` (every step is checked against the env's spaces)
     :param learning_rate: learning rate (constant or schedule)
     :param batch_size: windows per gradient step
     :param sections: segments per window
@@ -122,10 +129,19 @@ class RecurrentBC(BaseAlgorithm):
         if _init_setup_model:
             self._setup_model()
 
-    def set_dataset(self, dataset: Union[EpisodeDataset, List[Any], str]) -> None:
-        """Use ``dataset`` (checked against the env's spaces) for the next calls to ``learn``."""
-        if isinstance(dataset, str):
+    def set_dataset(self, dataset: Union[EpisodeDataset, List[Any], str, Any]) -> None:
+        """Use ``dataset`` (every step checked against the env's spaces) for the next calls to ``learn``.
+
+        :param dataset: :class:`~sb3_elmur.datasets.EpisodeDataset`, a list of episodes, a Minari dataset id or
+            a loaded ``MinariDataset``
+        """
+        if isinstance(dataset, str) or hasattr(dataset, "iterate_episodes"):
             dataset = EpisodeDataset.from_minari(dataset)
+        elif isinstance(dataset, (np.ndarray, dict, bytes)) or not isinstance(dataset, (EpisodeDataset, Iterable)):
+            raise TypeError(
+                f"RecurrentBC's dataset is an EpisodeDataset, a list of episodes (Episode objects or dicts with "
+                f"'observations' and 'actions'), a Minari dataset id or a MinariDataset; got a {type(dataset).__name__}"
+            )
         elif not isinstance(dataset, EpisodeDataset):
             dataset = EpisodeDataset(dataset)
         dataset.check_spaces(self.observation_space, self.action_space)
@@ -145,6 +161,28 @@ class RecurrentBC(BaseAlgorithm):
 
     def _excluded_save_params(self) -> List[str]:
         return [*super()._excluded_save_params(), "dataset", "_rng"]
+
+    def _get_torch_save_params(self) -> Tuple[List[str], List[str]]:
+        # As RecurrentPPO: a resumed run continues Adam, and either algorithm loads the other's zip.
+        return ["policy", "policy.optimizer"], []
+
+    def set_parameters(
+        self,
+        load_path_or_dict: Union[str, Dict[str, Any]],
+        exact_match: bool = True,
+        device: Union[th.device, str] = "auto",
+    ) -> None:
+        """SB3's ``set_parameters``; a RecurrentBC zip of sb3-elmur 0.1.0 (saved without its optimizer state)
+        loads too, with a fresh optimizer and a warning."""
+        old_zip = isinstance(load_path_or_dict, dict) and "policy.optimizer" not in load_path_or_dict
+        if old_zip and "policy" in load_path_or_dict:
+            warnings.warn(
+                "this RecurrentBC model was saved without its optimizer state (sb3-elmur 0.1.0): the optimizer "
+                "starts afresh; save the model again to keep it",
+                UserWarning,
+            )
+            load_path_or_dict = {**load_path_or_dict, "policy.optimizer": self.policy.optimizer.state_dict()}
+        super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
 
     def _action_loss(self, distribution: Distribution, actions: th.Tensor, mask: th.Tensor) -> Tuple[th.Tensor, th.Tensor]:
         """Per-step loss and (discrete actions) per-step correctness of the greedy action."""
@@ -189,7 +227,13 @@ class RecurrentBC(BaseAlgorithm):
             latent, state = policy._process_sequence(features, state, no_starts, policy.lstm_actor)
             if self.detach_between_sections:
                 state = (state[0].detach(), state[1].detach())
-            yield policy._get_action_dist_from_latent(policy.mlp_extractor.forward_actor(latent))
+            try:
+                distribution = policy._get_action_dist_from_latent(policy.mlp_extractor.forward_actor(latent))
+            except ValueError as error:
+                if "invalid values" not in str(error):  # torch's argument validation: NaN / inf logits or means
+                    raise
+                raise self._non_finite("the action distribution's parameters are NaN or inf") from error
+            yield distribution
 
     def _window_loss(self, observations: Any, actions: np.ndarray, mask: np.ndarray) -> Tuple[th.Tensor, float]:
         """Mean loss over the real steps of a batch of windows, and the greedy accuracy."""
@@ -205,14 +249,25 @@ class RecurrentBC(BaseAlgorithm):
         n_real = float(mask.sum())
         return total_loss / n_real, total_correct / n_real
 
+    def _non_finite(self, what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"RecurrentBC: {what} at gradient step {self._n_updates}; the parameters were not updated. The dataset's "
+            "values were checked by set_dataset, so the network diverged: lower the learning_rate or max_grad_norm, "
+            "or go back to an earlier checkpoint"
+        )
+
     def train(self) -> Dict[str, float]:
         """One gradient step on a batch of windows."""
-        assert self.dataset is not None, "RecurrentBC needs a dataset: pass dataset= or call set_dataset()"
+        if self.dataset is None:
+            raise ValueError("RecurrentBC needs a dataset: pass dataset= or call set_dataset()")
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         window = self.sections * self.context_length
         observations, actions, mask = self.dataset.sample_windows(self._rng, self.batch_size, window, self.context_length)
         loss, accuracy = self._window_loss(observations, actions, mask)
+        if not th.isfinite(loss):
+            # Before backward and step: the parameters and Adam's moments stay as they were.
+            raise self._non_finite(f"the loss is {loss.item()}")
         self.policy.optimizer.zero_grad()
         loss.backward()
         th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)

@@ -11,10 +11,11 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur.bc import RecurrentBC
+from sb3_elmur.bc import NonFiniteLossError, RecurrentBC
 from sb3_elmur.datasets import Episode, EpisodeDataset, collect_episodes, make_tmaze_dataset
 from sb3_elmur.envs import TMazeOracle
 from sb3_elmur.evaluation import evaluate_tmaze
+from sb3_elmur.utils import load_algorithm
 from tests.dummy_envs import RandomLengthEnv
 
 torch.set_num_threads(1)
@@ -184,11 +185,20 @@ def test_command_line_tools(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300)  # noqa: E731
     result = run("sb3_elmur.datasets", "tmaze", "--dataset-id", "tmaze/cli-v0", "--episodes", "30")
     assert result.returncode == 0, result.stderr
-    assert "30 episodes" in result.stdout
+    assert result.stderr == ""  # no runpy RuntimeWarning, no Minari metadata reminders
+    assert f"wrote tmaze/cli-v0 to {tmp_path / 'minari' / 'tmaze' / 'cli-v0'}: 30 episodes" in result.stdout
+    result = run("sb3_elmur.datasets", "tmaze", "--dataset-id", "tmaze/cli-v0", "--episodes", "1000000")
+    assert result.returncode == 2 and "tmaze/cli-v0' already exists at" in result.stderr and "--overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("sb3_elmur.datasets", "tmaze", "--dataset-id", "tmaze/cli-v0", "--episodes", "20", "--overwrite")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "replaced the Minari dataset tmaze/cli-v0" in result.stdout and "20 episodes" in result.stdout
+    assert len(EpisodeDataset.from_minari("tmaze/cli-v0")) == 20
     model = RecurrentBC("ElmurPolicy", _tmaze_env(), make_tmaze_dataset(30), policy_kwargs=SMALL_ELMUR)
     model.save(tmp_path / "bc")
     out = tmp_path / "eval.json"
-    result = run("sb3_elmur.tmaze_eval", str(tmp_path / "bc.zip"), "--algo", "RecurrentBC", "--corridors", "5", "50",
+    # The default --algo RecurrentPPO reads a RecurrentBC zip.
+    result = run("sb3_elmur.tmaze_eval", str(tmp_path / "bc.zip"), "--corridors", "5", "50",
                  "--episodes", "10", "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
@@ -199,3 +209,81 @@ def test_command_line_tools(tmp_path):
                  "--dataset-id", "tmaze/collected-v0")
     assert result.returncode == 0, result.stderr
     assert len(EpisodeDataset.from_minari("tmaze/collected-v0")) == 3
+
+
+@pytest.mark.parametrize("dataset", [np.zeros((3, 4)), {"observations": np.zeros((3, 4)), "actions": np.zeros(3)}, 7])
+def test_a_dataset_of_the_wrong_type_is_a_type_error(dataset):
+    with pytest.raises(TypeError, match="RecurrentBC's dataset is an EpisodeDataset, a list of episodes"):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), dataset, policy_kwargs=SMALL_ELMUR)
+
+
+def test_whole_episodes_are_checked_not_only_their_first_step():
+    episodes = [{"observations": np.zeros((6, 4), dtype=np.float32), "actions": np.zeros(6, dtype=np.int64)} for _ in range(3)]
+    episodes[2]["actions"][3] = 9
+    with pytest.raises(ValueError, match=r"episode 2, step 3: action 9 is outside 0..3"):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), episodes, policy_kwargs=SMALL_ELMUR)
+    episodes[2]["actions"] = np.array([0, 0, 0.7, 0, 0, 1])
+    with pytest.raises(ValueError, match=r"episode 2, step 2: action 0.7 is not a whole number"):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), episodes, policy_kwargs=SMALL_ELMUR)
+    episodes[2]["actions"] = np.zeros(6, dtype=np.int64)
+    episodes[1]["observations"][4, 2] = np.nan
+    with pytest.raises(ValueError, match=r"episode 1, step 4: observation .* is not finite"):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), episodes, policy_kwargs=SMALL_ELMUR)
+
+
+def test_save_load_keeps_the_optimizer_and_cross_loads_with_recurrent_ppo(tmp_path, monkeypatch):
+    dataset = make_tmaze_dataset(10, max_corridor=6, seed=4)
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), dataset, policy_kwargs=SMALL_ELMUR, batch_size=4, seed=0)
+    model.learn(3)
+    model.save(tmp_path / "bc")
+    loaded = RecurrentBC.load(tmp_path / "bc")
+    saved_state, loaded_state = model.policy.optimizer.state_dict(), loaded.policy.optimizer.state_dict()
+    assert saved_state["state"] and saved_state["state"].keys() == loaded_state["state"].keys()
+    for key, state in saved_state["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(loaded_state["state"][key][name], value, rtol=0, atol=0)
+    obs = np.random.default_rng(0).uniform(-1, 1, (3, 4)).astype(np.float32)
+    actions = model.predict(obs, deterministic=True)[0]
+    # A RecurrentBC zip is a RecurrentPPO zip, and the other way round.
+    for ppo in (RecurrentPPO.load(tmp_path / "bc"), load_algorithm("RecurrentPPO", tmp_path / "bc")):
+        assert isinstance(ppo, RecurrentPPO)
+        np.testing.assert_array_equal(ppo.predict(obs, deterministic=True)[0], actions)
+    ppo = RecurrentPPO("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR, seed=1)
+    ppo.save(tmp_path / "ppo")
+    from_ppo = RecurrentBC.load(tmp_path / "ppo", env=_tmaze_env())
+    np.testing.assert_array_equal(from_ppo.predict(obs, deterministic=True)[0], ppo.predict(obs, deterministic=True)[0])
+    from_ppo.set_dataset(dataset)
+    from_ppo.learn(1)
+
+    # A zip of sb3-elmur 0.1.0 holds no optimizer state.
+    monkeypatch.setattr(RecurrentBC, "_get_torch_save_params", lambda self: (["policy"], []))
+    model.save(tmp_path / "old")
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="saved without its optimizer state .* starts afresh"):
+        old = RecurrentBC.load(tmp_path / "old")
+    np.testing.assert_array_equal(old.predict(obs, deterministic=True)[0], actions)
+    assert not old.policy.optimizer.state_dict()["state"]
+    with pytest.raises(ValueError, match=r"holds a RecurrentBC model saved without its optimizer state .* RecurrentBC.load \(command line: --algo RecurrentBC\)"):
+        load_algorithm("RecurrentPPO", tmp_path / "old")
+
+
+@pytest.mark.parametrize(
+    "bias, error",
+    [(3e38, "the loss is inf at gradient step 2"), (float("inf"), "the action distribution's parameters are NaN or inf at gradient step 2")],
+)
+@pytest.mark.parametrize("policy, kwargs", [("ElmurPolicy", SMALL_ELMUR), ("MlpLstmPolicy", dict(lstm_hidden_size=8))])
+def test_a_non_finite_loss_stops_training_before_the_update(policy, kwargs, bias, error):
+    dataset = make_tmaze_dataset(10, max_corridor=6, seed=5)
+    model = RecurrentBC(policy, _tmaze_env(), dataset, policy_kwargs=kwargs, batch_size=4, seed=0)
+    model.learn(2)
+    with torch.no_grad():
+        model.policy.action_net.bias[0] = bias  # diverged: an overflowing loss, or logits no distribution takes
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    adam_before = {k: {n: v.clone() for n, v in s.items()} for k, s in model.policy.optimizer.state_dict()["state"].items()}
+    with pytest.raises(NonFiniteLossError, match=f"{error}; the parameters were not updated"):
+        model.learn(1)
+    for key, value in model.policy.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True)
+    for key, state in model.policy.optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(value, adam_before[key][name], rtol=0, atol=0)

@@ -1,0 +1,467 @@
+"""Offline data: episodes in memory or in Minari datasets, window sampling for recurrent behaviour cloning,
+and dataset makers (T-Maze oracle demonstrations; episodes of any SB3 policy on any gymnasium env).
+
+    python -m sb3_elmur.datasets tmaze --dataset-id tmaze/oracle-v0
+    python -m sb3_elmur.datasets collect --algo RecurrentPPO --model model.zip --env CartPole-v1 \\
+        --episodes 100 --dataset-id cartpole/ppo-v0
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from sb3_elmur.envs import TMazeEnv, TMazeOracle
+
+Observations = Union[np.ndarray, Dict[str, np.ndarray]]
+
+# Minari reminds about unset optional metadata (author, code_permalink, ...) on every write: not faults.
+_MINARI_METADATA_REMINDERS = r"`\w+` is set to None"
+# Episodes are checked against a space in blocks of about this size: vectorised, yet bounded in memory.
+_CHECK_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Episode:
+    """One episode: the T observations at which the T actions were taken (a final observation, if any, is
+    dropped), and the rewards.
+
+    :param observations: [T, ...] array, or a dict of such arrays for Dict observation spaces
+    :param actions: [T, ...] array
+    :param rewards: [T] array (optional)
+    """
+
+    observations: Observations
+    actions: np.ndarray
+    rewards: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+def map_observations(observations: Observations, fn: Any) -> Observations:
+    """Apply ``fn`` to an observation array, or to every array of a dict of them."""
+    if isinstance(observations, dict):
+        return {key: fn(value) for key, value in observations.items()}
+    return fn(observations)
+
+
+def _take(observations: Observations, index: Any) -> Observations:
+    return map_observations(observations, lambda value: value[index])
+
+
+def n_rows(observations: Observations) -> int:
+    """Length of the first dimension of observations (an array or a dict of arrays)."""
+    if isinstance(observations, dict):
+        return min(len(v) for v in observations.values())
+    return len(observations)
+
+
+def _numeric_array(values: Any, what: str) -> np.ndarray:
+    """``values`` as an array of numbers with one row per step, or an error naming ``what`` is wrong."""
+    try:
+        array = np.asarray(values)
+    except ValueError as error:  # ragged nested lists
+        raise ValueError(f"{what} are not a rectangular array of numbers ({error})") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{what} have dtype {array.dtype}: expected numbers (bool, int or float)")
+    if array.ndim == 0:
+        raise ValueError(f"{what} are a single number {array!r}: expected one row per step")
+    return array
+
+
+def _as_episode(index: int, episode: Any) -> Episode:
+    """Episode ``index`` of a dataset as an :class:`Episode` of arrays, checked for types and lengths."""
+    if isinstance(episode, Mapping):
+        missing = [key for key in ("observations", "actions") if key not in episode]
+        if missing:
+            raise ValueError(f"episode {index} has no {' or '.join(map(repr, missing))}: keys are {sorted(episode)}")
+        observations, actions, rewards = episode["observations"], episode["actions"], episode.get("rewards")
+    elif hasattr(episode, "observations") and hasattr(episode, "actions"):  # Episode, Minari's EpisodeData
+        observations, actions, rewards = episode.observations, episode.actions, getattr(episode, "rewards", None)
+    else:
+        raise TypeError(
+            f"episode {index} is a {type(episode).__name__}: expected an Episode, or a dict with 'observations', "
+            "'actions' and optional 'rewards'"
+        )
+    actions = _numeric_array(actions, f"episode {index}: actions")
+    if isinstance(observations, Mapping):
+        observations = {key: _numeric_array(v, f"episode {index}: observations[{key!r}]") for key, v in observations.items()}
+        lengths = {key: len(v) for key, v in observations.items()}
+        if not lengths or len(set(lengths.values())) > 1:
+            raise ValueError(f"episode {index}: the observation arrays need one common length, got {lengths}")
+    else:
+        observations = _numeric_array(observations, f"episode {index}: observations")
+    n_steps, n_obs = len(actions), n_rows(observations)
+    if n_steps < 1:
+        raise ValueError(f"episode {index} has no steps: every episode needs at least one action")
+    if n_obs not in (n_steps, n_steps + 1):
+        raise ValueError(f"episode {index} has {n_obs} observations for {n_steps} actions (need T or T + 1)")
+    if rewards is not None:
+        rewards = _numeric_array(rewards, f"episode {index}: rewards")
+        if rewards.shape != (n_steps,):
+            raise ValueError(f"episode {index}: rewards have shape {rewards.shape}, need ({n_steps},), one per action")
+    return Episode(_take(observations, slice(0, n_steps)), actions, rewards)
+
+
+def _step_shapes(episode: Episode) -> Tuple[Any, Tuple[int, ...]]:
+    observations = map_observations(episode.observations, lambda v: v.shape[1:])
+    return observations, episode.actions.shape[1:]
+
+
+class EpisodeDataset:
+    """A list of episodes for offline training, with checks and window sampling.
+
+    :param episodes: :class:`Episode` objects or dicts with keys ``observations``, ``actions`` (``rewards``)
+    """
+
+    def __init__(self, episodes: Iterable) -> None:
+        if isinstance(episodes, (np.ndarray, Mapping, str, bytes)) or not isinstance(episodes, Iterable):
+            raise TypeError(
+                f"EpisodeDataset takes a list of episodes (Episode objects, or dicts with 'observations', 'actions' "
+                f"and optional 'rewards'), got a {type(episodes).__name__}; read a Minari dataset with "
+                "EpisodeDataset.from_minari(dataset_id)"
+            )
+        self.episodes: List[Episode] = [_as_episode(i, episode) for i, episode in enumerate(episodes)]
+        if not self.episodes:
+            raise ValueError("the dataset is empty: it holds no episodes")
+        # Windows of different episodes are stacked into one batch, so every step must have the same shapes.
+        first = _step_shapes(self.episodes[0])
+        for i, episode in enumerate(self.episodes[1:], start=1):
+            shapes = _step_shapes(episode)
+            if shapes != first:
+                raise ValueError(
+                    f"episode {i} has per-step shapes (observations, actions) {shapes}, episode 0 has {first}: "
+                    "every episode needs the same"
+                )
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    @property
+    def n_steps(self) -> int:
+        return sum(len(ep) for ep in self.episodes)
+
+    @classmethod
+    def from_minari(cls, dataset: Any) -> "EpisodeDataset":
+        """Read a Minari dataset (an id for ``minari.load_dataset``, or a loaded ``MinariDataset``)."""
+        minari = _import_minari()
+        if isinstance(dataset, str):
+            dataset = minari.load_dataset(dataset)
+        return cls(list(dataset.iterate_episodes()))
+
+    def check_spaces(self, observation_space: spaces.Space, action_space: spaces.Space) -> None:
+        """Check every step of every episode against the env's spaces: shapes, Dict keys, finite values,
+        integer values in range for Discrete / MultiDiscrete / MultiBinary, bounds for Box.
+
+        :raise ValueError: naming the episode, the step and the value that does not fit
+        """
+        observations = self.episodes[0].observations
+        if isinstance(observation_space, spaces.Dict):
+            if not isinstance(observations, dict):
+                raise ValueError(f"the observations are arrays, but the observation space is a Dict: {observation_space}")
+            missing = sorted(set(observation_space.spaces) - set(observations))
+            extra = sorted(set(observations) - set(observation_space.spaces))
+            if missing or extra:
+                raise ValueError(
+                    f"the observations have the keys {sorted(observations)}, the observation space {observation_space} "
+                    f"has {sorted(observation_space.spaces)} (missing: {missing}, not in the space: {extra})"
+                )
+            for key, space in observation_space.spaces.items():
+                arrays = [ep.observations[key] for ep in self.episodes]
+                _check_values(arrays, space, f"observation {key!r}", observation_space, "observation space")
+        else:
+            if isinstance(observations, dict):
+                raise ValueError(
+                    f"the observations are dicts (keys {sorted(observations)}), "
+                    f"but the observation space is {observation_space}"
+                )
+            arrays = [ep.observations for ep in self.episodes]
+            _check_values(arrays, observation_space, "observation", observation_space, "observation space")
+        _check_values([ep.actions for ep in self.episodes], action_space, "action", action_space, "action space")
+
+    def sample_windows(
+        self, rng: np.random.Generator, batch_size: int, window: int, segment: int
+    ) -> Tuple[Observations, np.ndarray, np.ndarray]:
+        """Sample ``batch_size`` windows of ``window`` steps, zero-padded past the episode's end.
+
+        A window starts at a segment boundary of its episode (step 0, ``segment``, 2 * ``segment``, ...) and
+        as early as possible: an episode that fits in a window is always taken from its first step, since a
+        window starts with a fresh memory and would otherwise miss what the episode showed before it.
+
+        :return: observations [B, window, ...], actions [B, window, ...], mask [B, window] (1 on real steps)
+        """
+        starts_per_episode = np.array([max(len(ep) - window, 0) // segment + 1 for ep in self.episodes])
+        choice = rng.choice(starts_per_episode.sum(), size=batch_size)
+        episode_index = np.searchsorted(np.cumsum(starts_per_episode), choice, side="right")
+        obs_batch, act_batch = [], []
+        mask = np.zeros((batch_size, window), dtype=np.float32)
+        for b, i in enumerate(episode_index):
+            ep = self.episodes[i]
+            start = segment * int(rng.integers(starts_per_episode[i]))
+            stop = min(start + window, len(ep))
+            mask[b, : stop - start] = 1.0
+            obs_batch.append(_pad(_take(ep.observations, slice(start, stop)), window))
+            act_batch.append(_pad(ep.actions[start:stop], window))
+        if isinstance(obs_batch[0], dict):
+            observations: Observations = {k: np.stack([o[k] for o in obs_batch]) for k in obs_batch[0]}
+        else:
+            observations = np.stack(obs_batch)
+        return observations, np.stack(act_batch), mask
+
+    def to_minari(self, dataset_id: str, env: Union[str, gym.Env], overwrite: bool = False, **metadata: Any) -> Any:
+        """Write the episodes as a Minari dataset (needs ``minari[hdf5]``); the final observation of each
+        episode is repeated since Minari stores T + 1 observations.
+
+        The dataset is written in a hidden folder of Minari's datasets folder and moved into place once
+        complete: a failed write leaves no half-written dataset, and with ``overwrite`` the old one is kept.
+
+        :param dataset_id: Minari id, ``(namespace/)name-vN``
+        :param env: the environment (or its id) the episodes come from
+        :param overwrite: replace a dataset that already has this id
+        :param metadata: keyword arguments of ``minari.create_dataset_from_buffers`` (``author``, ...)
+        :return: the written ``MinariDataset``
+        :raise FileExistsError: if the id exists and ``overwrite`` is False
+        """
+        minari = _import_minari()
+        from minari.data_collector.episode_buffer import EpisodeBuffer
+        from minari.dataset.minari_dataset import parse_dataset_id
+        from minari.namespace import create_namespace, list_local_namespaces
+        from minari.storage import get_dataset_path
+
+        target = check_minari_id(dataset_id, overwrite)
+        buffers = []
+        for i, ep in enumerate(self.episodes):
+            last = _take(ep.observations, slice(-1, None))
+            obs = (
+                {k: np.concatenate([v, last[k]]) for k, v in ep.observations.items()}
+                if isinstance(ep.observations, dict)
+                else np.concatenate([ep.observations, last])
+            )
+            rewards = ep.rewards if ep.rewards is not None else np.zeros(len(ep), dtype=np.float32)
+            terminations = [False] * (len(ep) - 1) + [True]
+            buffers.append(
+                EpisodeBuffer(
+                    id=i,
+                    observations=obs,
+                    actions=ep.actions,
+                    rewards=list(map(float, rewards)),
+                    terminations=terminations,
+                    truncations=[False] * len(ep),
+                    infos={},
+                )
+            )
+        # Inside the datasets folder, so that the final move is a rename on one file system.
+        staging = Path(tempfile.mkdtemp(prefix=".sb3_elmur-writing-", dir=get_dataset_path()))
+        try:
+            with _minari_datasets_path(staging), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_MINARI_METADATA_REMINDERS, category=UserWarning, module=r"minari\.")
+                minari.create_dataset_from_buffers(dataset_id, buffers, env=env, **metadata)
+            namespace = parse_dataset_id(dataset_id)[0]
+            if namespace is not None and namespace not in list_local_namespaces():
+                create_namespace(namespace)
+            replaced = target.exists()
+            if replaced:
+                os.replace(target, staging / "replaced")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staging / dataset_id, target)
+            except OSError:
+                if replaced:
+                    os.replace(staging / "replaced", target)
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if replaced:
+            print(f"replaced the Minari dataset {dataset_id} at {target}")
+        return minari.load_dataset(dataset_id)
+
+
+def _import_minari() -> Any:
+    try:
+        import minari
+    except ImportError as error:
+        raise ImportError(f"Minari datasets need minari: pip install 'sb3-elmur[offline]' ({error})") from error
+    return minari
+
+
+@contextlib.contextmanager
+def _minari_datasets_path(path: Path) -> Iterator[None]:
+    """Point Minari (which reads MINARI_DATASETS_PATH at every call) at another datasets folder for a while."""
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def check_minari_id(dataset_id: str, overwrite: bool = False) -> Path:
+    """Check that ``dataset_id`` is a well-formed Minari id that can be written, before any long work.
+
+    :param dataset_id: Minari id, ``(namespace/)name-vN``
+    :param overwrite: whether an existing dataset with this id may be replaced
+    :return: the folder the dataset will be written to
+    :raise ValueError: if the id is malformed
+    :raise FileExistsError: if the dataset exists and ``overwrite`` is False
+    """
+    _import_minari()
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.storage import get_dataset_path
+
+    try:
+        parse_dataset_id(dataset_id)
+    except (TypeError, ValueError):  # TypeError: no version (Minari's regex allows it, its int() does not)
+        raise ValueError(
+            f"malformed Minari dataset id {dataset_id!r}: ids are (namespace/)name-vVERSION of letters, digits, "
+            "'-' and '_', namespaces of two characters or more, e.g. 'tmaze/oracle-v0'"
+        ) from None
+    path = Path(get_dataset_path(dataset_id))
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"the Minari dataset {dataset_id!r} already exists at {path}: pass overwrite=True (command line: "
+            f"--overwrite) to replace it, or load it with EpisodeDataset.from_minari({dataset_id!r})"
+        )
+    return path
+
+
+def _check_values(
+    arrays: List[np.ndarray], space: spaces.Space, what: str, full_space: spaces.Space, role: str
+) -> None:
+    """Check the per-episode ``arrays`` (one row per step) against ``space``, block by block.
+
+    :param arrays: one array per episode
+    :param space: the space of one row
+    :param what: what a row is, for the error (``action``, ``observation 'image'``)
+    :param full_space: the env's space the error names (a Dict space holding ``space``, or ``space``)
+    :param role: ``observation space`` or ``action space``
+    """
+    if not isinstance(space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
+        raise ValueError(
+            f"the {role} {full_space} is not supported: use Box, Discrete, MultiDiscrete, MultiBinary or a Dict of them"
+        )
+    step_shape = arrays[0].shape[1:]
+    allowed_shapes = [(), (1,)] if isinstance(space, spaces.Discrete) else [space.shape]
+    if step_shape not in allowed_shapes:
+        raise ValueError(
+            f"each {what} has shape {step_shape}, but the {role} {full_space} needs {space.shape or '()'}"
+        )
+    offsets = np.cumsum([0] + [len(a) for a in arrays])
+    for start, block in _blocks(arrays):
+        for bad, reason in _violations(block, space):
+            rows = bad.reshape(len(block), -1).any(axis=1)
+            if rows.any():
+                row = start + int(rows.argmax())
+                episode = int(np.searchsorted(offsets, row, side="right")) - 1
+                step = block[row - start]
+                value = np.array2string(step, threshold=20) if step.ndim else repr(step.item())
+                raise ValueError(
+                    f"episode {episode}, step {row - offsets[episode]}: {what} {value} {reason} "
+                    f"(the {role} is {full_space})"
+                )
+
+
+def _blocks(arrays: List[np.ndarray]) -> Iterator[Tuple[int, np.ndarray]]:
+    """Consecutive arrays concatenated into blocks of about ``_CHECK_BLOCK_BYTES``, with each block's first row."""
+    group: List[np.ndarray] = []
+    start = size = rows = 0
+    for array in arrays:
+        group.append(array)
+        size += array.nbytes
+        rows += len(array)
+        if size >= _CHECK_BLOCK_BYTES:
+            yield start, np.concatenate(group)
+            group, start, size = [], rows, 0
+    if group:
+        yield start, np.concatenate(group)
+
+
+def _violations(values: np.ndarray, space: spaces.Space) -> Iterator[Tuple[np.ndarray, str]]:
+    """Element-wise masks of the values (one row per step) that ``space`` does not contain, with the reason.
+
+    A generator: each check may assume the previous ones passed (e.g. the range check, finite values)."""
+    integral = not isinstance(space, spaces.Box) or np.issubdtype(space.dtype, np.integer)
+    if values.dtype.kind == "f":
+        yield ~np.isfinite(values), "is not finite"
+        if integral:
+            yield values != np.round(values), f"is not a whole number ({type(space).__name__} spaces hold integers)"
+    if isinstance(space, spaces.Discrete):
+        low, high = int(space.start), int(space.start + space.n - 1)
+        yield (values < low) | (values > high), f"is outside {low}..{high}"
+    elif isinstance(space, spaces.MultiDiscrete):
+        yield (values < space.start) | (values > space.start + space.nvec - 1), "is outside start..start + nvec - 1"
+    elif isinstance(space, spaces.MultiBinary):
+        yield (values != 0) & (values != 1), "is not 0 or 1"
+    else:
+        yield (values < space.low) | (values > space.high), "is outside the bounds"
+
+
+def _pad(values: Observations, length: int) -> Observations:
+    if isinstance(values, dict):
+        return map_observations(values, lambda v: _pad(v, length))
+    values = np.asarray(values)
+    padding = np.zeros((length - len(values), *values.shape[1:]), dtype=values.dtype)
+    return np.concatenate([values, padding])
+
+
+def make_tmaze_dataset(
+    n_episodes: int = 2000, min_corridor: int = 1, max_corridor: int = 28, seed: int = 0
+) -> EpisodeDataset:
+    """Oracle demonstrations on the reference T-Maze (the spec's protocol): corridor lengths uniform in
+    [min_corridor, max_corridor], cues alternating +1/-1, one oracle episode each (L + 1 steps, reward 1)."""
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for i in range(n_episodes):
+        env = TMazeEnv(corridor_length=int(rng.integers(min_corridor, max_corridor + 1)), variant="reference")
+        oracle = TMazeOracle(1)
+        obs, _ = env.reset(seed=int(rng.integers(2**31)), options={"cue": 1 if i % 2 == 0 else -1})
+        observations, actions, rewards = [obs], [], []
+        start, done = True, False
+        while not done:
+            action = int(oracle.act(obs[None], np.array([start]))[0])
+            obs, reward, terminated, truncated, _ = env.step(action)
+            actions.append(action)
+            rewards.append(reward)
+            observations.append(obs)
+            start, done = False, terminated or truncated
+        episodes.append(Episode(np.array(observations), np.array(actions), np.array(rewards, dtype=np.float32)))
+    return EpisodeDataset(episodes)
+
+
+def collect_episodes(
+    model: Any, env: gym.Env, n_episodes: int, deterministic: bool = True, seed: Optional[int] = 0
+) -> EpisodeDataset:
+    """Record ``n_episodes`` episodes of any object with SB3's ``predict(obs, state, episode_start,
+    deterministic)`` (a trained model, a recurrent one, or a scripted policy) on a gymnasium env."""
+    episodes = []
+    for i in range(n_episodes):
+        obs, _ = env.reset(seed=None if seed is None else seed + i)
+        observations, actions, rewards = [obs], [], []
+        state, start, done = None, np.ones(1, dtype=bool), False
+        while not done:
+            batched = {k: v[None] for k, v in obs.items()} if isinstance(obs, dict) else np.asarray(obs)[None]
+            action, state = model.predict(batched, state=state, episode_start=start, deterministic=deterministic)
+            action = action[0]
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(reward)
+            start, done = np.zeros(1, dtype=bool), terminated or truncated
+        if isinstance(observations[0], dict):
+            stacked: Observations = {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+        else:
+            stacked = np.stack(observations)
+        episodes.append(Episode(stacked, np.stack(actions), np.array(rewards, dtype=np.float32)))
+    return EpisodeDataset(episodes)

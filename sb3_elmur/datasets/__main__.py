@@ -1,0 +1,91 @@
+"""Create Minari datasets for offline training (``python -m sb3_elmur.datasets``).
+
+    python -m sb3_elmur.datasets tmaze --dataset-id tmaze/oracle-v0
+    python -m sb3_elmur.datasets collect --algo RecurrentPPO --model model.zip --env CartPole-v1 \\
+        --episodes 100 --dataset-id cartpole/ppo-v0
+
+The package does not import this module, so ``-m`` runs it without runpy's double-import warning. The dataset id
+(well formed, free or ``--overwrite``), the model and the env are checked before any episode is collected.
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import gymnasium as gym
+
+from sb3_elmur.datasets import EpisodeDataset, check_minari_id, collect_episodes, make_tmaze_dataset
+
+PROG = "python -m sb3_elmur.datasets"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Create Minari datasets for offline training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{tmaze,collect}")
+    tmaze = sub.add_parser("tmaze", help="T-Maze oracle demonstrations (reference protocol)")
+    collect = sub.add_parser("collect", help="episodes of a saved SB3 model on a gymnasium env")
+    default = " (default: %(default)s)"
+    for command in (tmaze, collect):
+        command.add_argument("--dataset-id", required=True, help="Minari id to write, (namespace/)name-vN: tmaze/oracle-v0")
+        command.add_argument("--overwrite", action="store_true", help="replace a dataset with this id (default: refuse)")
+        command.add_argument("--seed", type=int, default=0, help="random seed" + default)
+    tmaze.add_argument("--episodes", type=_positive_int, default=2000, help="number of episodes" + default)
+    tmaze.add_argument("--max-corridor", type=_positive_int, default=28, help="corridor lengths are drawn in 1..max" + default)
+    collect.add_argument("--algo", default="RecurrentPPO", help="class in sb3_elmur, sb3_contrib, stable_baselines3" + default)
+    collect.add_argument("--model", required=True, help="path of the saved model (.zip)")
+    collect.add_argument("--env", required=True, help="gymnasium env id")
+    collect.add_argument("--env-kwargs", default="{}", help="JSON dict of env keyword arguments" + default)
+    collect.add_argument("--episodes", type=_positive_int, default=100, help="number of episodes" + default)
+    collect.add_argument("--stochastic", action="store_true", help="sample actions, not the greedy ones (default: greedy)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> EpisodeDataset:
+    """Run the command line; return the dataset written."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        path = check_minari_id(args.dataset_id, args.overwrite)
+    except (ImportError, ValueError, FileExistsError) as error:
+        parser.error(str(error))
+
+    if args.command == "tmaze":
+        dataset = make_tmaze_dataset(args.episodes, max_corridor=args.max_corridor, seed=args.seed)
+        env = gym.make("sb3_elmur/TMaze-v0")
+        dataset.to_minari(args.dataset_id, env=env, overwrite=args.overwrite, algorithm_name="T-Maze oracle")
+    else:
+        from sb3_elmur.utils import algorithm_class, load_algorithm
+
+        try:
+            env_kwargs = json.loads(args.env_kwargs)
+        except json.JSONDecodeError as error:
+            parser.error(f"--env-kwargs is not valid JSON ({error}): {args.env_kwargs!r}")
+        if not isinstance(env_kwargs, dict):
+            parser.error(f"--env-kwargs must be a JSON dict, got {args.env_kwargs!r}")
+        try:
+            algorithm_class(args.algo)
+        except ValueError as error:
+            parser.error(str(error))
+        if not Path(args.model).is_file() and not Path(f"{args.model}.zip").is_file():
+            parser.error(f"--model {args.model}: no such file")
+        env = gym.make(args.env, **env_kwargs)
+        try:
+            model = load_algorithm(args.algo, args.model)
+        except ValueError as error:  # a zip of another algorithm: the message says what to call
+            parser.error(str(error))
+        dataset = collect_episodes(model, env, args.episodes, deterministic=not args.stochastic, seed=args.seed)
+        dataset.to_minari(args.dataset_id, env=env, overwrite=args.overwrite, algorithm_name=args.algo)
+    print(f"wrote {args.dataset_id} to {path}: {len(dataset)} episodes, {dataset.n_steps} steps")
+    return dataset
+
+
+if __name__ == "__main__":
+    main()
