@@ -6,10 +6,16 @@ policy names of sb3-contrib's ``RecurrentPPO``, and the T-Maze environments unde
 
 from sb3_contrib import RecurrentPPO
 
-from sb3_elmur.bc import RecurrentBC
+from sb3_elmur.bc import NonFiniteLossError, RecurrentBC
 from sb3_elmur.envs import register_envs
 from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
-from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
+from sb3_elmur.policies import (
+    CnnElmurPolicy,
+    ElmurPolicy,
+    MultiInputElmurPolicy,
+    NonFiniteError,
+    RecurrentStateError,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +31,9 @@ __all__ = [
     "ElmurPolicy",
     "ElmurState",
     "MultiInputElmurPolicy",
+    "NonFiniteError",
+    "NonFiniteLossError",
     "RecurrentBC",
+    "RecurrentStateError",
     "__version__",
 ]

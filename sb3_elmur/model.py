@@ -12,9 +12,11 @@ This module has no dependency on Stable-Baselines3.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,33 @@ from torch import nn
 DISTANCE_BIAS_MODES = ("clamped", "log")
 EMPTY_SLOT_WRITE_MODES = ("hard", "blend")
 NORM_MODES = ("pre", "post")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Validate an integer argument: any integral number (a numpy integer too, but not a bool) >= ``minimum``.
+
+    :param name: name of the argument, for the error message
+    :param value: the value to check
+    :param minimum: smallest allowed value
+    :return: ``value`` as a plain ``int``
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value: Any) -> float:
+    """Validate a float argument: any finite real number (a numpy float too, but not a bool).
+
+    :param name: name of the argument, for the error message
+    :param value: the value to check
+    :return: ``value`` as a plain ``float``
+    """
+    # A non-finite hyper-parameter (inf std, nan dropout) only shows up later as NaN outputs: refuse it here.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -78,10 +107,18 @@ class ElmurConfig:
     def __post_init__(self) -> None:
         if self.max_distance is None:
             self.max_distance = 2**24 if self.distance_bias == "log" else 1023
+        # Store plain Python types: numpy scalars would be saved as such and compare oddly later.
         for name in ("d_model", "n_layers", "n_heads", "memory_size", "context_length", "mlp_ratio", "max_distance"):
+            setattr(self, name, check_int(f"ElmurConfig.{name}", getattr(self, name)))
+        self.distance_buckets = check_int("ElmurConfig.distance_buckets", self.distance_buckets)
+        for name in ("alpha", "memory_init_std", "dropout", "attn_dropout", "memory_dropout"):
+            setattr(self, name, check_float(f"ElmurConfig.{name}", getattr(self, name)))
+        for name in ("use_memory_read", "use_memory_write", "use_distance_bias", "detach_memory"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ElmurConfig.{name} must be a positive integer, got {value!r}")
+            # A string such as "False" would silently count as True.
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"ElmurConfig.{name} must be True or False, got {value!r}")
+            setattr(self, name, bool(value))
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"ElmurConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 < self.alpha <= 1.0:
@@ -91,12 +128,16 @@ class ElmurConfig:
             ("norm", NORM_MODES),
             ("distance_bias", DISTANCE_BIAS_MODES),
         ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"ElmurConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("dropout", "attn_dropout", "memory_dropout", "memory_init_std"):
             value = getattr(self, name)
-            if not (0.0 <= value < 1.0 or (name == "memory_init_std" and value >= 0.0)):
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"ElmurConfig.{name} must be one of {allowed}, got {value!r}")
+            setattr(self, name, str(value))
+        for name in ("dropout", "attn_dropout", "memory_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
                 raise ValueError(f"ElmurConfig.{name} must be in [0, 1), got {value!r}")
+        if self.memory_init_std < 0.0:
+            raise ValueError(f"ElmurConfig.memory_init_std must be >= 0, got {self.memory_init_std!r}")
         if self.distance_bias == "log" and not 8 <= self.distance_buckets <= self.max_distance:
             raise ValueError(
                 f"ElmurConfig.distance_buckets must be in [8, max_distance], got {self.distance_buckets!r}"
@@ -359,9 +400,7 @@ class ElmurModel(nn.Module):
 
     def __init__(self, input_dim: int, config: Optional[ElmurConfig] = None) -> None:
         super().__init__()
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
-        self.input_dim = input_dim
+        self.input_dim = input_dim = check_int("input_dim", input_dim)
         self.config = config = config if config is not None else ElmurConfig()
         self.embed = nn.Linear(input_dim, config.d_model)
         self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.n_layers))

@@ -1,9 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, lru_write
+from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, check_int, lru_write
 
 torch.set_num_threads(1)
 
@@ -272,6 +273,46 @@ def test_log_distance_bias_separates_ages_up_to_a_million_steps():
 def test_invalid_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ElmurConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"memory_init_std": float("inf")}, r"memory_init_std must be a finite number, got inf"),
+        ({"memory_init_std": float("nan")}, r"memory_init_std must be a finite number, got nan"),
+        ({"alpha": np.float32("nan")}, r"alpha must be a finite number"),
+        ({"dropout": "0.1"}, r"dropout must be a finite number, got '0.1'"),
+        ({"memory_init_std": -0.5}, r"memory_init_std must be >= 0, got -0.5"),
+        ({"d_model": True}, r"d_model must be a positive integer, got True"),
+        ({"n_heads": np.int64(0)}, r"n_heads must be a positive integer"),
+        ({"distance_buckets": 16.0}, r"distance_buckets must be a positive integer, got 16.0"),
+        ({"use_memory_read": "False"}, r"use_memory_read must be True or False, got 'False'"),
+        ({"norm": None}, r"norm must be one of"),
+    ],
+)
+def test_config_refuses_non_finite_and_wrongly_typed_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ElmurConfig(**kwargs)
+
+
+def test_config_accepts_numpy_numbers_and_stores_plain_types():
+    config = ElmurConfig(
+        d_model=np.int64(16), n_layers=np.int32(1), memory_size=np.uint8(3), alpha=np.float32(0.5),
+        dropout=np.float64(0.1), memory_init_std=1, use_memory_write=np.bool_(False),
+    )
+    for name, kind in (("d_model", int), ("n_layers", int), ("memory_size", int), ("alpha", float),
+                       ("dropout", float), ("memory_init_std", float), ("use_memory_write", bool)):
+        assert type(getattr(config, name)) is kind, name
+    assert (config.d_model, config.alpha, config.use_memory_write) == (16, 0.5, False)
+    assert ElmurModel(np.int64(5), config).input_dim == 5
+
+
+def test_check_int_names_the_argument_and_bound():
+    assert type(check_int("n", np.int16(3))) is int
+    with pytest.raises(ValueError, match="n must be a non-negative integer, got -1"):
+        check_int("n", -1, minimum=0)
+    with pytest.raises(ValueError, match="n must be an integer >= 8, got 7"):
+        check_int("n", 7, minimum=8)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -1,6 +1,9 @@
+import copy
+import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +15,13 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 import sb3_elmur  # noqa: F401  (registers the policy names)
-from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
+from sb3_elmur.policies import (
+    CnnElmurPolicy,
+    ElmurPolicy,
+    MultiInputElmurPolicy,
+    NonFiniteError,
+    RecurrentStateError,
+)
 from tests.dummy_envs import RandomLengthEnv
 
 torch.set_num_threads(1)
@@ -129,6 +138,10 @@ def test_packed_state_roundtrip_is_exact():
         assert a.dtype == b.dtype and torch.equal(a, b)
     hidden, cell = backbone.pack(state)
     assert hidden.shape == cell.shape == (1, 3, backbone.hidden_size)
+    # A fresh (all-zero) row next to packed rows unpacks to the initial state.
+    mixed = backbone.unpack((torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, 1:]], dim=1), cell))
+    for a, b, init in zip(state, mixed, backbone.model.initial_state(3)):
+        assert torch.equal(b[0], init[0]) and torch.equal(b[1:], a[1:])
 
 
 def test_predict_and_evaluate_single_env_and_vecenv():
@@ -208,3 +221,126 @@ def test_bad_spaces_and_observations_are_named_in_the_error():
         model.predict(np.zeros((2, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="unknown ElmurPolicy keyword"):
         _model(spaces.Discrete(2), memory_slots=4)
+
+
+def _policy(**kwargs) -> ElmurPolicy:
+    return ElmurPolicy(VECTOR, spaces.Discrete(3), lambda _: 3e-4, **{**SMALL, **kwargs})
+
+
+def test_state_of_another_layout_or_size_is_refused():
+    policy = _policy()
+    obs = np.zeros((2, 3), dtype=np.float32)
+    _, state = policy.predict(obs)
+    _, state = policy.predict(obs, state)  # its own state, and all-zero rows, are accepted
+    # Same packed size, another layout: only the tag tells them apart.
+    other = _policy(d_model=8, context_length=11)
+    assert other.lstm_actor.hidden_size == policy.lstm_actor.hidden_size
+    _, other_state = other.predict(obs)
+    expected = r"not made by an ElmurPolicy with ElmurConfig\(n_layers=2, memory_size=2, d_model=16, context_length=4\)"
+    with pytest.raises(RecurrentStateError, match=expected):
+        policy.predict(obs, other_state)
+    mixed = tuple(np.concatenate([np.zeros_like(s[:, :1]), s[:, 1:]], axis=1) for s in other_state)
+    with pytest.raises(RecurrentStateError, match="row 1 has layout tag"):
+        policy.predict(obs, mixed)
+    # Larger ELMUR config, LSTM states of any size: named sizes, not a split_with_sizes error.
+    _, large_state = _policy(memory_size=4).predict(obs)
+    size = policy.lstm_actor.hidden_size
+    expected = f"size {large_state[0].shape[-1]}, but this policy's packed state has size {size}"
+    with pytest.raises(RecurrentStateError, match=expected):
+        policy.predict(obs, large_state)
+    lstm = RecurrentPPO("MlpLstmPolicy", RandomLengthEnv(spaces.Discrete(3)), policy_kwargs=dict(lstm_hidden_size=size))
+    _, lstm_state = lstm.predict(obs)
+    with pytest.raises(RecurrentStateError, match="not made by an ElmurPolicy"):
+        policy.predict(obs, lstm_state)
+    for bad, message in (
+        (state[0], "pair of arrays"),
+        ((state[0], state[1], state[1]), "length 3"),
+        ((state[0][0], state[1][0]), "got shapes"),
+    ):
+        with pytest.raises(RecurrentStateError, match=message):
+            policy.predict(obs, bad)
+    with pytest.raises(RecurrentStateError, match="not made by an ElmurPolicy"):  # the backbone checks too
+        policy.lstm_actor.unpack(tuple(torch.as_tensor(s) for s in other_state))
+
+
+def test_batch_mismatch_names_the_three_sizes():
+    policy = _policy()
+    _, state = policy.predict(np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(RecurrentStateError, match="4 observations, a recurrent state for 2 envs and 4 episode starts"):
+        policy.predict(np.zeros((4, 3), dtype=np.float32), state)
+    with pytest.raises(RecurrentStateError, match="2 observations, a recurrent state for 2 envs and 3 episode starts"):
+        policy.predict(np.zeros((2, 3), dtype=np.float32), state, np.zeros(3, dtype=bool))
+    packed = tuple(torch.as_tensor(s) for s in state)
+    backbone = policy.lstm_actor
+    with pytest.raises(RecurrentStateError, match="5 feature rows, a recurrent state for 2 sequences and 5 episode"):
+        backbone(torch.zeros(5, backbone.input_size), packed, torch.zeros(5))
+    with pytest.raises(RecurrentStateError, match="6 feature rows, a recurrent state for 2 sequences and 4 episode"):
+        backbone(torch.zeros(6, backbone.input_size), packed, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"features of shape \[rows, 3\]"):
+        backbone(torch.zeros(6, 5), packed, torch.zeros(6))
+
+
+class _NonFiniteRewards(RandomLengthEnv):
+    def __init__(self, bad_reward: float) -> None:
+        super().__init__(spaces.Discrete(2))
+        self.bad_reward, self.n_steps = bad_reward, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.n_steps += 1
+        return obs, self.bad_reward if self.n_steps == 5 else reward, terminated, truncated, info
+
+
+@pytest.mark.parametrize("bad_reward", [float("nan"), float("inf")])
+def test_non_finite_rewards_stop_training_before_any_update(bad_reward):
+    model = RecurrentPPO("ElmurPolicy", _NonFiniteRewards(bad_reward), n_steps=16, batch_size=16, n_epochs=1, seed=0,
+                         policy_kwargs=SMALL)
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    with pytest.raises(NonFiniteError, match="step was skipped, so the parameters are unchanged.*VecCheckNan"):
+        model.learn(16)
+    for name, value in model.policy.state_dict().items():
+        assert torch.equal(value, before[name]) and value.isfinite().all(), name
+
+
+def _assert_step_refuses_nan_gradient(policy) -> None:
+    parameter = policy.value_net.weight
+    before = parameter.detach().clone()
+    policy.optimizer.zero_grad()
+    parameter.grad = torch.full_like(parameter, float("nan"))
+    with pytest.raises(NonFiniteError, match=r"value_net\.weight"):
+        policy.optimizer.step()
+    assert torch.equal(parameter.detach(), before)
+
+
+def test_finite_gradient_check_survives_save_load_and_copies(tmp_path):
+    model = RecurrentPPO("ElmurPolicy", RandomLengthEnv(spaces.Discrete(2)), n_steps=16, batch_size=16, policy_kwargs=SMALL)
+    model.save(tmp_path / "elmur")
+    loaded = RecurrentPPO.load(tmp_path / "elmur")
+    for policy in (model.policy, loaded.policy, copy.deepcopy(model.policy), pickle.loads(pickle.dumps(model.policy))):
+        _assert_step_refuses_nan_gradient(policy)
+        assert len(policy.optimizer._optimizer_step_pre_hooks) == 1
+    policy = model.policy
+    policy.optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)  # a replaced optimizer is checked too
+    _assert_step_refuses_nan_gradient(policy)
+    # Huge but finite gradients (their norm overflows float32) still step.
+    policy.value_net.weight.grad = torch.full_like(policy.value_net.weight, 1e30)
+    policy.optimizer.step()
+    assert policy.value_net.weight.isfinite().all() and policy.value_net.weight.abs().min() > 1e28
+
+
+def test_thread_warning_once_for_small_models_on_cpu():
+    obs = np.zeros((1, 3), dtype=np.float32)
+    torch.set_num_threads(2)
+    try:
+        policy = _policy()
+        expected = r"small model \(.* parameters\) on CPU with torch using 2 threads.*torch\.set_num_threads\(1\)"
+        with pytest.warns(UserWarning, match=expected):
+            _, state = policy.predict(obs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            policy.predict(obs, state)  # once per policy, not per step
+    finally:
+        torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _policy().predict(obs)  # one thread: no warning
