@@ -3,62 +3,141 @@
     python -m sb3_elmur.tmaze_eval model.zip --algo RecurrentBC --corridors 9 30 90 300 1000 9600 100000 1000000 \\
         --out results.json
 
-Each length runs ``--episodes`` episodes (half with each cue) as one batch; prints a table and writes JSON.
+Each length runs --episodes episodes (half with each cue) as one batch and prints its line; a table follows.
+--out is checked before the model loads, and rewritten (atomically) after every corridor, so that the results
+of the corridors already done survive a later failure ("complete": false until the last one is in).
 """
 
 import argparse
-import json
-import time
+import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from sb3_elmur.evaluation import evaluate_tmaze
-from sb3_elmur.utils import load_algorithm
+from sb3_elmur.evaluation import EvaluationWorkerError, TMazeResult, evaluate_tmaze_corridors
+from sb3_elmur.utils import load_algorithm, write_json_atomically
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the description's example kept as written."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clear error before anything loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def check_out(path: Path, overwrite: bool) -> None:
+    """Check that the results can be written to ``path`` before a (possibly hours-long) evaluation starts:
+    create its folder and a temporary file there.
+
+    :param path: the JSON file for the results
+    :param overwrite: allow replacing an existing file (else it is an error: earlier results are never erased)
+    :raise ValueError: naming the problem
+    """
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder: give a file name, such as {path / 'results.json'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {path} already exists: pass --overwrite to replace it, or choose another file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write --out {path}: {error}") from error
+
+
+def _record(result: TMazeResult, record: Dict[str, Any], out: Optional[Path], n_corridors: int) -> None:
+    """Add one corridor's result to ``record``, print it, and rewrite ``out``: a later failure keeps it."""
+    if result.compile_seconds:
+        record["compile_seconds"] += result.compile_seconds
+        print(f"compiled in {result.compile_seconds:.0f} s (not counted in the seconds below)", flush=True)
+    rows = record["results"]
+    rows.append({"corridor": result.corridor_length, "success": result.success, "seconds": result.seconds})
+    record["complete"] = len(rows) == n_corridors
+    if out is not None:
+        write_json_atomically(out, record)
+    print(f"corridor {result.corridor_length:>9,}: success {result.success:.2f}  ({result.seconds:.0f} s)", flush=True)
+
+
+def _kept(out: Optional[Path], rows: List[Dict[str, float]]) -> str:
+    """The line that says where the results of the corridors done before a failure are."""
+    return f"the results of the {len(rows)} corridor(s) done are in {out}\n" if out is not None and rows else ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_elmur.tmaze_eval", description=__doc__, formatter_class=_HelpFormatter
+    )
     parser.add_argument("model", help="path of the saved model (.zip)")
-    parser.add_argument("--algo", default="RecurrentPPO", help="RecurrentPPO, RecurrentBC, PPO, ...")
-    parser.add_argument("--corridors", type=int, nargs="+", default=[9, 30, 90, 300, 1000, 9600, 100_000, 1_000_000])
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--variant", default="reference", choices=["reference", "passive"])
+    parser.add_argument("--algo", default="RecurrentPPO", help="class whose load reads the model: RecurrentPPO, "
+                        "RecurrentBC, PPO, ... (sb3_elmur, sb3-contrib or stable-baselines3)")
+    parser.add_argument("--corridors", type=_positive_int, nargs="+", default=[9, 30, 90, 300, 1000, 9600, 100_000,
+                        1_000_000], metavar="L", help="corridor lengths, evaluated in this order")
+    parser.add_argument("--episodes", type=_positive_int, default=100, help="episodes per corridor length")
+    parser.add_argument("--variant", default="reference", choices=["reference", "passive"],
+                        help="T-Maze variant (success is the same in both: reaching the cued goal)")
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of acting greedily")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="JSON file for the results")
-    parser.add_argument("--workers", type=int, default=1, help="processes to split the episodes over (one core each)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the observation noise (worker i: seed + i)")
+    parser.add_argument("--out", default=None, help="JSON file for the results (not written if not given)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    parser.add_argument("--workers", type=_positive_int, default=1,
+                        help="processes to split the episodes over (one core each)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--compile", action="store_true", help="ElmurPolicy: act through torch.compile (about 2x faster)")
+    parser.add_argument("--compile", action="store_true", help="ElmurPolicy: act through torch.compile (about 2x "
+                        "faster; every worker compiles once, timed apart, and needs a C++ compiler)")
     args = parser.parse_args(argv)
+    out = None if args.out is None else Path(args.out)
+    if out is not None:
+        try:
+            check_out(out, args.overwrite)
+        except ValueError as error:
+            parser.error(str(error))
+    if not Path(args.model).is_file() and not Path(f"{args.model}.zip").is_file():
+        parser.error(f"model file not found: {args.model}")
     torch.set_num_threads(1)
 
     model = load_algorithm(args.algo, args.model, device="cpu")
-    rows = []
-    for corridor in args.corridors:
-        start = time.perf_counter()
-        success = evaluate_tmaze(
-            model,
-            corridor,
-            n_episodes=args.episodes,
-            variant=args.variant,
-            deterministic=not args.stochastic,
-            seed=args.seed,
-            progress_bar=not args.no_progress,
-            n_workers=args.workers,
-            compile=args.compile,
-        )
-        rows.append({"corridor": corridor, "success": success, "seconds": time.perf_counter() - start})
-        print(f"corridor {corridor:>9,}: success {success:.2f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
+    record: Dict[str, Any] = {
+        "model": args.model, "algo": args.algo, "episodes": args.episodes, "variant": args.variant,
+        "stochastic": args.stochastic, "seed": args.seed, "workers": args.workers, "compile": args.compile,
+        "compile_seconds": 0.0, "complete": False, "results": [],
+    }
+    rows = record["results"]
+    results = evaluate_tmaze_corridors(
+        model,
+        args.corridors,
+        n_episodes=args.episodes,
+        variant=args.variant,
+        deterministic=not args.stochastic,
+        seed=args.seed,
+        progress_bar=not args.no_progress,
+        n_workers=args.workers,
+        compile=args.compile,
+    )
+    try:
+        for result in results:
+            _record(result, record, out, len(args.corridors))
+    except EvaluationWorkerError as error:  # it names the worker and what to do: no traceback
+        parser.exit(1, f"{parser.prog}: error: {error}\n{_kept(out, rows)}")
+    except BaseException:
+        sys.stderr.write(_kept(out, rows))
+        raise
     print("\n| corridor | success | seconds |\n|---|---|---|")
     for row in rows:
         print(f"| {row['corridor']:,} | {row['success']:.2f} | {row['seconds']:.0f} |")
-    if args.out:
-        result = {"model": args.model, "algo": args.algo, "episodes": args.episodes, "variant": args.variant,
-                  "workers": args.workers, "compile": args.compile, "results": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.compile:
+        print(f"\ncompiling: {record['compile_seconds']:.0f} s, not in the seconds above")
+    if out is not None:
+        print(f"results written to {out}")
     return rows
 
 

@@ -1,4 +1,11 @@
-"""Batched T-Maze evaluation: the lean acting loop, worker processes, and errors."""
+"""Batched T-Maze evaluation: the lean acting loop, worker processes, errors, and the tmaze_eval command."""
+
+import json
+import re
+import multiprocessing
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -6,9 +13,12 @@ import torch as th
 from sb3_contrib import RecurrentPPO
 
 import sb3_elmur  # noqa: F401
+from sb3_elmur import evaluation, tmaze_eval
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import DOWN, RIGHT, UP
-from sb3_elmur.evaluation import _actor, evaluate_tmaze
+from sb3_elmur.evaluation import EvaluationWorkerError, _actor, evaluate_tmaze, evaluate_tmaze_corridors
+
+th.set_num_threads(1)
 
 
 class RightThenUp:
@@ -24,6 +34,23 @@ class RememberTheCue:
     def predict(self, obs, state=None, episode_start=None, deterministic=True):
         cue = np.where(episode_start, obs[:, 1], state)
         return np.where(obs[:, 2] > 0.5, np.where(cue > 0, UP, DOWN), RIGHT), cue
+
+
+class FailsAtSecondRun(RightThenUp):
+    """Fails when a batch of ``size`` episodes starts its second run (corridor): by ``error``, or killed by SIGKILL
+    as by the out-of-memory killer."""
+
+    def __init__(self, size: int, error: bool = False):
+        self.size, self.error, self.runs = size, error, 0
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        if episode_start.all() and len(obs) == self.size:
+            self.runs += 1
+            if self.runs == 2 and self.error:
+                raise ValueError("second run")
+            if self.runs == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().predict(obs)
 
 
 class Broken:
@@ -69,23 +96,156 @@ def test_workers_split_the_episodes(n_workers):
 
 
 def test_worker_errors_are_reported():
-    with pytest.raises(RuntimeError, match="worker 0 failed: ValueError: no policy here"):
+    with pytest.raises(EvaluationWorkerError, match="worker 0 failed: ValueError: no policy here"):
         evaluate_tmaze(Broken(), 5, n_episodes=4, n_workers=2)
-    with pytest.raises(ValueError, match="n_workers must be a positive integer"):
-        evaluate_tmaze(RightThenUp(), 5, n_workers=0)
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_workers=0), "n_workers must be a positive integer, got 0"),
+        (dict(n_episodes=0), "n_episodes must be a positive integer, got 0"),
+        (dict(corridor_length=0), "`corridor_length` must be an int >= 1, got 0"),
+        (dict(variant="active"), "`variant` must be one of"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    """Checked before any episode runs (n_episodes=0 used to return nan)."""
+    kwargs = {"corridor_length": 5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        evaluate_tmaze(RightThenUp(), **kwargs)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        evaluate_tmaze_corridors(RightThenUp(), [])
+
+
+def test_dead_worker_is_named_and_earlier_corridors_kept():
+    """A worker killed by SIGKILL (as by the out-of-memory killer) after its first corridor: that corridor's result
+    still comes, then an error names the worker and its signal at once (it used to wait forever), and no worker
+    is left running."""
+    start = time.perf_counter()
+    results = evaluate_tmaze_corridors(FailsAtSecondRun(size=2), [5, 9], n_episodes=5, n_workers=2)
+    assert next(results)[:2] == (5, 0.6)  # workers of 3 and 2 episodes, 3 with the cue that goes up
+    with pytest.raises(EvaluationWorkerError, match=r"worker 1 was killed by signal SIGKILL \(exit code -9\) before "
+                       r"finishing corridor 9.*fewer workers or fewer episodes"):
+        next(results)
+    assert time.perf_counter() - start < 20.0
+    assert multiprocessing.active_children() == []
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run ``tmaze_eval.main`` on a model file that loads as ``model`` (no load unless one is given):
+    :return: (exit status, stdout, stderr)."""
+    (tmp_path / "model.zip").write_bytes(b"")
+
+    def run(*args, model=None, path=tmp_path / "model.zip"):
+        def load(algo, path, **kwargs):
+            assert model is not None, "the arguments should have been refused before loading"
+            return model
+
+        monkeypatch.setattr(tmaze_eval, "load_algorithm", load)
+        try:
+            tmaze_eval.main([str(path), "--no-progress", *map(str, args)])
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
+
+
+def test_cli_help(cli):
+    status, out, _ = cli("--help")
+    assert status == 0 and out.startswith("usage: python -m sb3_elmur.tmaze_eval")
+    for option in ("--algo", "--corridors", "--episodes", "--variant", "--stochastic", "--seed", "--out",
+                   "--overwrite", "--workers", "--no-progress", "--compile"):
+        assert option in out
+    assert "(default: 100)" in out and "(default: RecurrentPPO)" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
+        (["--episodes", "0"], "argument --episodes: must be an integer >= 1, got '0'"),
+        (["--corridors", "5", "-1"], "argument --corridors: must be an integer >= 1, got '-1'"),
+        (["--out", "{tmp}/old.json"], "old.json already exists: pass --overwrite to replace it"),
+        (["--out", "{tmp}/old.json/results.json"], "cannot write --out .*old.json/results.json"),
+        (["--out", "{tmp}"], "is a folder: give a file name"),
+        (["--algo", "RecurrentBC"], "model file not found: .*missing.zip"),
+    ],
+)
+def test_cli_refuses_bad_arguments_before_loading(cli, tmp_path, args, message):
+    """Refused at once with the usage line (status 2), the model not loaded, earlier results untouched."""
+    (tmp_path / "old.json").write_text("earlier results")
+    path = tmp_path / ("missing.zip" if "--algo" in args else "model.zip")
+    status, _, err = cli(*(arg.format(tmp=tmp_path) for arg in args), path=path)
+    assert status == 2 and "usage: python -m sb3_elmur.tmaze_eval" in err
+    assert re.search(message, err), err
+    assert (tmp_path / "old.json").read_text() == "earlier results"
+
+
+def test_cli_writes_results(cli, tmp_path):
+    out = tmp_path / "new" / "folder" / "results.json"
+    status, stdout, _ = cli("--corridors", 5, 9, "--episodes", 4, "--out", out, model=RememberTheCue())
+    assert status == 0 and "| 9 | 1.00 |" in stdout
+    record = json.loads(out.read_text())
+    assert record["complete"] and record["compile_seconds"] == 0.0
+    assert [(row["corridor"], row["success"]) for row in record["results"]] == [(5, 1.0), (9, 1.0)]
+    assert os.listdir(out.parent) == ["results.json"]  # written atomically: no temporary file left
+    status, _, err = cli("--corridors", 5, "--episodes", 2, "--out", out, model=RightThenUp())
+    assert status == 2 and "already exists" in err and json.loads(out.read_text()) == record
+    status, _, _ = cli("--corridors", 5, "--episodes", 2, "--out", out, "--overwrite", model=RightThenUp())
+    assert status == 0 and json.loads(out.read_text())["results"][0]["success"] == 0.5
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_keeps_results_of_a_failed_run(cli, tmp_path, workers):
+    """A run that fails at its second corridor keeps the first one's results in --out ("complete": false); a
+    killed worker is named without a traceback (status 1), an error in the model itself is raised as is."""
+    out = tmp_path / "results.json"
+    model = FailsAtSecondRun(size=2, error=workers == 1)
+    episodes = 2 if workers == 1 else 5  # worker 1 of 2 runs 2 of the 5
+    args = ("--corridors", 5, 9, "--episodes", episodes, "--workers", workers, "--out", out)
+    if workers == 1:
+        with pytest.raises(ValueError, match="second run"):
+            cli(*args, model=model)
+    else:
+        status, _, err = cli(*args, model=model)
+        assert status == 1 and "worker 1 was killed by signal SIGKILL" in err and "Traceback" not in err
+        assert "results of the 1 corridor(s) done are in" in err
+        assert multiprocessing.active_children() == []
+    record = json.loads(out.read_text())
+    assert not record["complete"] and [row["corridor"] for row in record["results"]] == [5]
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["greedy", "sampled"])
-def test_compiled_actor_matches_eager(deterministic):
+def test_compiled_actor_matches_eager(deterministic, monkeypatch):
     """``compile=True`` (torch.compile of the mid-segment and segment-completing steps) takes the same actions as
     the eager loop, across segment ends and episode starts (sampled ones: for the same random seed), and gives
-    the same success rate."""
+    the same success rates; evaluating two corridors compiles once, before the steps, timed apart from them."""
     th.manual_seed(0)
     env = TMazeVecEnv(4, corridor_length=12, seed=0)
     kwargs = dict(d_model=8, n_heads=2, n_layers=1, memory_size=2, context_length=3)
     model = RecurrentPPO("ElmurPolicy", env, policy_kwargs=kwargs, n_steps=8, seed=0)
     with th.no_grad():  # spread the logits, so that greedy actions vary from step to step
         model.policy.action_net.weight.mul_(100.0 if deterministic else 3.0)
+    if deterministic:  # evaluate_tmaze acts greedily; first, so that its warm-up does the compiling
+        compile, compiles = th.compile, []
+
+        def counted_compile(*args, **kwargs):
+            compiles.append(args)
+            return compile(*args, **kwargs)
+
+        monkeypatch.setattr(evaluation.th, "compile", counted_compile)
+        results = list(evaluate_tmaze_corridors(model, [12, 20], n_episodes=4, compile=True))
+        monkeypatch.undo()
+        eager_results = list(evaluate_tmaze_corridors(model, [12, 20], n_episodes=4))
+        assert [r.success for r in results] == [r.success for r in eager_results]
+        assert len(compiles) == 1
+        assert results[0].compile_seconds > 10 * results[0].seconds and results[1].compile_seconds == 0.0
     eager, compiled = _actor(model, deterministic), _actor(model, deterministic, compile=True)
     rng = np.random.default_rng(0)
     actions = []
@@ -98,6 +258,3 @@ def test_compiled_actor_matches_eager(deterministic):
         th.manual_seed(step)
         np.testing.assert_array_equal(compiled(obs, starts), actions[-1])
     assert len(np.unique(actions)) > 1
-    if deterministic:  # evaluate_tmaze acts greedily
-        success = evaluate_tmaze(model, 12, n_episodes=4, variant="passive")
-        assert evaluate_tmaze(model, 12, n_episodes=4, variant="passive", compile=True) == success
