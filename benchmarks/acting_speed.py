@@ -63,7 +63,7 @@ def child(steps: int) -> Dict[str, float]:
     from sb3_elmur.evaluation import _actor
     from sb3_elmur.model import ElmurConfig, ElmurModel
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     results = {}
     offline = RecurrentBC.load(ROOT / MODEL, device="cpu")
 
@@ -129,11 +129,15 @@ def child(steps: int) -> Dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default="0a1f5e3", help="git revision to compare the working tree against")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per variant")
-    parser.add_argument("--steps", type=int, default=500, help="consecutive steps per timing")
-    parser.add_argument("--out", default="benchmarks/results/acting_speed.md")
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/acting_speed.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--baseline", default="0a1f5e3", help="Git revision to compare the working tree against.")
+    parser.add_argument("--rounds", type=int, default=5, help="Alternating rounds per variant.")
+    parser.add_argument("--steps", type=int, default=500, help="Consecutive steps per timing.")
+    parser.add_argument("--out", default="benchmarks/results/acting_speed.md", help="Markdown report to write.")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -190,10 +194,12 @@ def main() -> None:
         lines.append("")
     text = "\n".join(lines)
     print(text)
+    # Imported here: a child imports sb3_elmur from its own source tree (set above).
+    from sb3_elmur.utils import write_json_atomically, write_text_atomically
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"baseline": args.baseline, "runs": runs, "median": median}, indent=1))
+    write_text_atomically(out, text)
+    write_json_atomically(out.with_suffix(".json"), {"baseline": args.baseline, "runs": runs, "median": median})
 
 
 if __name__ == "__main__":

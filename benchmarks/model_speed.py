@@ -10,7 +10,6 @@ Before/after comparisons of the acting path: ``benchmarks/acting_speed.py``.
 """
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sb3_elmur.model import ElmurConfig, ElmurModel
+from sb3_elmur.utils import write_json_atomically, write_text_atomically
 
 
 def _time(fn, repeats: int) -> float:
@@ -69,11 +69,15 @@ def training_step_us(model: ElmurModel, batch: int, length: int, parallel: bool,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/model_speed.md")
-    parser.add_argument("--repeats", type=int, default=200)
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/model_speed.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", default="benchmarks/results/model_speed.md", help="Markdown report to write.")
+    parser.add_argument("--repeats", type=int, default=200, help="Timed calls per measurement.")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     torch.manual_seed(0)
     config = ElmurConfig(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
     model = ElmurModel(16, config).eval()
@@ -121,8 +125,8 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    write_text_atomically(out, text)
+    write_json_atomically(out.with_suffix(".json"), results)
 
 
 if __name__ == "__main__":

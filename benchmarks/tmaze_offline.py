@@ -22,6 +22,7 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.datasets import make_tmaze_dataset
 from sb3_elmur.evaluation import evaluate_tmaze
+from sb3_elmur.utils import write_json_atomically, write_text_atomically
 
 POLICIES: Dict[str, Dict[str, Any]] = {
     "ElmurPolicy": dict(d_model=32, n_layers=1, n_heads=2, memory_size=2, context_length=10),
@@ -51,17 +52,26 @@ def train(policy: str, seed: int, gradient_steps: int, path: Path) -> Dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--corridors", type=int, nargs="+", default=[9, 30, 90, 300, 1000, 9600, 100_000, 1_000_000])
-    parser.add_argument("--gradient-steps", type=int, default=1000)
-    parser.add_argument("--workers", type=int, default=1, help="evaluation processes (one core each)")
-    parser.add_argument("--compile", action="store_true", help="ElmurPolicy: act through torch.compile (about 2x faster)")
-    parser.add_argument("--reevaluate", type=int, nargs="*", default=[], help="corridors to evaluate again")
-    parser.add_argument("--out", default="benchmarks/results/tmaze_offline")
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/tmaze_offline.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="Policies to train and evaluate."
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds, one model each.")
+    parser.add_argument("--corridors", type=int, nargs="+", default=[9, 30, 90, 300, 1000, 9600, 100_000, 1_000_000],
+                        help="Corridor lengths to evaluate at (100 episodes each).")
+    parser.add_argument("--gradient-steps", type=int, default=1000, help="Gradient steps of behaviour cloning.")
+    parser.add_argument("--workers", type=int, default=1, help="Evaluation processes (one core each).")
+    parser.add_argument("--compile", action="store_true", help="ElmurPolicy: act through torch.compile (about 2x faster).")
+    parser.add_argument(
+        "--reevaluate", type=int, nargs="*", default=[], help="Corridors to evaluate again, replacing their cached results."
+    )
+    parser.add_argument("--out", default="benchmarks/results/tmaze_offline", help="Folder of models, results and the table.")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -72,7 +82,7 @@ def main() -> None:
             model_path = out / f"{policy}_s{seed}.zip"
             if not model_path.exists():
                 record.update(train(policy, seed, args.gradient_steps, model_path))
-                record_path.write_text(json.dumps(record, indent=1))
+                write_json_atomically(record_path, record)
                 print(f"{policy} seed {seed}: trained in {record['train_cpu_seconds']:.0f} CPU s", flush=True)
             model = RecurrentBC.load(model_path, device="cpu")
             for corridor in args.corridors:
@@ -85,7 +95,7 @@ def main() -> None:
                     "success": success, "seconds": time.perf_counter() - start, "workers": args.workers,
                     "compile": args.compile,
                 }
-                record_path.write_text(json.dumps(record, indent=1))
+                write_json_atomically(record_path, record)
                 print(f"{policy} seed {seed} corridor {corridor}: {success:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     records = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*_s*.json"))}
@@ -110,7 +120,7 @@ def main() -> None:
         lines.append(f"| {policy} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
                      + " | ".join(cells) + f" | {longest['seconds']:.0f} ({processes}) |")
     text = "\n".join(lines) + "\n"
-    (out.parent / "tmaze_offline.md").write_text(text)
+    write_text_atomically(out.parent / "tmaze_offline.md", text)
     print(text)
 
 

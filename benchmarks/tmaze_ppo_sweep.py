@@ -25,16 +25,20 @@ from sb3_elmur.evaluation import evaluate_tmaze
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("policy", choices=["ElmurPolicy", "MlpLstmPolicy"])
-    parser.add_argument("corridor", help="training corridor length L, or a range LOW-HIGH")
-    parser.add_argument("--timesteps", type=int, default=500_000)
-    parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS")
-    parser.add_argument("--policy-kwargs", default="{}", help="JSON merged over the policy's T-Maze preset")
-    parser.add_argument("--terminate-on-timeout", action="store_true", help="time-outs end episodes as failures")
-    parser.add_argument("--save", default=None, help="path of the final model")
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/tmaze_ppo_sweep.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("policy", choices=["ElmurPolicy", "MlpLstmPolicy"], help="Policy to train.")
+    parser.add_argument("corridor", help="Training corridor length L, or a range LOW-HIGH.")
+    parser.add_argument("--timesteps", type=int, default=500_000, help="Env-step budget of training.")
+    parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS.")
+    parser.add_argument("--policy-kwargs", default="{}", help="JSON merged over the policy's T-Maze preset.")
+    parser.add_argument("--terminate-on-timeout", action="store_true", help="Time-outs end episodes as failures.")
+    parser.add_argument("--save", default=None, help="Path of the final model (None: not saved).")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
 
     bounds = tuple(int(v) for v in args.corridor.split("-"))
     train_corridor = bounds if len(bounds) == 2 else bounds[0]

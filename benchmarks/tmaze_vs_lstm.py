@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from sb3_elmur.utils import write_atomically, write_json_atomically, write_text_atomically
+
 POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
 # Policy sizes at similar parameter counts: "small" is the T-Maze preset (about 43k parameters each), "large"
 # the zoo configs' default (about 250k each: ELMUR 2 x 64 wide, LSTM 160 units).
@@ -46,7 +48,7 @@ def run_one(
     from sb3_elmur.envs import TMazeVecEnv
     from sb3_elmur.evaluation import evaluate_tmaze
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
 
     class RolloutTimer(BaseCallback):
         def __init__(self) -> None:
@@ -142,7 +144,7 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suf
     rows += ["", f"Budget: {', '.join(f'{b:,}' for b in budget)} env steps per run, 8 envs, success over 100 greedy "
              "episodes (half per cue) at the end of training (final) and at the best of the evaluations during "
              "training (best). Steps/s exclude evaluation."]
-    (out_dir / f"tmaze_vs_lstm{suffix}.md").write_text("\n".join(rows) + "\n")
+    write_text_atomically(out_dir / f"tmaze_vs_lstm{suffix}.md", "\n".join(rows) + "\n")
     print("\n".join(rows))
 
     import matplotlib
@@ -163,23 +165,27 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suf
     axes[0][0].set_ylabel("success")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / f"tmaze_vs_lstm{suffix}.png", dpi=100)
+    write_atomically(out_dir / f"tmaze_vs_lstm{suffix}.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corridors", type=int, nargs="+", default=[10, 30, 100, 300])
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    parser.add_argument("--size", default="small", choices=list(SIZES), help="policy sizes (see SIZES)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--timesteps", type=int, default=500_000)
-    parser.add_argument("--eval-every", type=int, default=25_000)
-    parser.add_argument("--n-envs", type=int, default=8)
-    parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS")
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/tmaze_vs_lstm.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--corridors", type=int, nargs="+", default=[10, 30, 100, 300], help="Corridor lengths L.")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="Policies to run.")
+    parser.add_argument("--size", default="small", choices=list(SIZES), help="Policy sizes (see SIZES in this script).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds, one run each.")
+    parser.add_argument("--timesteps", type=int, default=500_000, help="Env-step budget per run.")
+    parser.add_argument("--eval-every", type=int, default=25_000, help="Env steps between two evaluations.")
+    parser.add_argument("--n-envs", type=int, default=8, help="Parallel T-Maze envs per run.")
+    parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS.")
     parser.add_argument("--min-corridor", type=int, default=0,
-                        help="train on corridors drawn in MIN..L (evaluate at L); default: L only")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
-    parser.add_argument("--out", default="benchmarks/results")
+                        help="Train on corridors drawn in MIN..L and evaluate at L (0: L only).")
+    parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one core each).")
+    parser.add_argument("--out", default="benchmarks/results", help="Folder of run records, table and plot.")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON to this path
     args = parser.parse_args()
     out_dir = Path(args.out)
@@ -190,7 +196,7 @@ def main() -> None:
         policy, corridor, seed = args.policies[0], args.corridors[0], args.seeds[0]
         result = run_one(policy, corridor, seed, args.timesteps, args.eval_every, args.n_envs, args.size,
                          json.loads(args.ppo_kwargs), args.min_corridor)
-        Path(args.run).write_text(json.dumps(result, indent=1))
+        write_json_atomically(Path(args.run), result)
         return
 
     # Runs with other settings than the defaults get a tag of their own, so that results never mix.

@@ -21,18 +21,25 @@ from sb3_elmur.presets import TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corridor", type=int, default=10, help="corridor length L")
-    parser.add_argument("--timesteps", type=int, default=200_000, help="env-step budget of training")
-    parser.add_argument("--target", type=float, default=0.95, help="stop once the greedy success rate reaches this")
-    parser.add_argument("--eval-every", type=int, default=8192, help="env steps between two evaluations")
-    parser.add_argument("--n-envs", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-corridors", type=int, nargs="*", default=None, help="corridors to evaluate at")
-    parser.add_argument("--tensorboard-log", default=None)
-    parser.add_argument("--progress-bar", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="python examples/tmaze_quickstart.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--corridor", type=int, default=10, help="Corridor length L.")
+    parser.add_argument("--timesteps", type=int, default=200_000, help="Env-step budget of training.")
+    parser.add_argument("--target", type=float, default=0.95, help="Stop once the greedy success rate reaches this.")
+    parser.add_argument("--eval-every", type=int, default=8192, help="Env steps between two evaluations.")
+    parser.add_argument("--n-envs", type=int, default=8, help="Parallel T-Maze envs.")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed.")
+    parser.add_argument(
+        "--eval-corridors", type=int, nargs="*", default=None,
+        help="Corridors to evaluate the reloaded model at (None: the training corridor).",
+    )
+    parser.add_argument("--tensorboard-log", default=None, help="TensorBoard log folder (None: no logs).")
+    parser.add_argument("--progress-bar", action="store_true", help="Show a progress bar while training.")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
 
     env = VecMonitor(TMazeVecEnv(args.n_envs, corridor_length=args.corridor, variant="passive", seed=args.seed))
     model = RecurrentPPO(

@@ -1,8 +1,10 @@
 """rl-zoo3 configs of zoo_configs/: their content, and training through rl-zoo3's unmodified train CLI."""
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import gymnasium as gym
 import numpy as np
@@ -132,8 +134,17 @@ def _zoo_train(tmp_path: Path, config: Path, env_id: str, gym_packages, *extra: 
     return model_path
 
 
-def test_zoo_trains_elmur_on_tmaze_and_the_model_loads(tmp_path):
-    model_path = _zoo_train(tmp_path, ELMUR, "sb3_elmur/PassiveTMaze-v0", ["sb3_elmur"], "--env-kwargs", "corridor_length:12")
+@pytest.fixture(scope="module")
+def elmur_tmaze_run(tmp_path_factory) -> Path:
+    """The README's first train command, with a tiny budget: one ELMUR run on the passive T-Maze, shared by the
+    tests that load it and replay it; returns the saved model's path (``<folder>/logs/ppo_lstm/<run>/<env>.zip``)."""
+    folder = tmp_path_factory.mktemp("zoo")
+    return _zoo_train(folder, ELMUR, "sb3_elmur/PassiveTMaze-v0", ["sb3_elmur"], "--env-kwargs", "corridor_length:12")
+
+
+def test_zoo_trains_elmur_on_tmaze_and_the_model_loads(elmur_tmaze_run):
+    model_path = elmur_tmaze_run
+    tmp_path = model_path.parents[3]  # where rl-zoo3 ran
     model = RecurrentPPO.load(model_path, device="cpu")
     assert isinstance(model.policy, ElmurPolicy) and model.num_timesteps == 2048
     assert model.policy.elmur_config.d_model == TMAZE_POLICY_KWARGS["d_model"]
@@ -149,6 +160,23 @@ def test_zoo_trains_elmur_on_tmaze_and_the_model_loads(tmp_path):
         saved = yaml.load(file, Loader=yaml.UnsafeLoader)  # rl-zoo3 writes an OrderedDict (read the same way)
     assert saved["env_kwargs"] == {"corridor_length": 12}
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def _readme_command(module: str) -> List[str]:
+    """The README's command line that runs ``python -m <module>``, as arguments (continuation lines joined)."""
+    readme = (REPO / "README.md").read_text().replace("\\\n", " ")
+    lines = [line for line in readme.splitlines() if line.startswith(f"python -m {module} ")]
+    assert len(lines) == 1, f"expected one `python -m {module}` command in the README, found {len(lines)}"
+    return shlex.split(lines[0])[1:]
+
+
+def test_readme_enjoy_command_replays_the_trained_model(elmur_tmaze_run):
+    # rl-zoo3's enjoy imports requests, which its own dependencies no longer pull in (the zoo extra adds it).
+    command = [sys.executable, *_readme_command("rl_zoo3.enjoy"), "-n", "40"]
+    assert "--no-render" in command and command[command.index("-f") + 1] == "logs"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=elmur_tmaze_run.parents[3])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "sb3_elmur-PassiveTMaze-v0_1" in result.stdout and "Episode Reward" in result.stdout, result.stdout[-3000:]
 
 
 def test_zoo_trains_lstm_on_popgym_with_our_wrappers(tmp_path):
