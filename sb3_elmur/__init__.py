@@ -9,6 +9,7 @@ from sb3_contrib import RecurrentPPO
 from sb3_elmur.bc import NonFiniteLossError, RecurrentBC
 from sb3_elmur.envs import register_envs
 from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
+from sb3_elmur.ppo import ElmurPPO
 from sb3_elmur.policies import (
     CnnElmurPolicy,
     ElmurPolicy,
@@ -28,6 +29,7 @@ __all__ = [
     "CnnElmurPolicy",
     "ElmurConfig",
     "ElmurModel",
+    "ElmurPPO",
     "ElmurPolicy",
     "ElmurState",
     "MultiInputElmurPolicy",

@@ -378,11 +378,10 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         features = self.extract_features(obs)
         pi_features, vf_features = (features, features) if self.share_features_extractor else features
         latent_pi, states_pi = self._process_sequence(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)
-        if self.lstm_critic is not None:
-            latent_vf, states_vf = self._process_sequence(vf_features, lstm_states.vf, episode_starts, self.lstm_critic)
-        else:
-            latent_vf = latent_pi.detach() if self.detach_critic else latent_pi
-            states_vf = (states_pi[0].detach(), states_pi[1].detach())
+        if self.lstm_critic is None:
+            latent_pi, latent_vf = self._heads(latent_pi)
+            return latent_pi, latent_vf, RNNStates(states_pi, (states_pi[0].detach(), states_pi[1].detach()))
+        latent_vf, states_vf = self._process_sequence(vf_features, lstm_states.vf, episode_starts, self.lstm_critic)
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
         latent_vf = self.mlp_extractor.forward_critic(latent_vf)
         return latent_pi, latent_vf, RNNStates(states_pi, states_vf)
@@ -397,14 +396,35 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         return actions.reshape((-1, *self.action_space.shape)), self.value_net(latent_vf), log_prob, states
 
     def evaluate_actions(
-        self, obs: th.Tensor, actions: th.Tensor, lstm_states: RNNStates, episode_starts: th.Tensor
+        self,
+        obs: th.Tensor,
+        actions: th.Tensor,
+        lstm_states: Union[RNNStates, ElmurState],
+        episode_starts: th.Tensor,
     ) -> Tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """Values, log-probabilities and entropies of ``actions`` along N sequences, flattened sequence-major.
+
+        :param lstm_states: the packed states of RecurrentPPO's buffer, or the typed :class:`ElmurState` of
+            ElmurPPO's (one row per sequence: the state before its first step; shared backbone only)
+        """
         if isinstance(self.action_space, spaces.MultiBinary):
             # SB3's buffer hands MultiBinary actions back as int8, which torch's Bernoulli.log_prob rejects.
             actions = actions.float()
-        latent_pi, latent_vf, _ = self._latents(obs, lstm_states, episode_starts)
+        if isinstance(lstm_states, ElmurState):
+            n_sequences = lstm_states.step.shape[0]
+            features = self.extract_features(obs)
+            starts = episode_starts.reshape(n_sequences, -1) > 0.5
+            out, _ = self.lstm_actor.model(features.reshape(n_sequences, starts.shape[1], -1), lstm_states, starts)
+            latent_pi, latent_vf = self._heads(out.reshape(-1, out.shape[-1]))
+        else:
+            latent_pi, latent_vf, _ = self._latents(obs, lstm_states, episode_starts)
         distribution = self._get_action_dist_from_latent(latent_pi)
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
+
+    def _heads(self, latent: th.Tensor) -> Tuple[th.Tensor, th.Tensor]:
+        """Shared-backbone ELMUR output -> the actor's and the critic's latents (after the heads' MLPs)."""
+        latent_vf = latent.detach() if self.detach_critic else latent
+        return self.mlp_extractor.forward_actor(latent), self.mlp_extractor.forward_critic(latent_vf)
 
     @staticmethod
     def _process_sequence(
@@ -415,6 +435,46 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
     ) -> Tuple[th.Tensor, Tuple[th.Tensor, th.Tensor]]:
         # Whole sequences go through ELMUR segment-parallel, episode starts included: no per-step loop.
         return lstm(features, lstm_states, episode_starts)
+
+
+class ElmurActor:
+    """Acting for ElmurPPO: every env's ELMUR state, unpacked, and the layer outputs of its current segment, kept
+    between steps (``ElmurModel.step``), so a step computes the new token only.
+
+    :param policy: the policy to act with (shared backbone)
+    :param n_envs: number of envs
+    """
+
+    def __init__(self, policy: ElmurPolicy, n_envs: int) -> None:
+        self.policy = policy
+        self.model = policy.lstm_actor.model
+        self.state = self.model.initial_state(n_envs, policy.device)
+        self.outputs: Optional[th.Tensor] = None
+
+    def set_state(self, state: ElmurState) -> None:
+        """Continue from ``state`` (its layer outputs are recomputed at the next step)."""
+        self.state, self.outputs = state, None
+
+    def step(
+        self, obs: Union[th.Tensor, Dict[str, th.Tensor]], episode_starts: th.Tensor, rows: Optional[th.Tensor] = None,
+        commit: bool = True,
+    ) -> Tuple[th.Tensor, th.Tensor]:
+        """One step of every env (or of ``rows``): the actor's and the critic's latents.
+
+        :param obs: observations of the envs (of ``rows``)
+        :param episode_starts: [n] bool, True where the observation starts an episode
+        :param rows: the envs these observations belong to (None: all); only with ``commit=False``
+        :param commit: keep the new state (False: look ahead, e.g. the value of a terminal observation)
+        """
+        state, outputs = self.state, self.outputs
+        if rows is not None:
+            state = ElmurState(*(part[rows] for part in state))
+            outputs = None if outputs is None else outputs[rows]
+        features = self.policy.extract_features(obs)
+        latent, state, outputs = self.model.step(features, state, episode_starts, outputs)
+        if commit:
+            self.state, self.outputs = state, outputs
+        return self.policy._heads(latent)
 
 
 class CnnElmurPolicy(ElmurPolicy):

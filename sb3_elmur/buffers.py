@@ -1,0 +1,328 @@
+"""ElmurPPO's rollout buffer: transitions per step, ELMUR's memory once per segment, each env's recent past.
+
+sb3-contrib's recurrent buffer stores an LSTM-shaped state at every step. ELMUR's state is mostly redundant
+from step to step: its memory changes only when a segment of ``context_length`` steps completes, and its
+partial segment is a function of the observations since the last completed one. So this buffer stores, per env,
+
+- the observations and episode starts of the rollout and of the ``history_length`` steps before it (the
+  *timeline*: ``memory_horizon + context_length - 1`` steps of history, then ``n_steps`` of rollout);
+- an *anchor*, the typed state (memory, slot positions, step) at every segment boundary of the timeline
+  (an episode start needs none: the state restarts there);
+
+and rebuilds the state anywhere by running the model from the anchor before it. Training sequences are
+``sequence_length`` steps of one env; each starts from the last anchor at least ``memory_horizon`` steps before
+its first step and runs the steps in between with gradients (no loss on them), so a memory write made up to
+``memory_horizon`` steps earlier, in this rollout or the one before, learns from the losses that depend on it.
+"""
+
+from typing import Dict, Generator, NamedTuple, Optional, Union
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
+
+from sb3_elmur.model import ElmurConfig, ElmurState
+
+TensorObs = Union[th.Tensor, Dict[str, th.Tensor]]
+
+
+class ElmurRolloutBufferSamples(NamedTuple):
+    """A minibatch of N sequences of T steps, flattened sequence-major (what ``RecurrentPPO.train`` reads).
+
+    ``lstm_states`` is the typed state before each sequence's first step; ``mask`` marks the steps that count
+    in the losses (not the burn-in before them, nor the padding after them).
+    """
+
+    observations: TensorObs
+    actions: th.Tensor
+    old_values: th.Tensor
+    old_log_prob: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+    lstm_states: ElmurState
+    episode_starts: th.Tensor
+    mask: th.Tensor
+
+
+class ElmurRolloutBuffer:
+    """Rollout buffer for :class:`~sb3_elmur.ppo.ElmurPPO` (Box, Discrete, MultiDiscrete, MultiBinary
+    actions; any observation space the policy takes, Dict included). Every tensor lives on ``device``.
+
+    :param buffer_size: steps per env and rollout (``n_steps``)
+    :param observation_space: observation space
+    :param action_space: action space
+    :param config: the policy's ELMUR config (state shapes, ``context_length``)
+    :param device: where the tensors live
+    :param gamma: discount factor
+    :param gae_lambda: GAE lambda
+    :param n_envs: number of envs
+    :param sequence_length: steps of one training sequence (the losses' part; see the module docstring)
+    :param memory_horizon: steps before each training sequence that are recomputed with gradients
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        config: ElmurConfig,
+        device: Union[th.device, str] = "cpu",
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        n_envs: int = 1,
+        sequence_length: int = 64,
+        memory_horizon: int = 64,
+    ) -> None:
+        self.buffer_size, self.n_envs, self.device = buffer_size, n_envs, th.device(device)
+        self.observation_space, self.action_space = observation_space, action_space
+        self.gamma, self.gae_lambda = gamma, gae_lambda
+        self.sequence_length, self.memory_horizon = sequence_length, memory_horizon
+        self.context_length = k = config.context_length
+        self.history_length = memory_horizon + k - 1
+        self.timeline_length = self.history_length + buffer_size
+        # Boundaries that need an anchor are at least K steps apart in an episode, and an episode start needs
+        # none: this many slots per env, used as a ring, hold every anchor of the timeline.
+        self.n_anchor_slots = self.timeline_length // k + 2
+        self.action_dim = get_action_dim(action_space)
+        shape = (self.timeline_length, n_envs)
+        self.observations = self._observation_storage(observation_space, shape)
+        self.episode_starts = th.zeros(shape, dtype=th.bool, device=self.device)
+        self.anchor_slots = th.full(shape, -1, dtype=th.int32, device=self.device)
+        slots = (self.n_anchor_slots, n_envs)
+        self.anchor_memory = th.zeros(*slots, config.n_layers, config.memory_size, config.d_model, device=self.device)
+        self.anchor_positions = th.zeros(*slots, config.n_layers, config.memory_size, dtype=th.int32, device=self.device)
+        self.anchor_steps = th.zeros(slots, dtype=th.int32, device=self.device)
+        self.next_slot = th.zeros(n_envs, dtype=th.long, device=self.device)
+        steps = (buffer_size, n_envs)
+        self.actions = th.zeros(*steps, self.action_dim, device=self.device)
+        self.rewards, self.value_estimates, self.log_probs, self.advantages, self.lambda_returns = (
+            th.zeros(steps, device=self.device) for _ in range(5)
+        )
+        self.pos = 0  # rollout steps added
+        self.history_filled = 0  # steps of history that hold real steps (fewer in the first rollouts)
+        self.full = False
+
+    def _observation_storage(self, space: spaces.Space, shape: tuple) -> TensorObs:
+        if isinstance(space, spaces.Dict):
+            return {key: self._observation_storage(sub, shape) for key, sub in space.spaces.items()}
+        dtype = th.as_tensor(np.zeros(1, dtype=space.dtype)).dtype
+        return th.zeros(*shape, *get_obs_shape(space), dtype=dtype, device=self.device)
+
+    # -- rollout --------------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Start a new rollout: the last ``history_length`` steps of the timeline become its history."""
+        h, end = self.history_length, self.history_length + self.pos
+        if self.pos and h:
+            keep = slice(end - h, end)
+            for storage in self._observation_tensors():
+                storage[:h] = storage[keep].clone()
+            self.episode_starts[:h] = self.episode_starts[keep].clone()
+            self.anchor_slots[:h] = self.anchor_slots[keep].clone()
+        self.history_filled = min(h, self.history_filled + self.pos)
+        self.anchor_slots[h:] = -1
+        self.pos, self.full = 0, False
+
+    def _observation_tensors(self):
+        return self.observations.values() if isinstance(self.observations, dict) else [self.observations]
+
+    def restore_actor_state(self, actor) -> None:
+        """Rebuild the actor's state at the end of the history with the current parameters, from the anchor the
+        first training sequence starts from, and refresh the history's later anchors on the way: acting and
+        training then start every step from the same state (an anchor written under older parameters is kept
+        only where training starts from it too).
+
+        :param actor: a :class:`~sb3_elmur.policies.ElmurActor` of ``n_envs`` envs
+        """
+        h = self.history_length
+        if self.history_filled == 0:
+            actor.set_state(actor.model.initial_state(self.n_envs, self.device))
+            return
+        start = self._anchor_times(th.full((self.n_envs,), h, device=self.device))
+        envs = th.arange(self.n_envs, device=self.device)
+        # An env with no boundary in its history is at one now: its state is the anchor training starts from.
+        at_boundary, before = start >= h, actor.state
+        for t in range(int(start.min()), h):
+            begins = start == t
+            if bool(begins.any()):
+                actor.set_state(self._where_rows(begins, self.anchor_states(th.full_like(start, t), envs), actor.state))
+            refresh = (t > start) & (self.anchor_slots[t] >= 0)
+            if bool(refresh.any()):
+                self._write_anchors(t, refresh, actor.state)
+            obs = self._index_observations(t, slice(None))
+            actor.step(obs, self.episode_starts[t])
+        if bool(at_boundary.any()):
+            actor.set_state(self._where_rows(at_boundary, before, actor.state))
+
+    @staticmethod
+    def _where_rows(rows: th.Tensor, new: ElmurState, old: ElmurState) -> ElmurState:
+        return ElmurState(*(th.where(rows.view(-1, *[1] * (a.dim() - 1)), b, a) for a, b in zip(old, new)))
+
+    def record_anchor(self, state: ElmurState, episode_starts: th.Tensor) -> None:
+        """Before the step at ``pos``: keep ``state`` (the one that step starts from) where it is at a segment
+        boundary and no episode starts."""
+        rows = ~episode_starts & (state.step % self.context_length == 0)
+        if bool(rows.any()):
+            self._write_anchors(self.history_length + self.pos, rows, state, new=True)
+
+    def _write_anchors(self, t: int, rows: th.Tensor, state: ElmurState, new: bool = False) -> None:
+        envs = rows.nonzero().flatten()
+        if new:
+            slots = self.next_slot[envs] % self.n_anchor_slots
+            self.next_slot[envs] += 1
+            self.anchor_slots[t, envs] = slots.int()
+        else:
+            slots = self.anchor_slots[t, envs].long()
+        self.anchor_memory[slots, envs] = state.memory[envs]
+        self.anchor_positions[slots, envs] = state.positions[envs].int()
+        self.anchor_steps[slots, envs] = state.step[envs].int()
+
+    def add(
+        self,
+        obs: TensorObs,
+        action: th.Tensor,
+        reward: th.Tensor,
+        episode_start: th.Tensor,
+        value: th.Tensor,
+        log_prob: th.Tensor,
+    ) -> None:
+        """Add one step of every env (tensors on ``device``; ``obs`` as the policy takes them)."""
+        t = self.history_length + self.pos
+        if isinstance(self.observations, dict):
+            for key, storage in self.observations.items():
+                storage[t] = obs[key].reshape(storage.shape[1:])
+        else:
+            self.observations[t] = obs.reshape(self.observations.shape[1:])
+        self.episode_starts[t] = episode_start
+        self.actions[self.pos] = action.reshape(self.n_envs, self.action_dim)
+        self.rewards[self.pos] = reward
+        self.value_estimates[self.pos] = value.flatten()
+        self.log_probs[self.pos] = log_prob
+        self.pos += 1
+        self.full = self.pos == self.buffer_size
+
+    def compute_returns_and_advantage(self, last_values: th.Tensor, dones: th.Tensor) -> None:
+        """GAE(lambda) advantages and lambda-returns of the rollout.
+
+        :param last_values: values of the observations that follow the rollout
+        :param dones: whether those observations start new episodes
+        """
+        h, gae = self.history_length, th.zeros(self.n_envs, device=self.device)
+        next_values, next_non_terminal = last_values.flatten(), 1.0 - dones.float()
+        for step in reversed(range(self.buffer_size)):
+            delta = self.rewards[step] + self.gamma * next_values * next_non_terminal - self.value_estimates[step]
+            gae = delta + self.gamma * self.gae_lambda * next_non_terminal * gae
+            self.advantages[step] = gae
+            next_values, next_non_terminal = self.value_estimates[step], 1.0 - self.episode_starts[h + step].float()
+        self.lambda_returns = self.advantages + self.value_estimates
+
+    @property
+    def values(self) -> np.ndarray:
+        """The rollout's value estimates as a numpy array (what SB3's explained variance reads)."""
+        return self.value_estimates.cpu().numpy()
+
+    @property
+    def returns(self) -> np.ndarray:
+        """The rollout's lambda-returns as a numpy array."""
+        return self.lambda_returns.cpu().numpy()
+
+    # -- training -------------------------------------------------------------------------------------------
+
+    def _boundaries(self) -> th.Tensor:
+        """[timeline, n_envs] bool: the steps a sequence may start from (an anchor or an episode start)."""
+        boundary = (self.anchor_slots >= 0) | self.episode_starts
+        boundary[: self.history_length - self.history_filled] = False
+        boundary[self.history_length + self.pos :] = False
+        return boundary
+
+    def _anchor_times(self, first_steps: th.Tensor, envs: Optional[th.Tensor] = None) -> th.Tensor:
+        """For sequences whose losses start at timeline step ``first_steps`` (of ``envs``): the last boundary at
+        least ``memory_horizon`` steps before, or the first boundary there is if none is that far back."""
+        envs = th.arange(self.n_envs, device=self.device) if envs is None else envs
+        boundary = self._boundaries()
+        time = th.arange(self.timeline_length, device=self.device).unsqueeze(1)
+        last = th.where(boundary, time, -1).cummax(dim=0).values  # last boundary at or before each step
+        first = th.where(boundary, time, self.timeline_length).min(dim=0).values
+        latest = first_steps - self.memory_horizon
+        found = last[latest.clamp(min=0), envs]
+        return th.where((latest >= 0) & (found >= 0), found, first[envs])
+
+    def anchor_states(self, times: th.Tensor, envs: th.Tensor) -> ElmurState:
+        """The states before timeline steps ``times`` of ``envs``, which must be boundaries (an episode start
+        gives zeros, which the start flag resets); the partial segment is empty at a boundary."""
+        slots = self.anchor_slots[times, envs].long()
+        stored = (slots >= 0).view(-1, 1, 1)
+        slots = slots.clamp(min=0)
+        n, memory = len(envs), self.anchor_memory[slots, envs]
+        return ElmurState(
+            memory=th.where(stored.unsqueeze(-1), memory, 0.0),
+            positions=th.where(stored, self.anchor_positions[slots, envs].long(), -1),
+            segment=memory.new_zeros(n, self.context_length - 1, memory.shape[-1]),
+            step=th.where(stored.view(-1), self.anchor_steps[slots, envs].long(), 0),
+        )
+
+    def _index_observations(self, times, envs) -> TensorObs:
+        if isinstance(self.observations, dict):
+            return {key: storage[times, envs] for key, storage in self.observations.items()}
+        return self.observations[times, envs]
+
+    def sequences(self) -> Dict[str, th.Tensor]:
+        """The training sequences of the rollout: env, anchor step, first and end step of the losses (timeline
+        steps), one entry per env and chunk of ``sequence_length`` rollout steps."""
+        h, s = self.history_length, self.sequence_length
+        starts = th.arange(h, h + self.pos, s, device=self.device)
+        envs = th.arange(self.n_envs, device=self.device).repeat(len(starts))
+        first = starts.repeat_interleave(self.n_envs)
+        return {
+            "env": envs,
+            "anchor": self._anchor_times(first, envs),
+            "first": first,
+            "end": (first + s).clamp(max=h + self.pos),
+        }
+
+    def get(self, batch_size: Optional[int] = None) -> Generator[ElmurRolloutBufferSamples, None, None]:
+        """Minibatches of whole sequences, in random order: ``batch_size // sequence_length`` sequences each
+        (at least one; None: all in one)."""
+        assert self.full, "get() needs a complete rollout"
+        table = self.sequences()
+        n_sequences = len(table["env"])
+        per_batch = n_sequences if batch_size is None else max(1, batch_size // self.sequence_length)
+        order = th.randperm(n_sequences, device=self.device)
+        for begin in range(0, n_sequences, per_batch):
+            yield self._samples({key: value[order[begin : begin + per_batch]] for key, value in table.items()})
+
+    @staticmethod
+    def _flat(x: th.Tensor) -> th.Tensor:
+        return x.flatten(0, 1)
+
+    def _samples(self, table: Dict[str, th.Tensor]) -> ElmurRolloutBufferSamples:
+        envs, anchor, first, end = table["env"], table["anchor"], table["first"], table["end"]
+        length = int((end - anchor).max())
+        times = anchor.unsqueeze(1) + th.arange(length, device=self.device)
+        mask = (times >= first.unsqueeze(1)) & (times < end.unsqueeze(1))
+        # Padding repeats the last step: it comes after every step that counts, so it changes none of them.
+        times = th.minimum(times, end.unsqueeze(1) - 1)
+        rows = envs.unsqueeze(1).expand_as(times)
+        steps = (times - self.history_length).clamp(min=0)  # rollout step (only read where ``mask``)
+        obs = self._index_observations(times, rows)
+        return ElmurRolloutBufferSamples(
+            observations={k: self._flat(v) for k, v in obs.items()} if isinstance(obs, dict) else self._flat(obs),
+            actions=self._flat(self.actions[steps, rows]),
+            old_values=self._flat(self.value_estimates[steps, rows]),
+            old_log_prob=self._flat(self.log_probs[steps, rows]),
+            advantages=self._flat(self.advantages[steps, rows]),
+            returns=self._flat(self.lambda_returns[steps, rows]),
+            lstm_states=self.anchor_states(anchor, envs),
+            episode_starts=self._flat(self.episode_starts[times, rows]).float(),
+            mask=self._flat(mask).float(),
+        )
+
+    # -- accounting -----------------------------------------------------------------------------------------
+
+    def state_nbytes(self) -> int:
+        """Bytes this buffer spends on recurrent state: anchors, their index, and the history's observations
+        and episode starts (what a buffer without state would not hold)."""
+        history = sum(t[: self.history_length].nbytes for t in [*self._observation_tensors(), self.episode_starts])
+        anchors = self.anchor_memory.nbytes + self.anchor_positions.nbytes + self.anchor_steps.nbytes
+        return anchors + self.anchor_slots.nbytes + self.next_slot.nbytes + history

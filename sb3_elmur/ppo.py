@@ -1,0 +1,195 @@
+"""ElmurPPO: sb3-contrib's RecurrentPPO with ELMUR's own acting loop and rollout buffer."""
+
+from typing import Any, ClassVar, Dict, List, Optional, Type, TypeVar, Union
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_elmur.buffers import ElmurRolloutBuffer
+from sb3_elmur.model import check_int
+from sb3_elmur.policies import CnnElmurPolicy, ElmurActor, ElmurPolicy, MultiInputElmurPolicy
+
+SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
+
+
+class ElmurPPO(RecurrentPPO):
+    """PPO for ELMUR policies, with ELMUR's rollout buffer (:class:`~sb3_elmur.buffers.ElmurRolloutBuffer`).
+
+    The losses and updates are RecurrentPPO's; what differs is how the recurrent state is kept. Rollouts act
+    through :class:`~sb3_elmur.policies.ElmurActor` (the unpacked state and the current segment's layer outputs:
+    each step computes one new token), the buffer stores the memory once per segment instead of a packed state
+    per step, and training sequences of ``sequence_length`` steps start ``memory_horizon`` steps early, so memory
+    writes up to that far back, in the previous rollout too, get gradients. A model saved by either algorithm
+    loads into the other.
+
+    :param sequence_length: rollout steps per training sequence (default: ``min(n_steps, 64)``); a minibatch
+        holds ``batch_size // sequence_length`` sequences (at least one), run segment-parallel side by side
+    :param memory_horizon: steps before each sequence recomputed with gradients but without loss (default:
+        ``sequence_length``). Training recomputes up to ``memory_horizon + context_length - 1`` extra steps per
+        sequence: the default about doubles the training compute of ``memory_horizon=0``, which gives writes no
+        credit beyond the sequence they were made in
+    (other parameters: see sb3-contrib's ``RecurrentPPO``; gSDE is not supported)
+    """
+
+    policy_aliases: ClassVar[Dict[str, Type[BasePolicy]]] = {
+        "ElmurPolicy": ElmurPolicy,
+        "CnnElmurPolicy": CnnElmurPolicy,
+        "MultiInputElmurPolicy": MultiInputElmurPolicy,
+    }
+    rollout_buffer: ElmurRolloutBuffer
+    policy: ElmurPolicy
+
+    def __init__(
+        self,
+        policy: Union[str, Type[ElmurPolicy]],
+        env: Union[GymEnv, str],
+        learning_rate: Union[float, Schedule] = 3e-4,
+        n_steps: int = 128,
+        batch_size: Optional[int] = 128,
+        n_epochs: int = 10,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_range: Union[float, Schedule] = 0.2,
+        clip_range_vf: Union[None, float, Schedule] = None,
+        normalize_advantage: bool = True,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 0.5,
+        target_kl: Optional[float] = None,
+        sequence_length: Optional[int] = None,
+        memory_horizon: Optional[int] = None,
+        stats_window_size: int = 100,
+        tensorboard_log: Optional[str] = None,
+        policy_kwargs: Optional[Dict[str, Any]] = None,
+        verbose: int = 0,
+        seed: Optional[int] = None,
+        device: Union[th.device, str] = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        self.sequence_length = sequence_length
+        self.memory_horizon = memory_horizon
+        self._actor: Optional[ElmurActor] = None
+        super().__init__(
+            policy, env, learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+            gamma=gamma, gae_lambda=gae_lambda, clip_range=clip_range, clip_range_vf=clip_range_vf,
+            normalize_advantage=normalize_advantage, ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm,
+            target_kl=target_kl, stats_window_size=stats_window_size, tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs, verbose=verbose, seed=seed, device=device, _init_setup_model=False,
+        )
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        if isinstance(self.policy_class, type) and not issubclass(self.policy_class, ElmurPolicy):
+            raise ValueError(
+                f"ElmurPPO trains ELMUR policies (ElmurPolicy, CnnElmurPolicy, MultiInputElmurPolicy), got "
+                f"{self.policy_class.__name__}: use sb3-contrib's RecurrentPPO for it"
+            )
+        self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule,
+                                        **self.policy_kwargs).to(self.device)
+        if not self.policy.shared_backbone:
+            raise ValueError("ElmurPPO needs shared_backbone=True (one ELMUR for actor and critic); use "
+                             "RecurrentPPO for separate backbones")
+        n_steps = check_int("n_steps", self.n_steps)
+        sequence_length = min(n_steps, 64) if self.sequence_length is None else self.sequence_length
+        self.sequence_length = check_int("sequence_length", sequence_length)
+        horizon = self.sequence_length if self.memory_horizon is None else self.memory_horizon
+        self.memory_horizon = check_int("memory_horizon", horizon, minimum=0)
+        self.rollout_buffer = ElmurRolloutBuffer(
+            n_steps, self.observation_space, self.action_space, self.policy.elmur_config, self.device,
+            gamma=self.gamma, gae_lambda=self.gae_lambda, n_envs=self.n_envs,
+            sequence_length=self.sequence_length, memory_horizon=self.memory_horizon,
+        )
+        self._actor = ElmurActor(self.policy, self.n_envs)
+        self.clip_range = FloatSchedule(self.clip_range)
+        if self.clip_range_vf is not None:
+            if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
+                raise ValueError("clip_range_vf must be positive, or None to disable value clipping")
+            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: ElmurRolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env (see SB3's ``collect_rollouts``)."""
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+        actor, device = self._actor, self.device
+        with th.no_grad():
+            rollout_buffer.restore_actor_state(actor)
+        n_steps = 0
+        while n_steps < n_rollout_steps:
+            with th.no_grad():
+                obs = obs_as_tensor(self._last_obs, device)
+                starts = th.as_tensor(self._last_episode_starts, dtype=th.bool, device=device)
+                rollout_buffer.record_anchor(actor.state, starts)
+                latent_pi, latent_vf = actor.step(obs, starts)
+                distribution = self.policy._get_action_dist_from_latent(latent_pi)
+                actions = distribution.get_actions()
+                log_probs, values = distribution.log_prob(actions), self.policy.value_net(latent_vf)
+            env_actions = actions.cpu().numpy().reshape((-1, *self.action_space.shape))
+            if isinstance(self.action_space, spaces.Box):
+                env_actions = np.clip(env_actions, self.action_space.low, self.action_space.high)
+            new_obs, rewards, dones, infos = env.step(env_actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+            rewards = th.as_tensor(rewards, dtype=th.float32, device=device)
+            truncated = [i for i, done in enumerate(dones) if done and infos[i].get("terminal_observation") is not None
+                         and infos[i].get("TimeLimit.truncated", False)]
+            if truncated:  # bootstrap from the value of the last observation, all such envs in one call
+                rewards[truncated] += self.gamma * self._terminal_values(infos, truncated)
+            rollout_buffer.add(obs, actions, rewards, starts, values, log_probs)
+            self._last_obs, self._last_episode_starts = new_obs, dones
+        with th.no_grad():
+            dones_tensor = th.as_tensor(dones, dtype=th.bool, device=device)
+            _, latent_vf = actor.step(obs_as_tensor(new_obs, device), dones_tensor, commit=False)
+            last_values = self.policy.value_net(latent_vf)
+        rollout_buffer.compute_returns_and_advantage(last_values, dones_tensor)
+        callback.on_rollout_end()
+        return True
+
+    def _terminal_values(self, infos: List[Dict[str, Any]], rows: List[int]) -> th.Tensor:
+        """Values of the terminal observations of ``rows``, continuing their episodes' states."""
+        terminal = [infos[i]["terminal_observation"] for i in rows]
+        if isinstance(self.observation_space, spaces.Dict):
+            stacked = {key: np.stack([obs[key] for obs in terminal]) for key in self.observation_space.spaces}
+        else:
+            stacked = np.stack(terminal)
+        index = th.as_tensor(rows, device=self.device)
+        with th.no_grad():
+            obs = self.policy.obs_to_tensor(stacked)[0]
+            starts = th.zeros(len(rows), dtype=th.bool, device=self.device)
+            _, latent_vf = self._actor.step(obs, starts, rows=index, commit=False)
+            return self.policy.value_net(latent_vf).flatten()
+
+    def learn(
+        self: SelfElmurPPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "ElmurPPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfElmurPPO:
+        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+
+    def _excluded_save_params(self) -> List[str]:
+        return super()._excluded_save_params() + ["_actor"]

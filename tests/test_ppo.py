@@ -1,0 +1,193 @@
+"""ElmurPPO and its rollout buffer: acting equals training over stored sequences, memory credit across rollouts,
+storage, and the SB3 conventions (save/load, predict, callbacks, tensorboard)."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+
+import sb3_elmur  # noqa: F401
+from sb3_elmur import ElmurPPO
+from sb3_elmur.envs import TMazeVecEnv
+from sb3_elmur.policies import ElmurActor
+from tests.dummy_envs import RandomLengthEnv
+
+torch.set_num_threads(1)
+
+SMALL = dict(d_model=16, n_layers=2, n_heads=2, memory_size=2, context_length=4, alpha=0.5, memory_init_std=0.5)
+VECTOR = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
+DICT = spaces.Dict({"position": spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), "flag": spaces.Discrete(3)})
+IMAGE = spaces.Box(0, 255, (36, 36, 1), dtype=np.uint8)
+ACTION_SPACES = [spaces.Discrete(3), spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), spaces.MultiDiscrete([3, 2]),
+                 spaces.MultiBinary(3)]
+
+
+def _model(action_space=spaces.Discrete(3), observation_space=VECTOR, policy="ElmurPolicy", n_envs=3, **kwargs):
+    env = make_vec_env(RandomLengthEnv, n_envs=n_envs, seed=0,
+                       env_kwargs=dict(action_space=action_space, observation_space=observation_space))
+    policy_kwargs = {**SMALL, **kwargs.pop("policy_kwargs", {})}
+    kwargs = {**dict(n_steps=30, batch_size=20, n_epochs=2, sequence_length=10, memory_horizon=13, seed=0), **kwargs}
+    return ElmurPPO(policy, env, policy_kwargs=policy_kwargs, **kwargs)
+
+
+class CheckRolloutMatchesTraining(BaseCallback):
+    """After every rollout, before the update: the log-probs and values recomputed over every minibatch of
+    stored sequences equal those computed while acting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rollouts, self.steps_checked, self.episode_starts = 0, 0, 0
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        model, buffer = self.model, self.model.rollout_buffer
+        self.rollouts += 1
+        self.episode_starts += int(buffer.episode_starts[buffer.history_length + 1 :].sum())
+        n_checked = 0
+        for data in buffer.get(model.batch_size):
+            actions = data.actions.long().flatten() if isinstance(model.action_space, spaces.Discrete) else data.actions
+            with torch.no_grad():
+                values, log_prob, _ = model.policy.evaluate_actions(
+                    data.observations, actions, data.lstm_states, data.episode_starts
+                )
+            mask = data.mask > 0.5
+            torch.testing.assert_close(log_prob[mask], data.old_log_prob[mask], atol=1e-5, rtol=0)
+            torch.testing.assert_close(values.flatten()[mask], data.old_values[mask], atol=1e-5, rtol=0)
+            n_checked += int(mask.sum())
+        assert n_checked == model.n_steps * model.n_envs
+        self.steps_checked += n_checked
+
+
+def _assert_rollouts_match_training(model, rollouts: int = 3) -> None:
+    check = CheckRolloutMatchesTraining()
+    model.learn(rollouts * model.n_steps * model.n_envs, callback=check)
+    assert check.rollouts == rollouts and check.episode_starts >= 2  # episodes end mid-rollout and cross rollouts
+
+
+@pytest.mark.parametrize("action_space", ACTION_SPACES, ids=["discrete", "box", "multidiscrete", "multibinary"])
+@pytest.mark.parametrize("memory_horizon", [0, 13], ids=["no-horizon", "horizon"])
+def test_rollout_matches_training(action_space, memory_horizon):
+    """Three rollouts with updates between them: the later ones start from the previous rollout's history,
+    rebuilt under the updated parameters."""
+    _assert_rollouts_match_training(_model(action_space, memory_horizon=memory_horizon))
+
+
+def test_rollout_matches_training_dict_and_image_observations():
+    _assert_rollouts_match_training(_model(observation_space=DICT, policy="MultiInputElmurPolicy"), rollouts=2)
+    model = _model(observation_space=IMAGE, policy="CnnElmurPolicy", n_envs=2,
+                   policy_kwargs=dict(features_extractor_kwargs=dict(features_dim=16)))
+    _assert_rollouts_match_training(model, rollouts=2)
+
+
+def test_sequence_longer_than_the_rollout_and_long_horizon():
+    """One sequence per env per rollout, and a horizon reaching back more than a whole rollout."""
+    _assert_rollouts_match_training(_model(sequence_length=30, memory_horizon=70, batch_size=60), rollouts=4)
+
+
+def test_episode_start_resets_only_that_env():
+    model = _model(n_envs=2)
+    actor = ElmurActor(model.policy, 2)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for _ in range(7):  # memory and a partial segment in both envs
+            actor.step(torch.as_tensor(rng.uniform(-1, 1, (2, 3)), dtype=torch.float32), torch.zeros(2, dtype=torch.bool))
+        obs = torch.as_tensor(rng.uniform(-1, 1, (2, 3)), dtype=torch.float32)
+        mixed = actor.step(obs, torch.tensor([True, False]), commit=False)[0]
+        kept = actor.step(obs, torch.tensor([False, False]), commit=False)[0]
+        fresh = ElmurActor(model.policy, 2).step(obs, torch.tensor([True, True]))[0]
+    torch.testing.assert_close(mixed[0], fresh[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], kept[1], atol=1e-6, rtol=0)
+    assert (kept[0] - fresh[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("memory_horizon, reached", [(0, False), (12, True)])
+def test_gradient_reaches_a_write_of_the_previous_rollout_only_within_the_horizon(memory_horizon, reached):
+    """The first training sequence of the second rollout: the losses' gradient reaches the observations of the
+    previous rollout's last completed segment (through its memory write) when the horizon covers it."""
+    env = TMazeVecEnv(2, corridor_length=100, variant="passive", seed=0)  # no episode ends in 16 steps
+    model = ElmurPPO("ElmurPolicy", env, n_steps=8, batch_size=8, sequence_length=8, memory_horizon=memory_horizon,
+                     policy_kwargs=dict(SMALL, memory_init_std=0.0), seed=0)
+    _, callback = model._setup_learn(16, None)
+    for _ in range(2):
+        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    buffer = model.rollout_buffer
+    table = {key: value[:1] for key, value in buffer.sequences().items()}  # env 0, rollout steps 0-7
+    anchor, first = int(table["anchor"]), int(table["first"])
+    data = buffer._samples(table)
+    obs = data.observations.clone().requires_grad_(True)
+    _, log_prob, _ = model.policy.evaluate_actions(obs, data.actions.long().flatten(), data.lstm_states,
+                                                   data.episode_starts)
+    log_prob[data.mask > 0.5].sum().backward()
+    # Steps 0-7 of the episode are the previous rollout; its segments [0, 4) and [4, 8) completed there.
+    earlier = [j for j in range(first - anchor) if anchor + j < first - 3]
+    assert bool(earlier) == reached
+    if reached:
+        assert all(float(obs.grad[j].abs().sum()) > 0 for j in earlier)
+
+
+def test_stores_a_tenth_of_the_packed_state_per_step_at_the_default_config():
+    """State bytes per env step, from the buffers' own arrays: ElmurPPO's anchors and history against the
+    packed (hidden, cell) pairs of pi and vf that RecurrentPPO's buffer stores at every step."""
+    env = TMazeVecEnv(8, corridor_length=20)
+    elmur = ElmurPPO("ElmurPolicy", env, seed=0)
+    recurrent = RecurrentPPO("ElmurPolicy", env, seed=0)
+    packed = recurrent.rollout_buffer
+    packed_bytes = sum(getattr(packed, name).nbytes for name in ("hidden_states_pi", "cell_states_pi",
+                                                                 "hidden_states_vf", "cell_states_vf"))
+    steps = recurrent.n_steps * env.num_envs
+    ours = elmur.rollout_buffer.state_nbytes() / steps
+    assert packed_bytes / steps > 6_000  # 838 floats per copy, 2 copies
+    assert ours <= packed_bytes / steps / 10, (ours, packed_bytes / steps)
+
+
+def test_learn_save_load_predict_and_cross_load(tmp_path):
+    env = TMazeVecEnv(2, corridor_length=6, variant="passive", seed=0)
+    model = ElmurPPO("ElmurPolicy", env, n_steps=16, batch_size=16, n_epochs=1, policy_kwargs=SMALL, seed=0,
+                     tensorboard_log=str(tmp_path / "tb"))
+    model.learn(64, progress_bar=True)
+    assert model.num_timesteps == 64 and list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    model.save(tmp_path / "elmur_ppo")
+    obs = np.random.default_rng(0).uniform(-1, 1, (2, 4)).astype(np.float32)
+    actions, _ = model.predict(obs, deterministic=True)
+    for cls in (ElmurPPO, RecurrentPPO):  # either algorithm reads the zip
+        loaded = cls.load(tmp_path / "elmur_ppo", env=env)
+        np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], actions)
+    RecurrentPPO.load(tmp_path / "elmur_ppo", env=env).save(tmp_path / "recurrent_ppo")
+    loaded = ElmurPPO.load(tmp_path / "recurrent_ppo", env=env)
+    assert loaded.sequence_length == 16 and loaded.memory_horizon == 16
+    loaded.learn(32)  # and trains on
+    mean_reward, _ = evaluate_policy(loaded, env, n_eval_episodes=2)
+    assert np.isfinite(mean_reward)
+    script = f"""
+        import numpy as np, torch
+        torch.set_num_threads(1)
+        import sb3_elmur
+        from sb3_elmur import ElmurPPO
+        obs = np.random.default_rng(0).uniform(-1, 1, (2, 4)).astype(np.float32)
+        print(ElmurPPO.load({str(tmp_path / 'elmur_ppo')!r}).predict(obs, deterministic=True)[0].tolist())
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(actions.tolist())
+
+
+def test_bad_configurations_are_named():
+    env = TMazeVecEnv(2, corridor_length=6)
+    with pytest.raises(ValueError, match="unknown|not found|MlpLstmPolicy"):
+        ElmurPPO("MlpLstmPolicy", env)
+    with pytest.raises(ValueError, match="shared_backbone=True"):
+        ElmurPPO("ElmurPolicy", env, policy_kwargs=dict(shared_backbone=False))
+    with pytest.raises(ValueError, match="sequence_length must be"):
+        ElmurPPO("ElmurPolicy", env, sequence_length=0)
+    with pytest.raises(ValueError, match="memory_horizon must be"):
+        ElmurPPO("ElmurPolicy", env, memory_horizon=-1)
