@@ -1,6 +1,8 @@
-"""Train ElmurPolicy with sb3-contrib's stock RecurrentPPO on the passive T-Maze, evaluate, save and reload.
+"""Train ElmurPolicy with sb3-contrib's stock RecurrentPPO (or ElmurPPO) on the passive T-Maze, evaluate, save
+and reload.
 
     python examples/tmaze_quickstart.py                      # corridor 10, ~1-3 minutes on 2 CPU cores
+    python examples/tmaze_quickstart.py --algo ElmurPPO      # the same with ELMUR's own algorithm
     (trains until 95 % greedy success or the budget, then saves, reloads and evaluates the reloaded model)
     python examples/tmaze_quickstart.py --corridor 30 --timesteps 300000 --tensorboard-log runs/
 """
@@ -11,13 +13,13 @@ import time
 from pathlib import Path
 
 import torch
-from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.vec_env import VecMonitor
 
 import sb3_elmur  # noqa: F401  (registers "ElmurPolicy" and the T-Maze ids)
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.evaluation import evaluate_tmaze
 from sb3_elmur.presets import TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.utils import algorithm_class
 
 
 def main() -> None:
@@ -26,6 +28,8 @@ def main() -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--algo", default="RecurrentPPO", choices=["RecurrentPPO", "ElmurPPO"],
+                        help="Algorithm: sb3-contrib's RecurrentPPO, or ElmurPPO (ELMUR's own rollout buffer).")
     parser.add_argument("--corridor", type=int, default=10, help="Corridor length L.")
     parser.add_argument("--timesteps", type=int, default=200_000, help="Env-step budget of training.")
     parser.add_argument("--target", type=float, default=0.95, help="Stop once the greedy success rate reaches this.")
@@ -42,7 +46,8 @@ def main() -> None:
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
 
     env = VecMonitor(TMazeVecEnv(args.n_envs, corridor_length=args.corridor, variant="passive", seed=args.seed))
-    model = RecurrentPPO(
+    algorithm = algorithm_class(args.algo)
+    model = algorithm(
         "ElmurPolicy",
         env,
         policy_kwargs=TMAZE_POLICY_KWARGS,
@@ -63,7 +68,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "elmur_tmaze"
         model.save(path)
-        model = RecurrentPPO.load(path)
+        model = algorithm.load(path)
     for corridor in args.eval_corridors or [args.corridor]:
         success = evaluate_tmaze(model, corridor, n_episodes=100)
         print(f"corridor {corridor}: success {success:.2f} over 100 episodes (reloaded model, greedy actions)")

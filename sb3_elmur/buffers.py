@@ -99,6 +99,9 @@ class ElmurRolloutBuffer:
         self.rewards, self.value_estimates, self.log_probs, self.advantages, self.lambda_returns = (
             th.zeros(steps, device=self.device) for _ in range(5)
         )
+        # Per env, the history step its actor state was restored from (``history_length``: none); None before
+        # the restore of this rollout.
+        self.history_anchor: Optional[th.Tensor] = None
         self.pos = 0  # rollout steps added
         self.history_filled = 0  # steps of history that hold real steps (fewer in the first rollouts)
         self.full = False
@@ -122,38 +125,54 @@ class ElmurRolloutBuffer:
             self.anchor_slots[:h] = self.anchor_slots[keep].clone()
         self.history_filled = min(h, self.history_filled + self.pos)
         self.anchor_slots[h:] = -1
-        self.pos, self.full = 0, False
+        self.pos, self.full, self.history_anchor = 0, False, None
 
     def _observation_tensors(self):
         return self.observations.values() if isinstance(self.observations, dict) else [self.observations]
 
     def restore_actor_state(self, actor) -> None:
-        """Rebuild the actor's state at the end of the history with the current parameters, from the anchor the
-        first training sequence starts from, and refresh the history's later anchors on the way: acting and
-        training then start every step from the same state (an anchor written under older parameters is kept
-        only where training starts from it too).
+        """Rebuild the actor's state at the end of the history with the current parameters, from the anchor that
+        training starts the history's sequences from (the last boundary ``memory_horizon`` steps before the
+        rollout): acting and training then compute every step from the same state, an anchor written under
+        older parameters included. Segment-parallel, then a few steps for the envs whose anchor is later.
 
         :param actor: a :class:`~sb3_elmur.policies.ElmurActor` of ``n_envs`` envs
         """
-        h = self.history_length
+        h, n = self.history_length, self.n_envs
+        self.history_anchor = None  # every boundary of the history is a candidate
+        start = self._anchor_times(th.full((n,), h, device=self.device))
+        self.history_anchor = th.full((n,), h, device=self.device)
         if self.history_filled == 0:
-            actor.set_state(actor.model.initial_state(self.n_envs, self.device))
+            actor.set_state(actor.model.initial_state(n, self.device))
             return
-        start = self._anchor_times(th.full((self.n_envs,), h, device=self.device))
-        envs = th.arange(self.n_envs, device=self.device)
-        # An env with no boundary in its history is at one now: its state is the anchor training starts from.
-        at_boundary, before = start >= h, actor.state
-        for t in range(int(start.min()), h):
-            begins = start == t
-            if bool(begins.any()):
-                actor.set_state(self._where_rows(begins, self.anchor_states(th.full_like(start, t), envs), actor.state))
-            refresh = (t > start) & (self.anchor_slots[t] >= 0)
-            if bool(refresh.any()):
-                self._write_anchors(t, refresh, actor.state)
-            obs = self._index_observations(t, slice(None))
-            actor.step(obs, self.episode_starts[t])
-        if bool(at_boundary.any()):
-            actor.set_state(self._where_rows(at_boundary, before, actor.state))
+        # An env with no boundary in its history is at one now: the state it has is the anchor of its first
+        # sequence (recorded at the rollout's first step).
+        rows = (start < h).nonzero().flatten()
+        if len(rows) == 0:
+            return
+        self.history_anchor[rows] = start[rows]
+        start = start[rows]
+        lengths = h - start
+        model, policy = actor.model, actor.policy
+
+        def inputs(times: th.Tensor) -> th.Tensor:
+            obs = self._index_observations(times, rows.view(-1, *[1] * (times.dim() - 1)).expand_as(times))
+            if isinstance(obs, dict):
+                obs = {key: value.flatten(0, times.dim() - 1) for key, value in obs.items()}
+            else:
+                obs = obs.flatten(0, times.dim() - 1)
+            return policy.extract_features(obs).reshape(*times.shape, -1)
+
+        shortest = int(lengths.min())
+        times = start.unsqueeze(1) + th.arange(shortest, device=self.device)
+        _, state = model(inputs(times), self.anchor_states(start, rows), self.episode_starts[times, rows.unsqueeze(1)])
+        for offset in range(shortest, int(lengths.max())):  # the rest, fewer than context_length steps
+            active = lengths > offset
+            times = th.where(active, start + offset, h - 1)
+            _, stepped, _ = model.step(inputs(times), state, self.episode_starts[times, rows] & active,
+                                       return_outputs=False)
+            state = self._where_rows(active, stepped, state)
+        actor.set_state(ElmurState(*(whole.index_copy(0, rows, part) for whole, part in zip(actor.state, state))))
 
     @staticmethod
     def _where_rows(rows: th.Tensor, new: ElmurState, old: ElmurState) -> ElmurState:
@@ -230,10 +249,16 @@ class ElmurRolloutBuffer:
     # -- training -------------------------------------------------------------------------------------------
 
     def _boundaries(self) -> th.Tensor:
-        """[timeline, n_envs] bool: the steps a sequence may start from (an anchor or an episode start)."""
+        """[timeline, n_envs] bool: the steps a sequence may start from: an anchor or an episode start in the
+        rollout, and in the history, once the actor's state is restored, only the anchor it was restored from."""
+        h = self.history_length
         boundary = (self.anchor_slots >= 0) | self.episode_starts
-        boundary[: self.history_length - self.history_filled] = False
-        boundary[self.history_length + self.pos :] = False
+        boundary[: h - self.history_filled] = False
+        boundary[h + self.pos :] = False
+        if self.history_anchor is not None:
+            boundary[:h] = False
+            rows = (self.history_anchor < h).nonzero().flatten()
+            boundary[self.history_anchor[rows], rows] = True
         return boundary
 
     def _anchor_times(self, first_steps: th.Tensor, envs: Optional[th.Tensor] = None) -> th.Tensor:

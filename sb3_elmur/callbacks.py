@@ -9,6 +9,7 @@ from stable_baselines3.common.policies import BaseModel
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
+from sb3_elmur.buffers import ElmurRolloutBuffer
 from sb3_elmur.model import ElmurState
 from sb3_elmur.policies import ElmurBackbone
 
@@ -39,7 +40,8 @@ def memory_stats(state: ElmurState) -> Dict[str, np.ndarray]:
 class ElmurTensorboardCallback(BaseCallback):
     """Log ELMUR-specific scalars once per rollout, next to SB3's own (``rollout/``, ``train/``).
 
-    For a ``RecurrentPPO`` with an :class:`~sb3_elmur.policies.ElmurPolicy` (actor backbone), under ``elmur/``:
+    For a ``RecurrentPPO`` or ``ElmurPPO`` with an :class:`~sb3_elmur.policies.ElmurPolicy` (actor backbone),
+    under ``elmur/``:
 
     - ``memory_norm``: mean L2 norm of the written memory slots (and ``memory_norm_layer<i>`` per layer);
     - ``slot_age``: mean age in steps of the written slots (step of the newest token minus the step the slot
@@ -80,7 +82,7 @@ class ElmurTensorboardCallback(BaseCallback):
         backbone = getattr(self.model.policy, "lstm_actor", None)
         if not isinstance(backbone, ElmurBackbone):
             raise ValueError(
-                "ElmurTensorboardCallback needs a RecurrentPPO model with an ElmurPolicy, got "
+                "ElmurTensorboardCallback needs a RecurrentPPO or ElmurPPO model with an ElmurPolicy, got "
                 f"{type(self.model).__name__} with {type(self.model.policy).__name__}"
             )
 
@@ -92,11 +94,16 @@ class ElmurTensorboardCallback(BaseCallback):
             return True
         # The states after this step's forward pass (``locals`` of collect_rollouts); before the first step
         # of a rollout only the model's last states exist.
-        lstm_states = self.locals.get("lstm_states", getattr(self.model, "_last_lstm_states", None))
-        if lstm_states is None:
-            return True
+        actor = getattr(self.model, "_actor", None)  # ElmurPPO keeps the typed state itself
+        if actor is not None:
+            state = actor.state
+        else:
+            lstm_states = self.locals.get("lstm_states", getattr(self.model, "_last_lstm_states", None))
+            if lstm_states is None:
+                return True
+            state = self.backbone.unpack(lstm_states.pi)
         with th.no_grad():
-            stats = memory_stats(self.backbone.unpack(lstm_states.pi))
+            stats = memory_stats(state)
         if self._sums is None:
             self._sums = stats
         else:
@@ -135,14 +142,21 @@ class ElmurTensorboardCallback(BaseCallback):
         :return: one share per layer, or None if the model has no memory read (``use_memory_read=False``)
         """
         buffer = self.model.rollout_buffer
-        # Only between the end of a rollout and training: get() reorders the buffer's arrays in place.
-        if not buffer.full or buffer.generator_ready:
+        # Only between the end of a rollout and training: sb3-contrib's get() reorders its arrays in place.
+        if not buffer.full or getattr(buffer, "generator_ready", False):
             return None
-        features, packed, starts = self._rollout_inputs()
         records = AttentionRecorder(self.backbone.model.layers)
         try:
             with th.no_grad():
-                self.backbone(features, packed, starts)
+                if isinstance(buffer, ElmurRolloutBuffer):
+                    # Its training sequences, all at once (burn-in steps included).
+                    data = buffer._samples(buffer.sequences())
+                    features = self.model.policy.extract_features(data.observations)
+                    n = data.lstm_states.step.shape[0]
+                    starts = data.episode_starts.reshape(n, -1) > 0.5
+                    self.backbone.model(features.reshape(n, starts.shape[1], -1), data.lstm_states, starts)
+                else:
+                    self.backbone(*self._rollout_inputs())
         finally:
             records.remove()
         return records.read_shares()

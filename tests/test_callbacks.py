@@ -11,6 +11,7 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
+from sb3_elmur import ElmurPPO
 from sb3_elmur.callbacks import AttentionRecorder, ElmurTensorboardCallback, memory_stats
 from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
 
@@ -21,11 +22,13 @@ torch.set_num_threads(1)
 SMALL = dict(d_model=16, n_layers=2, n_heads=2, memory_size=2, context_length=4)
 
 
-def _tmaze_model(corridor_length: int, tensorboard_log=None, policy="ElmurPolicy", **policy_kwargs) -> RecurrentPPO:
+def _tmaze_model(
+    corridor_length: int, tensorboard_log=None, policy="ElmurPolicy", algo=RecurrentPPO, **policy_kwargs
+) -> RecurrentPPO:
     # A callable, not the id: make_vec_env would pass render_mode="rgb_array", which TMazeEnv rejects.
     env = make_vec_env(lambda: gym.make("sb3_elmur/PassiveTMaze-v0", corridor_length=corridor_length), n_envs=4, seed=0)
     kwargs = {**SMALL, **policy_kwargs} if policy == "ElmurPolicy" else policy_kwargs
-    return RecurrentPPO(
+    return algo(
         policy, env, n_steps=32, batch_size=64, n_epochs=1, seed=0, tensorboard_log=tensorboard_log, policy_kwargs=kwargs
     )
 
@@ -72,9 +75,10 @@ def test_attention_recorder_counts_real_tokens_only():
     assert recorder.n_tokens == 20  # removed hooks record nothing
 
 
-def test_learn_logs_memory_scalars_to_tensorboard(tmp_path):
+@pytest.mark.parametrize("algo", [RecurrentPPO, ElmurPPO], ids=lambda cls: cls.__name__)
+def test_learn_logs_memory_scalars_to_tensorboard(tmp_path, algo):
     corridor = 10  # episodes of 12 steps: segments of 4 complete, so memory gets written
-    model = _tmaze_model(corridor, tensorboard_log=str(tmp_path))
+    model = _tmaze_model(corridor, tensorboard_log=str(tmp_path), algo=algo)
     model.learn(3 * 32 * 4, callback=ElmurTensorboardCallback())
     scalars = _scalars(tmp_path)
     expected = {"elmur/memory_norm", "elmur/slot_age", "elmur/written_slots", "elmur/memory_read_share"}
@@ -132,7 +136,7 @@ def test_read_share_not_measured_without_memory_read():
 
 def test_callback_needs_an_elmur_policy():
     model = _tmaze_model(corridor_length=3, policy="MlpLstmPolicy")
-    with pytest.raises(ValueError, match="needs a RecurrentPPO model with an ElmurPolicy"):
+    with pytest.raises(ValueError, match="needs a RecurrentPPO or ElmurPPO model with an ElmurPolicy"):
         model.learn(128, callback=ElmurTensorboardCallback())
 
 

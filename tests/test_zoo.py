@@ -13,6 +13,7 @@ import torch
 from sb3_contrib import RecurrentPPO
 
 import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
+from sb3_elmur import ElmurPPO
 from sb3_elmur.callbacks import ElmurTensorboardCallback
 from sb3_elmur.policies import ElmurPolicy
 from sb3_elmur.presets import (
@@ -35,6 +36,8 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "zoo_configs"
 ELMUR, LSTM, MLP = (CONFIGS / name for name in ("ppo_lstm_elmur.yml", "ppo_lstm_lstm.yml", "ppo_mlp.yml"))
+ELMUR_PPO = CONFIGS / "elmur_ppo.yml"
+ELMUR_PPO_KEYS = {"sequence_length", "memory_horizon"}  # what elmur_ppo.yml adds to ppo_lstm_elmur.yml
 POLICY_KEYS = {"policy", "policy_kwargs", "callback"}  # what may differ between the three files
 FAMILIES = (
     "Autoencode", "Battleship", "Concentration", "CountRecall", "HigherLower", "LabyrinthEscape", "LabyrinthExplore",
@@ -55,7 +58,7 @@ def _zoo_eval(text: str):
     return eval(text, vars(exp_manager))
 
 
-@pytest.mark.parametrize("path", [ELMUR, LSTM, MLP], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [ELMUR, LSTM, MLP, ELMUR_PPO], ids=lambda p: p.name)
 def test_config_has_default_tmaze_and_every_popgym_id(path):
     config = _load(path)
     assert set(config) == {"default"} | TMAZE_IDS | POPGYM_IDS
@@ -89,6 +92,13 @@ def test_elmur_lstm_and_mlp_entries_differ_only_in_the_policy():
         assert zoo_utils.get_callback_list(dict(elmur[env_id]))[0].__class__ is ElmurTensorboardCallback
 
 
+def test_elmur_ppo_entries_are_the_elmur_entries_plus_its_own_keys():
+    elmur, elmur_ppo = _load(ELMUR), _load(ELMUR_PPO)
+    for env_id, entry in elmur_ppo.items():
+        assert {k: v for k, v in entry.items() if k not in ELMUR_PPO_KEYS} == elmur[env_id], env_id
+        assert set(entry) >= ELMUR_PPO_KEYS, env_id
+
+
 def test_tmaze_entries_are_the_presets():
     elmur, lstm = _load(ELMUR), _load(LSTM)
     for env_id in TMAZE_IDS:
@@ -118,10 +128,13 @@ def test_policy_kwargs_build_the_policies():
         assert model.policy.lstm_actor is not None and model._n_updates == model.n_epochs
 
 
-def _zoo_train(tmp_path: Path, config: Path, env_id: str, gym_packages, *extra: str) -> Path:
-    """Run rl-zoo3's train CLI with a tiny budget; return the saved model's path."""
+def _zoo_train(
+    tmp_path: Path, config: Path, env_id: str, gym_packages, *extra: str, module: str = "rl_zoo3.train",
+    algo: str = "ppo_lstm",
+) -> Path:
+    """Run rl-zoo3's train CLI (or ``module``'s) with a tiny budget; return the saved model's path."""
     command = [
-        sys.executable, "-m", "rl_zoo3.train", "--algo", "ppo_lstm", "--env", env_id,
+        sys.executable, "-m", *module.split(), "--algo", algo, "--env", env_id,
         "--gym-packages", *gym_packages, "-conf", str(config), "-n", "2048", "-f", str(tmp_path / "logs"),
         "--seed", "0", "--eval-freq", "1024", "--eval-episodes", "2", "--num-threads", "1",
         "-tb", str(tmp_path / "tb"), *extra,
@@ -129,7 +142,7 @@ def _zoo_train(tmp_path: Path, config: Path, env_id: str, gym_packages, *extra: 
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     name = env_id.replace("/", "-")
-    model_path = tmp_path / "logs" / "ppo_lstm" / f"{name}_1" / f"{name}.zip"
+    model_path = tmp_path / "logs" / algo / f"{name}_1" / f"{name}.zip"
     assert model_path.exists(), result.stdout[-3000:]
     return model_path
 
@@ -190,3 +203,28 @@ def test_zoo_trains_lstm_on_popgym_with_our_wrappers(tmp_path):
     obs, _ = env.reset(seed=0)
     action, _ = model.predict(obs[None], state=None, episode_start=np.ones(1, dtype=bool))
     assert env.action_space.contains(int(action[0]))
+
+
+def test_elmur_ppo_trains_and_replays_through_the_zoo_entry_point(tmp_path):
+    """``python -m sb3_elmur.zoo train|enjoy --algo elmur_ppo``: rl-zoo3's own commands, ElmurPPO registered."""
+    model_path = _zoo_train(tmp_path, ELMUR_PPO, "sb3_elmur/PassiveTMaze-v0", ["sb3_elmur"], "--env-kwargs",
+                            "corridor_length:12", module="sb3_elmur.zoo train", algo="elmur_ppo")
+    model = ElmurPPO.load(model_path, device="cpu")
+    assert model.num_timesteps == 2048 and (model.sequence_length, model.memory_horizon) == (32, 16)
+    command = [sys.executable, "-m", "sb3_elmur.zoo", "enjoy", "--algo", "elmur_ppo", "--env",
+               "sb3_elmur/PassiveTMaze-v0", "--gym-packages", "sb3_elmur", "-f", "logs", "--exp-id", "1",
+               "--no-render", "--env-kwargs", "corridor_length:12", "-n", "40"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Episode Reward" in result.stdout, result.stdout[-3000:]
+
+
+def test_zoo_entry_point_names_its_commands(capsys):
+    from sb3_elmur import zoo
+
+    with pytest.raises(SystemExit) as exit_info:
+        zoo.main(["evaluate"])
+    assert exit_info.value.code == 2 and "unknown command 'evaluate' (choose from train, enjoy)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        zoo.main(["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m sb3_elmur.zoo")

@@ -1,0 +1,157 @@
+"""Speed and memory of ElmurPPO against RecurrentPPO with ElmurPolicy and with MlpLstmPolicy, in one run.
+
+    python benchmarks/elmur_ppo_speed.py --rounds 3 --out benchmarks/results/elmur_ppo_speed.md
+
+Every configuration trains in its own subprocess (so that peak memory is its own) for ``--rollouts`` rollouts
+of sb3-contrib's default size (8 envs x 128 steps, 10 epochs of minibatches of 128) after one rollout of
+warm-up; rounds alternate the configurations so that load from other jobs weighs on all alike. It reports env
+steps/s in rollouts, in training and in total (median over rounds), the ratios to the LSTM, bytes of recurrent
+state the buffer stores per env step (from the buffer's own arrays), and peak resident memory.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from sb3_elmur.utils import write_json_atomically, write_text_atomically
+
+# name -> (algorithm, policy, policy_kwargs): the package defaults, and an LSTM of a similar parameter count.
+CONFIGS = {
+    "ElmurPPO": ("ElmurPPO", "ElmurPolicy", {}),
+    "RecurrentPPO + ElmurPolicy": ("RecurrentPPO", "ElmurPolicy", {}),
+    "RecurrentPPO + MlpLstmPolicy": ("RecurrentPPO", "MlpLstmPolicy", {}),
+    "RecurrentPPO + MlpLstmPolicy (similar size)": ("RecurrentPPO", "MlpLstmPolicy", {"lstm_hidden_size": 160}),
+}
+ENVS = ("sb3_elmur/PassiveTMaze-v0", "popgym-RepeatPreviousEasy-v0", "popgym-CountRecallEasy-v0")
+LSTM = "RecurrentPPO + MlpLstmPolicy"
+
+
+def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> Dict[str, Any]:
+    """Train one configuration in this process; :return: its timings and sizes."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import sb3_elmur
+    from sb3_elmur.envs import TMazeVecEnv
+    from sb3_elmur.wrappers import make_popgym_env
+
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
+    algo_name, policy, policy_kwargs = CONFIGS[config]
+    if env_id == "sb3_elmur/PassiveTMaze-v0":
+        env = TMazeVecEnv(n_envs, corridor_length=100, variant="passive", seed=seed)
+    else:
+        env = make_vec_env(lambda: make_popgym_env(env_id), n_envs=n_envs, seed=seed)
+    algo = sb3_elmur.ElmurPPO if algo_name == "ElmurPPO" else RecurrentPPO
+    model = algo(policy, env, policy_kwargs=policy_kwargs, seed=seed, device="cpu")
+
+    class Clock(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.marks: List[tuple] = []
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_start(self) -> None:
+            self.marks.append(("start", time.perf_counter()))
+
+        def _on_rollout_end(self) -> None:
+            self.marks.append(("end", time.perf_counter()))
+
+    clock = Clock()
+    steps_per_rollout = model.n_steps * n_envs
+    model.learn((rollouts + 1) * steps_per_rollout, callback=clock)
+    finished = time.perf_counter()
+    times = [t for _, t in clock.marks] + [finished]  # start, end, start, end, ..., end of the last training
+    rollout_s = sum(times[2 * i + 1] - times[2 * i] for i in range(1, rollouts + 1))
+    train_s = sum(times[2 * i + 2] - times[2 * i + 1] for i in range(1, rollouts + 1))
+    buffer = model.rollout_buffer
+    if algo_name == "ElmurPPO":
+        state_bytes = buffer.state_nbytes()
+    else:
+        state_bytes = sum(getattr(buffer, name).nbytes for name in
+                          ("hidden_states_pi", "cell_states_pi", "hidden_states_vf", "cell_states_vf"))
+    n = rollouts * steps_per_rollout
+    return {
+        "rollout_steps_per_s": n / rollout_s,
+        "train_steps_per_s": n / train_s,
+        "total_steps_per_s": n / (rollout_s + train_s),
+        "state_bytes_per_step": state_bytes / steps_per_rollout,
+        "parameters": sum(p.numel() for p in model.policy.parameters()),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/elmur_ppo_speed.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds over all configurations.")
+    parser.add_argument("--rollouts", type=int, default=2, help="Timed rollouts (and updates) per measurement.")
+    parser.add_argument("--n-envs", type=int, default=8, help="Parallel envs.")
+    parser.add_argument("--envs", nargs="+", default=list(ENVS), help="Env ids to measure on.")
+    parser.add_argument("--out", default="benchmarks/results/elmur_ppo_speed.md", help="Markdown report to write.")
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(measure(args.child[0], args.child[1], args.rollouts, args.n_envs, seed=0)))
+        return
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the measurements
+    runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {env: {c: [] for c in CONFIGS} for env in args.envs}
+    for round_index in range(args.rounds):
+        for env_id in args.envs:
+            for config in CONFIGS:
+                command = [sys.executable, __file__, "--child", config, env_id, "--rollouts", str(args.rollouts),
+                           "--n-envs", str(args.n_envs)]
+                result = subprocess.run(command, check=True, capture_output=True, text=True)
+                runs[env_id][config].append(json.loads(result.stdout.strip().splitlines()[-1]))
+                print(f"round {round_index + 1}/{args.rounds} {env_id} {config}: {runs[env_id][config][-1]}", flush=True)
+
+    command = f"python benchmarks/elmur_ppo_speed.py --rounds {args.rounds} --rollouts {args.rollouts} --n-envs {args.n_envs}"
+    lines = [
+        "# ElmurPPO: speed and memory against RecurrentPPO",
+        "",
+        f"Command: `{command}` ({platform.machine()}, Python {platform.python_version()}, one torch thread per "
+        f"process, CPU). {args.n_envs} envs x 128 steps per rollout, 10 epochs of minibatches of 128 steps "
+        "(sb3-contrib's defaults), default policy configs (ELMUR: d_model 64, 2 layers, 2 slots, context 10; "
+        "ElmurPPO: its defaults, sequences of 32 steps, memory horizon 16). Env steps/s: median over rounds; x LSTM: ratio to "
+        f"`{LSTM}` (256 units) in the same run. State bytes: recurrent state stored per env step (ElmurPPO: "
+        "anchors, their index and the history's observations; RecurrentPPO: the packed (hidden, cell) pairs of "
+        "actor and critic). Peak RSS: the whole process, torch included.",
+        "",
+    ]
+    for env_id in args.envs:
+        median = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs[env_id].items()}
+        lines += [f"## {env_id}" + (" (corridor 100)" if "TMaze" in env_id else ""), "",
+                  "| configuration | parameters | rollout steps/s | train steps/s | total steps/s | total x LSTM | "
+                  "rollout x LSTM | state bytes/step | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for config, m in median.items():
+            lines.append(
+                f"| {config} | {m['parameters']:,.0f} | {m['rollout_steps_per_s']:,.0f} | {m['train_steps_per_s']:,.0f} | "
+                f"{m['total_steps_per_s']:,.0f} | {m['total_steps_per_s'] / median[LSTM]['total_steps_per_s']:.2f} | "
+                f"{m['rollout_steps_per_s'] / median[LSTM]['rollout_steps_per_s']:.2f} | "
+                f"{m['state_bytes_per_step']:,.0f} | {m['peak_rss_mib']:,.0f} |"
+            )
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    write_text_atomically(out, text)
+    write_json_atomically(out.with_suffix(".json"), {"command": command, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
