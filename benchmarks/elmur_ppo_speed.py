@@ -4,7 +4,8 @@
 
 Every configuration trains in its own subprocess (so that peak memory is its own) for ``--rollouts`` rollouts
 of sb3-contrib's default size (8 envs x 128 steps, 10 epochs of minibatches of 128) after one rollout of
-warm-up; rounds alternate the configurations so that load from other jobs weighs on all alike. It reports env
+warm-up (which also holds the compiling of "compiled acting"); rounds alternate the configurations so that
+load from other jobs weighs on all alike. It reports env
 steps/s in rollouts, in training and in total (median over rounds), the ratios to the LSTM, bytes of recurrent
 state the buffer stores per env step (from the buffer's own arrays), and peak resident memory.
 """
@@ -25,6 +26,7 @@ from sb3_elmur.utils import write_json_atomically, write_text_atomically
 # name -> (algorithm, policy, policy_kwargs): the package defaults, and an LSTM of a similar parameter count.
 CONFIGS = {
     "ElmurPPO": ("ElmurPPO", "ElmurPolicy", {}),
+    "ElmurPPO, compiled acting": ("ElmurPPO", "ElmurPolicy", {}),
     "RecurrentPPO + ElmurPolicy": ("RecurrentPPO", "ElmurPolicy", {}),
     "RecurrentPPO + MlpLstmPolicy": ("RecurrentPPO", "MlpLstmPolicy", {}),
     "RecurrentPPO + MlpLstmPolicy (similar size)": ("RecurrentPPO", "MlpLstmPolicy", {"lstm_hidden_size": 160}),
@@ -50,8 +52,12 @@ def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> 
         env = TMazeVecEnv(n_envs, corridor_length=100, variant="passive", seed=seed)
     else:
         env = make_vec_env(lambda: make_popgym_env(env_id), n_envs=n_envs, seed=seed)
-    algo = sb3_elmur.ElmurPPO if algo_name == "ElmurPPO" else RecurrentPPO
-    model = algo(policy, env, policy_kwargs=policy_kwargs, seed=seed, device="cpu")
+    if algo_name == "ElmurPPO":
+        compile_acting = "compiled" in config
+        model = sb3_elmur.ElmurPPO(policy, env, policy_kwargs=policy_kwargs, seed=seed, device="cpu",
+                                   compile_acting=compile_acting)
+    else:
+        model = RecurrentPPO(policy, env, policy_kwargs=policy_kwargs, seed=seed, device="cpu")
 
     class Clock(BaseCallback):
         def __init__(self) -> None:
@@ -101,6 +107,8 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=2, help="Timed rollouts (and updates) per measurement.")
     parser.add_argument("--n-envs", type=int, default=8, help="Parallel envs.")
     parser.add_argument("--envs", nargs="+", default=list(ENVS), help="Env ids to measure on.")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
+                        help="Configurations to measure (the LSTM one is always measured: ratios refer to it).")
     parser.add_argument("--out", default="benchmarks/results/elmur_ppo_speed.md", help="Markdown report to write.")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,10 +118,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the measurements
-    runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {env: {c: [] for c in CONFIGS} for env in args.envs}
+    configs = [c for c in CONFIGS if c in args.configs or c == LSTM]
+    runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {env: {c: [] for c in configs} for env in args.envs}
     for round_index in range(args.rounds):
         for env_id in args.envs:
-            for config in CONFIGS:
+            for config in configs:
                 command = [sys.executable, __file__, "--child", config, env_id, "--rollouts", str(args.rollouts),
                            "--n-envs", str(args.n_envs)]
                 result = subprocess.run(command, check=True, capture_output=True, text=True)
@@ -121,6 +130,10 @@ def main() -> None:
                 print(f"round {round_index + 1}/{args.rounds} {env_id} {config}: {runs[env_id][config][-1]}", flush=True)
 
     command = f"python benchmarks/elmur_ppo_speed.py --rounds {args.rounds} --rollouts {args.rollouts} --n-envs {args.n_envs}"
+    if args.envs != list(ENVS):
+        command += " --envs " + " ".join(args.envs)
+    if configs != list(CONFIGS):
+        command += " --configs " + " ".join(f"'{c}'" for c in configs)
     lines = [
         "# ElmurPPO: speed and memory against RecurrentPPO",
         "",

@@ -58,6 +58,8 @@ RESERVED_PPO_KWARGS = ("policy", "env", "seed", "policy_kwargs", "tensorboard_lo
 # Evaluation envs get other seeds than the training envs of the same run.
 EVAL_SEED_OFFSET = 10_000
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Algorithms a policy may name (ALGO:POLICY); without one, the policy's own: RecurrentPPO or PPO.
+ALGORITHMS = ("ElmurPPO", "RecurrentPPO", "PPO")
 FINISHED, UNFINISHED, FAILED, PENDING = "finished", "unfinished", "failed", "pending"
 # The clock deadlines are checked against (one indirection, so that tests can stop a run at a chosen point).
 _clock = time.time
@@ -69,11 +71,12 @@ _clock = time.time
 
 
 def resolve_policy(policy: str) -> Tuple[str, type]:
-    """Algorithm and policy class for a policy alias or a dotted class path.
+    """Algorithm and policy class for a policy alias or a dotted class path, optionally after an algorithm.
 
     :param policy: an alias of sb3-contrib's ``RecurrentPPO`` (``ElmurPolicy``, ``MlpLstmPolicy``, ...), of
-        SB3's ``PPO`` (``MlpPolicy``, ...), or a dotted path to a policy class
-    :return: ("RecurrentPPO" or "PPO", policy class)
+        SB3's ``PPO`` (``MlpPolicy``, ...), or a dotted path to a policy class; ``ALGO:POLICY`` names the
+        algorithm too (``ElmurPPO:ElmurPolicy``; ALGO one of ElmurPPO, RecurrentPPO, PPO)
+    :return: ("ElmurPPO", "RecurrentPPO" or "PPO", policy class)
     """
     import sb3_elmur  # noqa: F401  (registers the ELMUR aliases)
     from sb3_contrib import RecurrentPPO
@@ -81,6 +84,15 @@ def resolve_policy(policy: str) -> Tuple[str, type]:
     from stable_baselines3 import PPO
     from stable_baselines3.common.policies import ActorCriticPolicy
 
+    algo, sep, name = policy.rpartition(":")
+    if sep:
+        if algo not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algo!r} in {policy!r}: expected one of {', '.join(ALGORITHMS)}")
+        _, policy_class = resolve_policy(name)
+        aliases = algorithm_class(algo).policy_aliases
+        if name not in aliases and not issubclass(policy_class, tuple(aliases.values())):
+            raise ValueError(f"{algo} does not take the policy {name!r}: it takes {sorted(aliases)}")
+        return algo, policy_class
     if policy in RecurrentPPO.policy_aliases:
         return "RecurrentPPO", RecurrentPPO.policy_aliases[policy]
     if policy in PPO.policy_aliases:
@@ -199,7 +211,7 @@ def parse_policy_labels(policies: Sequence[str]) -> Dict[str, str]:
     for item in policies:
         label, sep, policy = item.partition("=")
         if not sep:
-            label = policy = item
+            label, policy = item.replace(":", "-"), item
         if not LABEL_PATTERN.match(label):
             raise ValueError(f"policy label {label!r} may only hold letters, digits, '_', '.' and '-'")
         if label in labels:
@@ -271,7 +283,7 @@ def build_specs(settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     for env_id in envs:
         env_wrappers = wrappers.get(env_id, list(POPGYM_WRAPPERS) if is_popgym_id(env_id) else [])
         for label, policy in labels.items():
-            kwargs = {**DEFAULT_POLICY_KWARGS.get(policy, {}), **policy_kwargs.get(label, {})}
+            kwargs = {**DEFAULT_POLICY_KWARGS.get(policy.rpartition(":")[2], {}), **policy_kwargs.get(label, {})}
             for seed in seeds:
                 specs.append(
                     dict(
@@ -581,7 +593,7 @@ def _train_run(record_path: Path, deadline: Optional[float]) -> int:
             record["evaluations"] = new_record(spec, options)["evaluations"]
             record["wall_time_s"] = record["eval_time_s"] = previous_wall_time = 0.0
             model = algo(
-                spec["policy"],
+                policy_class,
                 env,
                 seed=spec["seed"],
                 policy_kwargs=resolve_classes(spec["policy_kwargs"]),
@@ -1063,7 +1075,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--envs", nargs="+", help="env ids (gymnasium registry; POPGym ids need popgym) (no default: give them here or in "
         "--config)",
     )
-    parser.add_argument("--policies", nargs="+", help=f"policies or LABEL=POLICY (default: {' '.join(DEFAULT_POLICIES)})")
+    parser.add_argument("--policies", nargs="+", help="policies or LABEL=POLICY; ALGO:POLICY picks the algorithm "
+                        f"(ElmurPPO:ElmurPolicy; default: RecurrentPPO or PPO) (default: {' '.join(DEFAULT_POLICIES)})")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0)")
     parser.add_argument("--timesteps", type=int, help="env steps per run (default: 100000)")
     parser.add_argument("--n-envs", type=int, help="parallel training envs per run (default: 8)")

@@ -11,15 +11,10 @@ import torch as th
 from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.policies import BaseModel
 
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import _check_corridor_length, _check_variant
-from sb3_elmur.model import ElmurState
-from sb3_elmur.policies import ElmurPolicy
-
-# Fixed shapes (one batch per run); the C++ wrapper cuts the per-call overhead of the compiled graph (measured).
-COMPILE_OPTIONS = dict(dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+from sb3_elmur.policies import ElmurActor, ElmurPolicy
 
 # Seconds a stopped worker gets to exit after SIGTERM before it is killed.
 _STOP_TIMEOUT = 5.0
@@ -362,49 +357,22 @@ def _actor(
 def _elmur_actor(
     policy: ElmurPolicy, deterministic: bool, device: th.device, compile: bool = False
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """The actor part of ``ElmurPolicy._predict`` on an ``ElmurState`` kept between steps, with the layer
-    outputs of its segment (``ElmurModel.step``): packing the state into the LSTM-shaped pair and back, which
-    only RecurrentPPO's buffer needs, cost as much as the heads per step.
-
-    With ``compile``, steps that start no episode run ``torch.compile``d (two graphs: mid-segment and
-    segment-completing steps, see ``ElmurModel.step_core``); the others (the first step and episode ends) run
-    eagerly."""
-    model = policy.lstm_actor.model
-    # Greedy discrete actions are the argmax of the logits: no distribution object per step.
+    """Actions through an :class:`~sb3_elmur.policies.ElmurActor` (the unpacked state and the layer outputs of
+    its segment); greedy Discrete actions as the argmax of the logits, without a distribution object."""
     greedy_logits = deterministic and isinstance(policy.action_space, spaces.Discrete)
-
-    def policy_step(
-        obs: th.Tensor, state: ElmurState, branches: tuple, outputs: Optional[th.Tensor]
-    ) -> Tuple[th.Tensor, ElmurState, th.Tensor]:
-        """Observations -> greedy actions, or the actor's latent when actions are sampled (outside the graph)."""
-        features = BaseModel.extract_features(policy, obs, policy.pi_features_extractor)
-        latent, state, outputs = model.step_core(features, state, *branches, outputs)
-        latent_pi = policy.mlp_extractor.forward_actor(latent)
-        return policy.action_net(latent_pi).argmax(dim=1) if greedy_logits else latent_pi, state, outputs
-
-    compiled_step = th.compile(policy_step, **COMPILE_OPTIONS) if compile else policy_step
-    state, outputs = None, None
+    actor: Optional[ElmurActor] = None
 
     def act(obs: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
-        nonlocal state, outputs
+        nonlocal actor
         with th.no_grad():
+            if actor is None:
+                actor = ElmurActor(policy, len(obs), compile=compile)
             obs_tensor = th.as_tensor(obs, device=device)
-            if state is None:
-                state = model.initial_state(len(obs), device)
-            branches = model.step_branches(state, th.as_tensor(episode_start, dtype=th.bool, device=device))
-            if compile and branches[2] is None and outputs is not None:
-                try:
-                    out, state, outputs = compiled_step(obs_tensor, state, branches, outputs)
-                except Exception as error:
-                    message = f"{type(error).__name__}: {error}".splitlines()[0]
-                    raise RuntimeError(
-                        f"torch.compile of the acting step failed ({message}); on CPU it needs a working C++ "
-                        "compiler: evaluate without compile=True (--compile)"
-                    ) from error
+            latent_pi, _ = actor.step(obs_tensor, th.as_tensor(episode_start, dtype=th.bool, device=device))
+            if greedy_logits:
+                actions = policy.action_net(latent_pi).argmax(dim=1)
             else:
-                out, state, outputs = policy_step(obs_tensor, state, branches, outputs)
-            if not greedy_logits:
-                out = policy._get_action_dist_from_latent(out).get_actions(deterministic=deterministic)
-        return out.cpu().numpy()
+                actions = policy._get_action_dist_from_latent(latent_pi).get_actions(deterministic=deterministic)
+        return actions.cpu().numpy()
 
     return act

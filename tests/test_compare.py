@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_elmur import compare, utils
+from sb3_elmur import ElmurPPO, compare, utils
 from sb3_elmur.compare import (
     POPGYM_WRAPPERS,
     build_specs,
@@ -443,3 +443,16 @@ def test_report_covers_the_runs_of_earlier_invocations(comparison, tmp_path, cap
     assert {(row["label"], tuple(row["seeds"])) for row in summary} == {
         ("ElmurPolicy", (0, 1)), ("MlpLstmPolicy", (0, 1)), ("MlpPolicy", (1,))
     }  # fmt: skip
+
+
+def test_elmur_ppo_runs_as_an_algorithm_of_the_comparison(tmp_path):
+    """``ALGO:POLICY`` picks the algorithm: the run trains with ElmurPPO and the table names it."""
+    out = tmp_path / "out"
+    _run_cli(*TINY_ARGS, "--policies", "ElmurPPO:ElmurPolicy", "--out", str(out), cwd=tmp_path)
+    ((label, _), record), = _records(out).items()
+    assert label == "ElmurPPO-ElmurPolicy" and record["spec"]["algo"] == "ElmurPPO" and record["status"] == "finished"
+    model_path = out / "runs" / "sb3_elmur-PassiveTMaze-v0" / label / "seed0_model.zip"
+    assert ElmurPPO.load(model_path, device="cpu").num_timesteps == 2048
+    assert "| ElmurPPO-ElmurPolicy (ElmurPPO:ElmurPolicy) | ElmurPPO |" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="ElmurPPO does not take the policy 'MlpLstmPolicy'"):
+        build_specs(dict(envs=[TMAZE], policies=["ElmurPPO:MlpLstmPolicy"]))

@@ -13,7 +13,7 @@ import torch as th
 from sb3_contrib import RecurrentPPO
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur import evaluation, tmaze_eval
+from sb3_elmur import policies, tmaze_eval
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import DOWN, RIGHT, UP
 from sb3_elmur.evaluation import EvaluationWorkerError, _actor, evaluate_tmaze, evaluate_tmaze_corridors
@@ -239,7 +239,7 @@ def test_compiled_actor_matches_eager(deterministic, monkeypatch):
             compiles.append(args)
             return compile(*args, **kwargs)
 
-        monkeypatch.setattr(evaluation.th, "compile", counted_compile)
+        monkeypatch.setattr(policies.th, "compile", counted_compile)
         results = list(evaluate_tmaze_corridors(model, [12, 20], n_episodes=4, compile=True))
         monkeypatch.undo()
         eager_results = list(evaluate_tmaze_corridors(model, [12, 20], n_episodes=4))

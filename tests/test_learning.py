@@ -8,6 +8,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecMonitor
 
 import sb3_elmur  # noqa: F401
+from sb3_elmur import ElmurPPO
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.evaluation import evaluate_tmaze
 from sb3_elmur.presets import TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
@@ -20,16 +21,16 @@ torch.set_num_threads(1)
 CORRIDOR = 10
 
 
-def _train_until(model, target: float, max_steps: int, chunk: int = 8192) -> float:
+def _train_until(model, target: float, max_steps: int, chunk: int = 8192, corridor: int = CORRIDOR) -> float:
     success = 0.0
     while model.num_timesteps < max_steps and success < target:
         model.learn(chunk, reset_num_timesteps=False)
-        success = evaluate_tmaze(model, CORRIDOR, n_episodes=100)
+        success = evaluate_tmaze(model, corridor, n_episodes=100)
     return success
 
 
-def _env(seed: int = 0) -> VecMonitor:
-    return VecMonitor(TMazeVecEnv(8, corridor_length=CORRIDOR, variant="passive", seed=seed))
+def _env(seed: int = 0, corridor: int = CORRIDOR) -> VecMonitor:
+    return VecMonitor(TMazeVecEnv(8, corridor_length=corridor, variant="passive", seed=seed))
 
 
 def test_elmur_policy_solves_passive_tmaze():
@@ -45,3 +46,14 @@ def test_memoryless_ppo_stays_at_chance():
     # Without memory it cannot know the cue at the junction: at most one of the two halves is right. (After 40k
     # steps it does not yet reach the junction in every episode: seed 0 scores 0.29, so no lower bound.)
     assert success <= 0.6, f"a memoryless policy beat chance ({success:.2f}): the observation leaks the cue"
+
+
+def test_elmur_ppo_learns_a_cue_seen_in_an_earlier_rollout():
+    """Corridor 24 with rollouts of 16 steps: the cue (step 0) and the junction (step 24) are never in the same
+    rollout, so the memory write that carries the cue learns only through the memory horizon (32 steps)."""
+    corridor = 24
+    ppo_kwargs = dict(TMAZE_PPO_KWARGS, n_steps=16)
+    model = ElmurPPO("ElmurPolicy", _env(corridor=corridor), policy_kwargs=TMAZE_POLICY_KWARGS, seed=0,
+                     sequence_length=16, memory_horizon=32, **ppo_kwargs)
+    success = _train_until(model, target=0.95, max_steps=300_000, corridor=corridor)
+    assert success >= 0.95, f"ElmurPPO reached only {success:.2f} after {model.num_timesteps} steps"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, check_int, lru_write
+from sb3_elmur.model import Attention, ElmurConfig, ElmurModel, ElmurState, check_int, lru_write
 
 torch.set_num_threads(1)
 
@@ -357,3 +357,20 @@ def test_step_with_layer_outputs_equals_sequence(kwargs):
             out, step_state, outputs = model.step(x[:, i], step_state, starts[:, i], outputs)
             torch.testing.assert_close(out, seq_out[:, i], atol=1e-5, rtol=0)
     _assert_states_close(seq_state, step_state)
+
+
+def test_fused_attention_matches_the_explicit_one(monkeypatch):
+    """``Attention.fused`` (scaled_dot_product_attention, the default on GPU) computes what the explicit CPU path
+    does, in training (whole sequences) and acting (one step) alike."""
+    torch.manual_seed(0)
+    model = ElmurModel(5, ElmurConfig(d_model=16, n_heads=2, n_layers=2, memory_size=2, context_length=4))
+    x, starts = torch.randn(3, 11, 5), torch.zeros(3, 11, dtype=torch.bool)
+    starts[1, 6] = True
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(Attention, "fused", fused)
+        out, state = model(x, model.initial_state(3), starts)
+        step_out, _, _ = model.step(x[:, 0], state, torch.zeros(3, dtype=torch.bool))
+        results.append((out, step_out, state.memory))
+    for explicit, fused in zip(*results):
+        torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)

@@ -191,3 +191,20 @@ def test_bad_configurations_are_named():
         ElmurPPO("ElmurPolicy", env, sequence_length=0)
     with pytest.raises(ValueError, match="memory_horizon must be"):
         ElmurPPO("ElmurPolicy", env, memory_horizon=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rollout_matches_training_on_cuda():
+    """On a GPU the buffer, the states and the fused attention stay on the device."""
+    model = _model(device="cuda")
+    _assert_rollouts_match_training(model, rollouts=2)
+    buffer = model.rollout_buffer
+    assert buffer.observations.is_cuda and buffer.anchor_memory.is_cuda and model._actor.state.memory.is_cuda
+
+
+def test_compiled_acting_matches_training():
+    """``compile_acting=True``: rollouts act through the compiled step, and training still recomputes the same
+    log-probs and values."""
+    model = _model(compile_acting=True, n_envs=2)
+    assert model._actor.compiled is not None
+    _assert_rollouts_match_training(model, rollouts=2)

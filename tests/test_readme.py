@@ -47,7 +47,9 @@ def _scaled(code: str) -> str:
 
 
 def test_readme_has_the_snippets_this_file_runs():
-    assert [heading for heading, _ in PYTHON_BLOCKS] == ["Use", "Offline training: RecurrentBC", "POPGym"]
+    assert [heading for heading, _ in PYTHON_BLOCKS] == [
+        "Use", "ElmurPPO: ELMUR's own algorithm", "Offline training: RecurrentBC", "POPGym"
+    ]
     assert _scaled("model.learn(150_000, progress_bar=True)") == f"model.learn({LEARN_STEPS}, progress_bar=True)"
 
 
@@ -82,7 +84,7 @@ README_MODULES = sorted(set(re.findall(r"python -m (sb3_elmur\.\w+)", SHELL)))
 
 
 def test_readme_names_existing_modules_and_scripts():
-    assert README_MODULES == ["sb3_elmur.compare", "sb3_elmur.datasets", "sb3_elmur.tmaze_eval"]
+    assert README_MODULES == ["sb3_elmur.compare", "sb3_elmur.datasets", "sb3_elmur.tmaze_eval", "sb3_elmur.zoo"]
     for script in re.findall(r"python ((?:benchmarks|examples)/\w+\.py)", README):
         assert (REPO / script).exists(), script
 
