@@ -5,9 +5,9 @@
 Every configuration trains in its own subprocess (so that peak memory is its own) for ``--rollouts`` rollouts
 of sb3-contrib's default size (8 envs x 128 steps, 10 epochs of minibatches of 128) after one rollout of
 warm-up (which also holds the compiling of "compiled acting"); rounds alternate the configurations so that
-load from other jobs weighs on all alike. It reports env
-steps/s in rollouts, in training and in total (median over rounds), the ratios to the LSTM, bytes of recurrent
-state the buffer stores per env step (from the buffer's own arrays), and peak resident memory.
+load from other jobs weighs on all alike. It reports env steps/s in rollouts, in training and in total (median
+over rounds), the ratios to the LSTM, bytes of recurrent state the buffer stores per env step (from the buffer's
+own arrays), and peak resident memory.
 """
 
 import argparse
