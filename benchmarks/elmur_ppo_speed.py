@@ -23,14 +23,18 @@ from typing import Any, Dict, List
 
 from sb3_elmur.utils import write_json_atomically, write_text_atomically
 
-# name -> (algorithm, policy, policy_kwargs): the package defaults, and an LSTM of a similar parameter count.
+# name -> (algorithm, policy, policy_kwargs, algorithm kwargs): the package defaults, and an LSTM of a similar
+# parameter count. The last two ElmurPPO ones measure the memory horizon's cost (not run by default).
 CONFIGS = {
-    "ElmurPPO": ("ElmurPPO", "ElmurPolicy", {}),
-    "ElmurPPO, compiled acting": ("ElmurPPO", "ElmurPolicy", {}),
-    "RecurrentPPO + ElmurPolicy": ("RecurrentPPO", "ElmurPolicy", {}),
-    "RecurrentPPO + MlpLstmPolicy": ("RecurrentPPO", "MlpLstmPolicy", {}),
-    "RecurrentPPO + MlpLstmPolicy (similar size)": ("RecurrentPPO", "MlpLstmPolicy", {"lstm_hidden_size": 160}),
+    "ElmurPPO": ("ElmurPPO", "ElmurPolicy", {}, {}),
+    "ElmurPPO, compiled acting": ("ElmurPPO", "ElmurPolicy", {}, {"compile_acting": True}),
+    "RecurrentPPO + ElmurPolicy": ("RecurrentPPO", "ElmurPolicy", {}, {}),
+    "RecurrentPPO + MlpLstmPolicy": ("RecurrentPPO", "MlpLstmPolicy", {}, {}),
+    "RecurrentPPO + MlpLstmPolicy (similar size)": ("RecurrentPPO", "MlpLstmPolicy", {"lstm_hidden_size": 160}, {}),
+    "ElmurPPO, memory horizon 0": ("ElmurPPO", "ElmurPolicy", {}, {"memory_horizon": 0}),
+    "ElmurPPO, sequences 128, horizon 64": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 128, "memory_horizon": 64}),
 }
+DEFAULT_CONFIGS = list(CONFIGS)[:5]
 ENVS = ("sb3_elmur/PassiveTMaze-v0", "popgym-RepeatPreviousEasy-v0", "popgym-CountRecallEasy-v0")
 LSTM = "RecurrentPPO + MlpLstmPolicy"
 
@@ -47,17 +51,13 @@ def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> 
     from sb3_elmur.wrappers import make_popgym_env
 
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
-    algo_name, policy, policy_kwargs = CONFIGS[config]
+    algo_name, policy, policy_kwargs, algo_kwargs = CONFIGS[config]
     if env_id == "sb3_elmur/PassiveTMaze-v0":
         env = TMazeVecEnv(n_envs, corridor_length=100, variant="passive", seed=seed)
     else:
         env = make_vec_env(lambda: make_popgym_env(env_id), n_envs=n_envs, seed=seed)
-    if algo_name == "ElmurPPO":
-        compile_acting = "compiled" in config
-        model = sb3_elmur.ElmurPPO(policy, env, policy_kwargs=policy_kwargs, seed=seed, device="cpu",
-                                   compile_acting=compile_acting)
-    else:
-        model = RecurrentPPO(policy, env, policy_kwargs=policy_kwargs, seed=seed, device="cpu")
+    algo = sb3_elmur.ElmurPPO if algo_name == "ElmurPPO" else RecurrentPPO
+    model = algo(policy, env, policy_kwargs=policy_kwargs, seed=seed, device="cpu", **algo_kwargs)
 
     class Clock(BaseCallback):
         def __init__(self) -> None:
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=2, help="Timed rollouts (and updates) per measurement.")
     parser.add_argument("--n-envs", type=int, default=8, help="Parallel envs.")
     parser.add_argument("--envs", nargs="+", default=list(ENVS), help="Env ids to measure on.")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS), metavar="CONFIG",
                         help="Configurations to measure (the LSTM one is always measured: ratios refer to it).")
     parser.add_argument("--out", default="benchmarks/results/elmur_ppo_speed.md", help="Markdown report to write.")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -132,7 +132,7 @@ def main() -> None:
     command = f"python benchmarks/elmur_ppo_speed.py --rounds {args.rounds} --rollouts {args.rollouts} --n-envs {args.n_envs}"
     if args.envs != list(ENVS):
         command += " --envs " + " ".join(args.envs)
-    if configs != list(CONFIGS):
+    if configs != DEFAULT_CONFIGS:
         command += " --configs " + " ".join(f"'{c}'" for c in configs)
     lines = [
         "# ElmurPPO: speed and memory against RecurrentPPO",

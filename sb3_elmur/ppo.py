@@ -35,9 +35,8 @@ class ElmurPPO(RecurrentPPO):
         has segments, so short sequences train fastest
     :param memory_horizon: steps before each sequence recomputed with gradients but without loss, so that
         memory writes up to that far back (in the previous rollout too) learn from the sequence's losses. Each
-        sequence then recomputes up to ``memory_horizon + context_length - 1`` steps before it; on T-Maze
-        (defaults, 8 envs) training ran at 373 env steps/s with the defaults, 409 with ``memory_horizon=0`` and
-        117 with sequences of 128 and a horizon of 32 (``benchmarks/results/elmur_ppo_speed.md``)
+        sequence then recomputes up to ``memory_horizon + context_length - 1`` steps before it, which costs
+        training time (``benchmarks/results/elmur_ppo_speed.md``)
     :param compile_acting: act through ``torch.compile`` (see :class:`~sb3_elmur.policies.ElmurActor`: same
         actions, about 2x faster rollout steps on CPU after tens of seconds of compiling; needs a C++ compiler)
     (other parameters: see sb3-contrib's ``RecurrentPPO``; gSDE is not supported)
