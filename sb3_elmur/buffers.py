@@ -182,17 +182,12 @@ class ElmurRolloutBuffer:
         """Before the step at ``pos``: keep ``state`` (the one that step starts from) where it is at a segment
         boundary and no episode starts."""
         rows = ~episode_starts & (state.step % self.context_length == 0)
-        if bool(rows.any()):
-            self._write_anchors(self.history_length + self.pos, rows, state, new=True)
-
-    def _write_anchors(self, t: int, rows: th.Tensor, state: ElmurState, new: bool = False) -> None:
+        if not bool(rows.any()):
+            return
         envs = rows.nonzero().flatten()
-        if new:
-            slots = self.next_slot[envs] % self.n_anchor_slots
-            self.next_slot[envs] += 1
-            self.anchor_slots[t, envs] = slots.int()
-        else:
-            slots = self.anchor_slots[t, envs].long()
+        slots = self.next_slot[envs] % self.n_anchor_slots
+        self.next_slot[envs] += 1
+        self.anchor_slots[self.history_length + self.pos, envs] = slots.int()
         self.anchor_memory[slots, envs] = state.memory[envs]
         self.anchor_positions[slots, envs] = state.positions[envs].int()
         self.anchor_steps[slots, envs] = state.step[envs].int()
