@@ -255,7 +255,11 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    # torch's softmax kernel is slow on CPU for rows of a few entries (6x slower than this, measured).
+    if torch.is_grad_enabled():
+        # With gradients, torch's fused softmax wins: its backward is one op, this form's four (measured: 50
+        # against 87 us forward and backward for [4, 2, 10, 10] scores).
+        return torch.softmax(scores, dim=-1)
+    # Without, for acting, torch's softmax kernel is slow on CPU for rows of a few entries (6x slower than this).
     exp = (scores - scores.amax(dim=-1, keepdim=True)).exp()
     return exp / exp.sum(dim=-1, keepdim=True)
 
