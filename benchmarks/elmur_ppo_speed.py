@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS), metavar="CONFIG",
                         help="Configurations to measure (the LSTM one is always measured: ratios refer to it).")
     parser.add_argument("--out", default="benchmarks/results/elmur_ppo_speed.md", help="Markdown report to write.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -117,6 +118,8 @@ def main() -> None:
         return
 
     out = Path(args.out)
+    if out.exists() and not args.overwrite:  # earlier results are never erased by accident
+        parser.error(f"{out} exists: pass --overwrite to replace it, or --out another file")
     out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the measurements
     configs = [c for c in CONFIGS if c in args.configs or c == LSTM]
     runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {env: {c: [] for c in configs} for env in args.envs}
