@@ -1,4 +1,4 @@
-"""One RecurrentPPO run on the passive T-Maze with given PPO and policy settings, for tuning long corridors.
+"""One RecurrentPPO (or ElmurPPO) run on the passive T-Maze with given PPO and policy settings, for tuning long corridors.
 
 Trains in chunks of 25k env steps (8 envs, seed 0); after each chunk prints the greedy success over 100 episodes
 at the evaluation corridor, and the mean return and length of the last 100 training episodes.
@@ -19,7 +19,7 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.vec_env import VecMonitor
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur import presets
+from sb3_elmur import ElmurPPO, presets
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.evaluation import evaluate_tmaze
 
@@ -32,6 +32,9 @@ def main() -> None:
     )
     parser.add_argument("policy", choices=["ElmurPolicy", "MlpLstmPolicy"], help="Policy to train.")
     parser.add_argument("corridor", help="Training corridor length L, or a range LOW-HIGH.")
+    parser.add_argument("--algo", default="RecurrentPPO", choices=["RecurrentPPO", "ElmurPPO"],
+                        help="Algorithm (ElmurPPO: ElmurPolicy only; its sequence_length and memory_horizon go in "
+                        "--ppo-kwargs).")
     parser.add_argument("--timesteps", type=int, default=500_000, help="Env-step budget of training.")
     parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS.")
     parser.add_argument("--policy-kwargs", default="{}", help="JSON merged over the policy's T-Maze preset.")
@@ -49,7 +52,8 @@ def main() -> None:
     env = TMazeVecEnv(8, corridor_length=train_corridor, variant="passive", seed=0,
                       terminate_on_timeout=args.terminate_on_timeout)
     env = VecMonitor(env)
-    model = RecurrentPPO(args.policy, env, policy_kwargs=policy_kwargs, seed=0, **ppo_kwargs)
+    algorithm = ElmurPPO if args.algo == "ElmurPPO" else RecurrentPPO
+    model = algorithm(args.policy, env, policy_kwargs=policy_kwargs, seed=0, **ppo_kwargs)
     print(ppo_kwargs, policy_kwargs, flush=True)
     start = time.time()
     while model.num_timesteps < args.timesteps:
