@@ -22,7 +22,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 
-from sb3_elmur.model import ElmurConfig, ElmurState
+from sb3_elmur.model import ElmurConfig, ElmurState, select_rows
 
 TensorObs = Union[th.Tensor, Dict[str, th.Tensor]]
 
@@ -155,28 +155,24 @@ class ElmurRolloutBuffer:
         lengths = h - start
         model, policy = actor.model, actor.policy
 
-        def inputs(times: th.Tensor) -> th.Tensor:
+        def observations(times: th.Tensor) -> TensorObs:
+            """The observations of ``rows`` at ``times`` ([R] or [R, T]), flattened row-major."""
             obs = self._index_observations(times, rows.view(-1, *[1] * (times.dim() - 1)).expand_as(times))
             if isinstance(obs, dict):
-                obs = {key: value.flatten(0, times.dim() - 1) for key, value in obs.items()}
-            else:
-                obs = obs.flatten(0, times.dim() - 1)
-            return policy.extract_features(obs).reshape(*times.shape, -1)
+                return {key: value.flatten(0, times.dim() - 1) for key, value in obs.items()}
+            return obs.flatten(0, times.dim() - 1)
 
         shortest = int(lengths.min())
         times = start.unsqueeze(1) + th.arange(shortest, device=self.device)
-        _, state = model(inputs(times), self.anchor_states(start, rows), self.episode_starts[times, rows.unsqueeze(1)])
+        _, state = policy.backbone_sequences(observations(times), self.anchor_states(start, rows),
+                                             self.episode_starts[times, rows.unsqueeze(1)])
         for offset in range(shortest, int(lengths.max())):  # the rest, fewer than context_length steps
             active = lengths > offset
             times = th.where(active, start + offset, h - 1)
-            _, stepped, _ = model.step(inputs(times), state, self.episode_starts[times, rows] & active,
-                                       return_outputs=False)
-            state = self._where_rows(active, stepped, state)
+            _, stepped, _ = model.step(policy.extract_features(observations(times)), state,
+                                       self.episode_starts[times, rows] & active, return_outputs=False)
+            state = select_rows(active, stepped, state)
         actor.set_state(ElmurState(*(whole.index_copy(0, rows, part) for whole, part in zip(actor.state, state))))
-
-    @staticmethod
-    def _where_rows(rows: th.Tensor, new: ElmurState, old: ElmurState) -> ElmurState:
-        return ElmurState(*(th.where(rows.view(-1, *[1] * (a.dim() - 1)), b, a) for a, b in zip(old, new)))
 
     def record_anchor(self, state: ElmurState, episode_starts: th.Tensor) -> None:
         """Before the step at ``pos``: keep ``state`` (the one that step starts from) where it is at a segment

@@ -151,10 +151,8 @@ class ElmurTensorboardCallback(BaseCallback):
                 if isinstance(buffer, ElmurRolloutBuffer):
                     # Its training sequences, all at once (burn-in steps included).
                     data = buffer._samples(buffer.sequences())
-                    features = self.model.policy.extract_features(data.observations)
-                    n = data.lstm_states.step.shape[0]
-                    starts = data.episode_starts.reshape(n, -1) > 0.5
-                    self.backbone.model(features.reshape(n, starts.shape[1], -1), data.lstm_states, starts)
+                    starts = data.episode_starts.reshape(data.lstm_states.step.shape[0], -1) > 0.5
+                    self.model.policy.backbone_sequences(data.observations, data.lstm_states, starts)
                 else:
                     self.backbone(*self._rollout_inputs())
         finally:

@@ -158,6 +158,11 @@ class ElmurState(NamedTuple):
     step: torch.Tensor
 
 
+def select_rows(rows: torch.Tensor, new: ElmurState, old: ElmurState) -> ElmurState:
+    """The state of ``new`` where ``rows`` [B] is True, of ``old`` elsewhere."""
+    return ElmurState(*(torch.where(rows.view(-1, *[1] * (a.dim() - 1)), b, a) for a, b in zip(old, new)))
+
+
 def lru_write(
     memory: torch.Tensor,
     positions: torch.Tensor,

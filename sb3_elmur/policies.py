@@ -25,7 +25,7 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
-from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
+from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, select_rows
 
 # float32 holds every integer up to 2**24 exactly: slot positions and step counters stay exact up to there.
 MAX_EXACT_STEP = 2**24
@@ -158,7 +158,7 @@ class ElmurBackbone(nn.Module):
                 "policy returned, or None to start new episodes."
             )
         init = self.model.initial_state(n, flat.device)
-        return ElmurState(*(th.where(_expand(fresh, a), i, a) for i, a in zip(init, decoded)))
+        return select_rows(fresh, init, decoded)
 
     def forward(
         self, features: th.Tensor, packed: Tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor
@@ -198,10 +198,6 @@ class ElmurBackbone(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-
-
-def _expand(mask: th.Tensor, like: th.Tensor) -> th.Tensor:
-    return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
 class ElmurPolicy(RecurrentActorCriticPolicy):
@@ -414,15 +410,27 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
             # SB3's buffer hands MultiBinary actions back as int8, which torch's Bernoulli.log_prob rejects.
             actions = actions.float()
         if isinstance(lstm_states, ElmurState):
-            n_sequences = lstm_states.step.shape[0]
-            features = self.extract_features(obs)
-            starts = episode_starts.reshape(n_sequences, -1) > 0.5
-            out, _ = self.lstm_actor.model(features.reshape(n_sequences, starts.shape[1], -1), lstm_states, starts)
+            starts = episode_starts.reshape(lstm_states.step.shape[0], -1) > 0.5
+            out, _ = self.backbone_sequences(obs, lstm_states, starts)
             latent_pi, latent_vf = self._heads(out.reshape(-1, out.shape[-1]))
         else:
             latent_pi, latent_vf, _ = self._latents(obs, lstm_states, episode_starts)
         distribution = self._get_action_dist_from_latent(latent_pi)
         return self.value_net(latent_vf), distribution.log_prob(actions), distribution.entropy()
+
+    def backbone_sequences(
+        self, obs: Union[th.Tensor, Dict[str, th.Tensor]], state: ElmurState, episode_starts: th.Tensor
+    ) -> Tuple[th.Tensor, ElmurState]:
+        """The (shared) backbone over N sequences of T steps from typed states, segment-parallel.
+
+        :param obs: observations [N * T, ...], sequence-major (a dict of them for Dict spaces)
+        :param state: state before each sequence's first step ([N] rows)
+        :param episode_starts: [N, T] bool
+        :return: outputs [N, T, d_model] and the state after each sequence's last step
+        """
+        n, t = episode_starts.shape
+        features = self.extract_features(obs)
+        return self.lstm_actor.model(features.reshape(n, t, -1), state, episode_starts)
 
     def _heads(self, latent: th.Tensor) -> Tuple[th.Tensor, th.Tensor]:
         """Shared-backbone ELMUR output -> the actor's and the critic's latents (after the heads' MLPs)."""

@@ -52,6 +52,12 @@ def _assert_rollout_matches_training(model) -> None:
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     assert model.rollout_buffer.episode_starts[1:].sum() >= 4  # episodes ended at different steps
     model.policy.set_training_mode(True)
+    assert_minibatches_match_rollout(model)
+
+
+def assert_minibatches_match_rollout(model) -> None:
+    """Every minibatch of ``model``'s rollout buffer: the log-probs and values recomputed over its stored
+    sequences equal those stored while acting (to 1e-5), and together they cover every step of the rollout."""
     n_checked = 0
     for data in model.rollout_buffer.get(model.batch_size):
         actions = data.actions

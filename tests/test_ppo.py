@@ -19,6 +19,7 @@ from sb3_elmur import ElmurPPO
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.policies import ElmurActor
 from tests.dummy_envs import RandomLengthEnv
+from tests.test_policies import assert_minibatches_match_rollout
 
 torch.set_num_threads(1)
 
@@ -44,28 +45,16 @@ class CheckRolloutMatchesTraining(BaseCallback):
 
     def __init__(self) -> None:
         super().__init__()
-        self.rollouts, self.steps_checked, self.episode_starts = 0, 0, 0
+        self.rollouts, self.episode_starts = 0, 0
 
     def _on_step(self) -> bool:
         return True
 
     def _on_rollout_end(self) -> None:
-        model, buffer = self.model, self.model.rollout_buffer
+        buffer = self.model.rollout_buffer
         self.rollouts += 1
         self.episode_starts += int(buffer.episode_starts[buffer.history_length + 1 :].sum())
-        n_checked = 0
-        for data in buffer.get(model.batch_size):
-            actions = data.actions.long().flatten() if isinstance(model.action_space, spaces.Discrete) else data.actions
-            with torch.no_grad():
-                values, log_prob, _ = model.policy.evaluate_actions(
-                    data.observations, actions, data.lstm_states, data.episode_starts
-                )
-            mask = data.mask > 0.5
-            torch.testing.assert_close(log_prob[mask], data.old_log_prob[mask], atol=1e-5, rtol=0)
-            torch.testing.assert_close(values.flatten()[mask], data.old_values[mask], atol=1e-5, rtol=0)
-            n_checked += int(mask.sum())
-        assert n_checked == model.n_steps * model.n_envs
-        self.steps_checked += n_checked
+        assert_minibatches_match_rollout(self.model)
 
 
 def _assert_rollouts_match_training(model, rollouts: int = 3) -> None:
