@@ -9,7 +9,7 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor
+from stable_baselines3.common.utils import FloatSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.buffers import ElmurRolloutBuffer
@@ -17,6 +17,14 @@ from sb3_elmur.model import check_int
 from sb3_elmur.policies import CnnElmurPolicy, ElmurActor, ElmurPolicy, MultiInputElmurPolicy
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
+
+
+def as_device_tensor(obs: Any, device: th.device) -> Any:
+    """Observations (numpy arrays, or torch tensors from a GPU-simulated env; a dict of them) as tensors on
+    ``device``: a tensor already there is used as it is, without a copy."""
+    if isinstance(obs, dict):
+        return {key: th.as_tensor(value, device=device) for key, value in obs.items()}
+    return th.as_tensor(obs, device=device)
 
 
 class ElmurPPO(RecurrentPPO):
@@ -138,7 +146,7 @@ class ElmurPPO(RecurrentPPO):
         n_steps = 0
         while n_steps < n_rollout_steps:
             with th.no_grad():
-                obs = obs_as_tensor(self._last_obs, device)
+                obs = as_device_tensor(self._last_obs, device)
                 starts = th.as_tensor(self._last_episode_starts, dtype=th.bool, device=device)
                 rollout_buffer.record_anchor(actor.state, starts)
                 latent_pi, latent_vf = actor.step(obs, starts)
@@ -164,7 +172,7 @@ class ElmurPPO(RecurrentPPO):
             self._last_obs, self._last_episode_starts = new_obs, dones
         with th.no_grad():
             dones_tensor = th.as_tensor(dones, dtype=th.bool, device=device)
-            _, latent_vf = actor.step(obs_as_tensor(new_obs, device), dones_tensor, commit=False)
+            _, latent_vf = actor.step(as_device_tensor(new_obs, device), dones_tensor, commit=False)
             last_values = self.policy.value_net(latent_vf)
         rollout_buffer.compute_returns_and_advantage(last_values, dones_tensor)
         callback.on_rollout_end()
@@ -174,12 +182,13 @@ class ElmurPPO(RecurrentPPO):
         """Values of the terminal observations of ``rows``, continuing their episodes' states."""
         terminal = [infos[i]["terminal_observation"] for i in rows]
         if isinstance(self.observation_space, spaces.Dict):
-            stacked = {key: np.stack([obs[key] for obs in terminal]) for key in self.observation_space.spaces}
+            stacked = {key: th.stack([as_device_tensor(obs[key], self.device) for obs in terminal])
+                       for key in self.observation_space.spaces}
         else:
-            stacked = np.stack(terminal)
+            stacked = th.stack([as_device_tensor(obs, self.device) for obs in terminal])
         index = th.as_tensor(rows, device=self.device)
         with th.no_grad():
-            obs = self.policy.obs_to_tensor(stacked)[0]
+            obs = stacked
             starts = th.zeros(len(rows), dtype=th.bool, device=self.device)
             _, latent_vf = self._actor.step(obs, starts, rows=index, commit=False)
             return self.policy.value_net(latent_vf).flatten()
