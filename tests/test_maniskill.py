@@ -165,6 +165,20 @@ def test_vec_env_contract(pick_cube: ManiSkillVecEnv) -> None:
 
 
 @needs_maniskill
+def test_single_env_passes_sb3_check_env() -> None:
+    import gymnasium as gym
+    from stable_baselines3.common.env_checker import check_env
+
+    env = gym.make("sb3_elmur/RememberColor3-v0", obs_mode="rgb+joints", image_size=16)
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, _ = env.reset(seed=0)
+    for _ in range(60):  # RememberColor's time limit
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert truncated and not terminated and info == {"is_success": False}
+    env.close()
+
+
+@needs_maniskill
 def test_maniskill_own_adapter_reports_unfinished_episodes() -> None:
     """ManiSkill's SB3 adapter puts the running return of every env into ``info["episode"]`` on every step, so
     SB3's ``ep_info_buffer`` fills with partial returns; ours reports each episode once, when it ends."""

@@ -12,6 +12,7 @@ once with ``python -m sb3_elmur.envs.vulkan install``; this module activates it.
 """
 
 import functools
+import importlib.util
 import multiprocessing as mp
 import time
 from collections.abc import Sequence
@@ -237,6 +238,93 @@ def make_maniskill_env(
     return env
 
 
+class ManiSkillEnv(gym.Env):
+    """One CPU-simulated ManiSkill (or MIKASA-Robo) task as a plain gymnasium env in SB3's layouts: numpy
+    observations of ``obs_mode`` (see :class:`ManiSkillVecEnv`), a float reward, ``info["is_success"]`` on the
+    last step. :class:`ManiSkillVecEnv` runs one per worker process; rl-zoo3 and SB3's ``make_vec_env`` take it
+    under the ids ``sb3_elmur/<task id>`` (:func:`register_maniskill_envs`).
+
+    :param env_id: ManiSkill or MIKASA-Robo task id
+    :param obs_mode: ``"state"``, ``"rgb"`` or ``"rgb+joints"``
+    :param image_size: camera width and height for the image modes (None: the task's)
+    :param privileged: privileged observation keys to keep (``"oracle_info"``)
+    :param render_mode: ``"rgb_array"`` or None
+    :param env_kwargs: further ``gym.make`` kwargs of the task (``reward_mode``, ``control_mode``, ...)
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, env_id: str, obs_mode: str = "state", image_size: Optional[int] = None,
+                 privileged: Sequence[str] = (), render_mode: Optional[str] = None, **env_kwargs: Any) -> None:
+        super().__init__()
+        _check_observation_settings(obs_mode, image_size, privileged)
+        self.env = make_maniskill_env(env_id, 1, "cpu", obs_mode, image_size, env_kwargs, render_mode)
+        self.obs_mode, self.privileged, self.render_mode = obs_mode, tuple(privileged), render_mode
+        self.action_space = self.env.get_wrapper_attr("single_action_space")
+        self.observation_space = observation_space(self._convert(self.env.reset()[0]))
+
+    def _convert(self, obs: Any) -> TorchObs:
+        return convert_observation(obs, self.obs_mode, self.privileged)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None) -> Tuple[Any, Dict]:
+        super().reset(seed=seed)
+        obs, _ = self.env.reset(seed=seed, options=options)
+        return _to_numpy(_rows(self._convert(obs), 0)), {}
+
+    def step(self, action: np.ndarray) -> Tuple[Any, float, bool, bool, Dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(th.as_tensor(action).unsqueeze(0))
+        cpu = th.device("cpu")
+        terminated, truncated, success = (bool(_flags(value, 1, cpu)[0]) for value in
+                                          (terminated, truncated, info.get("success")))
+        # ManiSkill's raw info is not passed on: MIKASA-Robo's holds the oracle too
+        info = {"is_success": success} if terminated or truncated else {}
+        return _to_numpy(_rows(self._convert(obs), 0)), float(th.as_tensor(reward).float().reshape(-1)[0]), \
+            terminated, truncated, info
+
+    def render(self) -> Optional[np.ndarray]:
+        if self.render_mode is None:
+            return None
+        frame = th.as_tensor(self.env.render())
+        return frame.reshape(frame.shape[-3:]).cpu().numpy()
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _check_observation_settings(obs_mode: str, image_size: Optional[int], privileged: Sequence[str]) -> None:
+    if obs_mode not in OBS_MODES:
+        raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
+    if image_size is not None:
+        check_int("image_size", image_size)
+    unknown = [key for key in privileged if key not in PRIVILEGED_KEYS]
+    if unknown:
+        raise ValueError(f"unknown privileged keys {unknown}: expected some of {PRIVILEGED_KEYS}")
+    if privileged and obs_mode == "rgb":
+        raise ValueError("obs_mode='rgb' gives images only: ask for privileged entries with 'rgb+joints' or 'state'")
+
+
+def register_maniskill_envs() -> List[str]:
+    """Register every ManiSkill task (and MIKASA-Robo task, where the suite is installed) as
+    ``sb3_elmur/<task id>``, a :class:`ManiSkillEnv` (for rl-zoo3: ``--gym-packages sb3_elmur.envs.maniskill``).
+
+    :return: the registered ids
+    """
+    _import_maniskill()
+    try:
+        _import_mikasa()
+    except ImportError:
+        pass
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    ids = []
+    for env_id in REGISTERED_ENVS:
+        ours = f"sb3_elmur/{env_id}"
+        if ours not in gym.registry:  # the task truncates itself: no max_episode_steps here
+            gym.register(ours, entry_point="sb3_elmur.envs.maniskill:ManiSkillEnv", kwargs=dict(env_id=env_id))
+        ids.append(ours)
+    return ids
+
+
 class _Batch:
     """N envs simulated together: observations, rewards and flags as (N, ...) torch tensors."""
 
@@ -280,8 +368,8 @@ def _flags(value: Any, num_envs: int, device: th.device) -> th.Tensor:
 class _GpuBatch(_Batch):
     """One GPU-simulated ManiSkill env of ``num_envs`` sub-envs; observations stay on its device."""
 
-    def __init__(self, make_env: Callable[[], gym.Env], obs_mode: str, privileged: Sequence[str]) -> None:
-        self.env = make_env()
+    def __init__(self, env: gym.Env, obs_mode: str, privileged: Sequence[str]) -> None:
+        self.env = env
         self.obs_mode, self.privileged = obs_mode, tuple(privileged)
         base = self.env.unwrapped
         self.num_envs, self.device = base.num_envs, base.device
@@ -338,35 +426,28 @@ class _Failure:
         raise (AttributeError if self.kind == "AttributeError" and not self.fatal else WorkerError)(message)
 
 
-def _serve(env: gym.Env, command: str, payload: Any, obs_mode: str, privileged: Tuple[str, ...]) -> Any:
+def _serve(env: ManiSkillEnv, command: str, payload: Any) -> Any:
     """The answer of a worker holding ``env`` to one command."""
-
-    def observe(obs: Any) -> Any:
-        return _to_numpy(_rows(convert_observation(obs, obs_mode, privileged), 0))
-
     if command == "reset":
-        return observe(env.reset(seed=payload)[0])
+        return env.reset(seed=payload)[0]
     if command == "step":
-        obs, reward, terminated, truncated, info = env.step(th.as_tensor(payload).unsqueeze(0))
-        flags = [bool(_flags(value, 1, th.device("cpu"))[0]) for value in (terminated, truncated, info.get("success"))]
-        return (observe(obs), float(th.as_tensor(reward).float().reshape(-1)[0]), *flags)
+        obs, reward, terminated, truncated, info = env.step(payload)
+        return obs, reward, terminated, truncated, info.get("is_success", False)
     if command == "spaces":
-        return env.get_wrapper_attr("single_action_space"), observe(env.reset()[0])
+        return env.action_space, env.observation_space
     if command == "render":
-        frame = th.as_tensor(env.render())
-        return frame.reshape(frame.shape[-3:]).cpu().numpy()
+        return env.render()
     if command == "call":
         name, args, kwargs = payload
-        return env.get_wrapper_attr(name)(*args, **kwargs)
+        return env.env.get_wrapper_attr(name)(*args, **kwargs)
     if command == "get_attr":
-        return env.get_wrapper_attr(payload)
+        return env.env.get_wrapper_attr(payload)
     if command == "set_attr":
-        return env.set_wrapper_attr(*payload)
+        return env.env.set_wrapper_attr(*payload)
     raise NotImplementedError(f"unknown command {command!r}")
 
 
-def _worker(remote: Connection, parent: Connection, make_env: CloudpickleWrapper, obs_mode: str,
-            privileged: Tuple[str, ...]) -> None:
+def _worker(remote: Connection, parent: Connection, make_env: CloudpickleWrapper) -> None:
     """Holds one CPU-simulated env and answers (command, payload) messages with numpy results; a failed command
     is answered with its exception and the worker serves on, a failure to build the env ends it."""
     parent.close()
@@ -378,7 +459,7 @@ def _worker(remote: Connection, parent: Connection, make_env: CloudpickleWrapper
             if command == "close":
                 break
             try:
-                answer = _serve(env, command, payload, obs_mode, privileged)
+                answer = _serve(env, command, payload)
             except Exception as error:
                 answer = _Failure(error, fatal=False)
             remote.send(answer)
@@ -398,8 +479,7 @@ def _worker(remote: Connection, parent: Connection, make_env: CloudpickleWrapper
 class _CpuBatch(_Batch):
     """``num_envs`` CPU-simulated ManiSkill envs, one per subprocess; observations arrive as numpy."""
 
-    def __init__(self, make_env: Callable[[], gym.Env], num_envs: int, obs_mode: str, privileged: Sequence[str],
-                 start_method: Optional[str] = None) -> None:
+    def __init__(self, make_env: Callable[[], ManiSkillEnv], num_envs: int, start_method: Optional[str] = None) -> None:
         # forkserver (SB3's default too): the workers start clean, whatever this process has imported
         context = mp.get_context(start_method or "forkserver")
         self.num_envs, self.device = num_envs, th.device("cpu")
@@ -407,13 +487,12 @@ class _CpuBatch(_Batch):
         for _ in range(num_envs):
             remote, work_remote = context.Pipe()
             process = context.Process(target=_worker, daemon=True, args=(
-                work_remote, remote, CloudpickleWrapper(make_env), obs_mode, tuple(privileged)))
+                work_remote, remote, CloudpickleWrapper(make_env)))
             process.start()
             work_remote.close()
             self.remotes.append(remote)
             self.processes.append(process)
-        self.action_space, sample = self._ask([0], "spaces", None)[0]
-        self.observation_space = observation_space(_stack([sample]))
+        self.action_space, self.observation_space = self._ask([0], "spaces", None)[0]
 
     def _ask(self, indices: Sequence[int], command: str, payloads: Any) -> List[Any]:
         """Send ``command`` to the workers ``indices`` (``payloads``: a list, one each, or one for all) and
@@ -469,6 +548,7 @@ class _CpuBatch(_Batch):
 
 
 def _stack(rows: List[Any]) -> TorchObs:
+    """Numpy observations of single envs as one batch of tensors."""
     if isinstance(rows[0], dict):
         return {key: th.as_tensor(np.stack([row[key] for row in rows])) for key in rows[0]}
     return th.as_tensor(np.stack(rows))
@@ -516,16 +596,8 @@ class ManiSkillVecEnv(VecEnv):
         env_kwargs: Optional[Dict[str, Any]] = None,
         start_method: Optional[str] = None,
     ) -> None:
-        if obs_mode not in OBS_MODES:
-            raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
+        _check_observation_settings(obs_mode, image_size, privileged)
         n_envs = check_int("n_envs", n_envs)
-        if image_size is not None:
-            image_size = check_int("image_size", image_size)
-        unknown = [key for key in privileged if key not in PRIVILEGED_KEYS]
-        if unknown:
-            raise ValueError(f"unknown privileged keys {unknown}: expected some of {PRIVILEGED_KEYS}")
-        if privileged and obs_mode == "rgb":
-            raise ValueError("obs_mode='rgb' gives images only: ask for privileged entries with 'rgb+joints' or 'state'")
         if sim_backend not in ("auto", "gpu", "cpu"):
             raise ValueError(f"sim_backend must be 'auto', 'gpu' or 'cpu', got {sim_backend!r}")
         if sim_backend == "auto":
@@ -536,12 +608,13 @@ class ManiSkillVecEnv(VecEnv):
             raise ValueError("device_observations=True needs GPU simulation (sim_backend='gpu')")
         self.env_id, self.obs_mode, self.sim_backend = env_id, obs_mode, sim_backend
         check_task(env_id)  # an unknown id or missing assets fail here, not in a worker
-        make_env = functools.partial(make_maniskill_env, env_id, n_envs if sim_backend == "gpu" else 1, sim_backend,
-                                     obs_mode, image_size, dict(env_kwargs or {}), render_mode)
         if sim_backend == "gpu":
-            batch: _Batch = _GpuBatch(make_env, obs_mode, privileged)
+            env = make_maniskill_env(env_id, n_envs, "gpu", obs_mode, image_size, env_kwargs, render_mode)
+            batch: _Batch = _GpuBatch(env, obs_mode, privileged)
         else:
-            batch = _CpuBatch(make_env, n_envs, obs_mode, privileged, start_method)
+            make_env = functools.partial(ManiSkillEnv, env_id, obs_mode, image_size, privileged, render_mode,
+                                         **dict(env_kwargs or {}))
+            batch = _CpuBatch(make_env, n_envs, start_method)
         self._setup(batch, device_observations)
         if seed is not None:
             self.seed(seed)
@@ -626,3 +699,8 @@ class ManiSkillVecEnv(VecEnv):
 
 def obs_device(obs: TorchObs) -> th.device:
     return next(iter(obs.values())).device if isinstance(obs, dict) else obs.device
+
+
+# rl-zoo3's --gym-packages imports this module for the sb3_elmur/<task id> ids
+if importlib.util.find_spec("mani_skill") is not None:
+    register_maniskill_envs()
