@@ -43,6 +43,7 @@ from sb3_elmur.utils import (
     write_json_atomically,
     write_text_atomically,
 )
+from sb3_elmur.envs import mikasa_family
 from sb3_elmur.wrappers import is_popgym_id
 
 DEFAULT_POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
@@ -456,6 +457,12 @@ def make_env(spec: Dict[str, Any], n_envs: int, seed: int) -> Any:
         importlib.import_module(module)
     if is_popgym_id(spec["env_id"]):
         _import_popgym()
+    if mikasa_family(spec["env_id"]) is not None:  # batched simulation: the adapter is the VecEnv, with episode statistics
+        from sb3_elmur.envs.maniskill import ManiSkillVecEnv
+
+        if spec["wrappers"]:
+            raise ValueError(f"{spec['env_id']} runs as a ManiSkillVecEnv, which takes no gym wrappers")
+        return ManiSkillVecEnv(spec["env_id"], n_envs=n_envs, seed=seed, **spec["env_kwargs"])
     # A callable, not the id: make_vec_env would add render_mode="rgb_array", which some envs reject.
     return make_vec_env(
         functools.partial(gym.make, spec["env_id"]),

@@ -97,6 +97,15 @@ def test_seeds_reach_the_next_reset_only() -> None:
     assert [seeds for seeds, _ in env.batch.resets] == [[7, 8, 9], [None, None, None]]
 
 
+def test_every_mikasa_family_has_its_wrappers() -> None:
+    from sb3_elmur.envs import MIKASA_FAMILIES, mikasa_family
+    from sb3_elmur.envs.maniskill import _MIKASA_RENDER_WRAPPERS
+
+    assert set(_MIKASA_RENDER_WRAPPERS) == set(MIKASA_FAMILIES)
+    assert [mikasa_family(name) for name in ("RememberShapeAndColor3x2-v0", "RememberShape9-v0", "PickCube-v1")] == [
+        "RememberShapeAndColor", "RememberShape", None]
+
+
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="obs_mode must be one of"):
         ManiSkillVecEnv("PickCube-v1", obs_mode="depth")
@@ -288,3 +297,17 @@ def test_gpu_simulation_keeps_observations_on_the_device() -> None:
     model.learn(2048)
     assert model.num_timesteps >= 2048
     env.close()
+
+
+@needs_maniskill
+def test_compare_runs_mikasa_ids_on_the_adapter() -> None:
+    from sb3_elmur.compare import make_env
+
+    spec = dict(env_id="RememberColor3-v0", gym_packages=[], wrappers=[],
+                env_kwargs=dict(obs_mode="rgb+joints", image_size=16, reward_mode="sparse"))
+    env = make_env(spec, n_envs=1, seed=0)
+    assert isinstance(env, ManiSkillVecEnv) and set(env.observation_space.spaces) == {"rgb", "joints"}
+    assert env.get_attr("reward_mode") == ["sparse"]
+    env.close()
+    with pytest.raises(ValueError, match="takes no gym wrappers"):
+        make_env({**spec, "wrappers": ["sb3_elmur.wrappers.PreviousActionWrapper"]}, n_envs=1, seed=0)

@@ -1,5 +1,6 @@
 """rl-zoo3 configs of zoo_configs/: their content, and training through rl-zoo3's unmodified train CLI."""
 
+import importlib.util
 import shlex
 import subprocess
 import sys
@@ -46,6 +47,15 @@ FAMILIES = (
 )  # fmt: skip
 POPGYM_IDS = {f"popgym-{family}{level}-v0" for family in FAMILIES for level in ("Easy", "Medium", "Hard")}
 TMAZE_IDS = {"sb3_elmur/TMaze-v0", "sb3_elmur/PassiveTMaze-v0"}
+MIKASA_TASKS = (
+    "BunchOfColors3", "BunchOfColors5", "BunchOfColors7", "ChainOfColors3", "ChainOfColors5", "ChainOfColors7",
+    "InterceptFast", "InterceptGrabFast", "InterceptGrabMedium", "InterceptGrabSlow", "InterceptMedium",
+    "InterceptSlow", "RememberColor3", "RememberColor5", "RememberColor9", "RememberShape3", "RememberShape5",
+    "RememberShape9", "RememberShapeAndColor3x2", "RememberShapeAndColor3x3", "RememberShapeAndColor5x3",
+    "RotateLenientPos", "RotateLenientPosNeg", "RotateStrictPos", "RotateStrictPosNeg", "SeqOfColors3", "SeqOfColors5",
+    "SeqOfColors7", "ShellGamePick", "ShellGamePush", "ShellGameTouch", "TakeItBack",
+)  # fmt: skip
+MIKASA_IDS = {f"sb3_elmur/{task}-v0" for task in MIKASA_TASKS}  # the ManiSkillEnv ids of mikasa-robo-suite 1.0.0
 
 
 def _load(path: Path) -> dict:
@@ -61,13 +71,23 @@ def _zoo_eval(text: str):
 @pytest.mark.parametrize("path", [ELMUR, LSTM, MLP, ELMUR_PPO], ids=lambda p: p.name)
 def test_config_has_default_tmaze_and_every_popgym_id(path):
     config = _load(path)
-    assert set(config) == {"default"} | TMAZE_IDS | POPGYM_IDS
+    assert set(config) == {"default"} | TMAZE_IDS | POPGYM_IDS | MIKASA_IDS
     for env_id in POPGYM_IDS:
         wrap = zoo_utils.get_wrapper_class(dict(config[env_id]))
         env = wrap(gym.make("sb3_elmur/TMaze-v0"))  # any env: checks the names import and wrap in order
         assert isinstance(env, PreviousActionWrapper) and isinstance(env.env, FlattenObservationWrapper), env_id
-    for env_id in TMAZE_IDS | {"default"}:
+    for env_id in TMAZE_IDS | MIKASA_IDS | {"default"}:
         assert "env_wrapper" not in config[env_id], env_id
+    for env_id in MIKASA_IDS:  # the suite's memory setting: images and joints, no oracle
+        assert config[env_id]["env_kwargs"] == {"obs_mode": "rgb+joints", "image_size": 64}, env_id
+
+
+def test_mikasa_ids_are_the_suite_s_ids():
+    if importlib.util.find_spec("mikasa_robo_suite") is None:
+        pytest.skip("mikasa-robo-suite is not installed")
+    from sb3_elmur.envs.maniskill import mikasa_env_ids
+
+    assert {f"sb3_elmur/{env_id}" for env_id in mikasa_env_ids()} == MIKASA_IDS
 
 
 def test_popgym_ids_are_popgym_s_ids():
@@ -84,10 +104,10 @@ def test_elmur_lstm_and_mlp_entries_differ_only_in_the_policy():
         shared = {key: value for key, value in elmur[env_id].items() if key not in POLICY_KEYS}
         assert {k: v for k, v in lstm[env_id].items() if k not in POLICY_KEYS} == shared, env_id
         assert {k: v for k, v in mlp[env_id].items() if k not in POLICY_KEYS} == shared, env_id
-        assert (elmur[env_id]["policy"], lstm[env_id]["policy"], mlp[env_id]["policy"]) == (
-            "ElmurPolicy",
-            "MlpLstmPolicy",
-            "MlpPolicy",
+        prefix = "MultiInput" if env_id in MIKASA_IDS else ""  # Dict observations
+        expected = ("ElmurPolicy", "LstmPolicy", "Policy") if prefix else ("ElmurPolicy", "MlpLstmPolicy", "MlpPolicy")
+        assert (elmur[env_id]["policy"], lstm[env_id]["policy"], mlp[env_id]["policy"]) == tuple(
+            prefix + name for name in expected
         )
         assert zoo_utils.get_callback_list(dict(elmur[env_id]))[0].__class__ is ElmurTensorboardCallback
 
@@ -217,6 +237,19 @@ def test_elmur_ppo_trains_and_replays_through_the_zoo_entry_point(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Episode Reward" in result.stdout, result.stdout[-3000:]
+
+
+def test_zoo_trains_lstm_on_a_mikasa_task(tmp_path):
+    from tests.test_maniskill import _maniskill_missing
+
+    if _maniskill_missing():
+        pytest.skip(_maniskill_missing())
+    # A tiny budget: 2 envs, one rollout of 32 steps each, 36 x 36 images (the smallest NatureCNN takes)
+    model_path = _zoo_train(tmp_path, LSTM, "sb3_elmur/RememberColor3-v0", ["sb3_elmur.envs.maniskill"], "-n", "64",
+                            "--eval-freq", "-1", "--hyperparams", "n_envs:2", "n_steps:32", "batch_size:64",
+                            "--env-kwargs", "obs_mode:'rgb+joints'", "image_size:36")
+    model = RecurrentPPO.load(model_path, device="cpu")
+    assert set(model.observation_space.spaces) == {"rgb", "joints"} and model.num_timesteps == 64
 
 
 def test_zoo_entry_point_names_its_commands(capsys):

@@ -1,3 +1,5 @@
+from typing import Optional
+
 import gymnasium as gym
 
 from sb3_elmur.envs.tmaze import TMazeEnv, TMazeOracle, TMazeVecEnv
@@ -24,4 +26,15 @@ def register_envs() -> None:
         gym.register(id=env_id, entry_point="sb3_elmur.envs.tmaze:TMazeEnv", kwargs=dict(kwargs))
 
 
-__all__ = ["TMazeEnv", "TMazeOracle", "TMazeVecEnv", "register_envs"]
+# MIKASA-Robo's task families (mikasa-robo-suite 1.0.0); a task id is the family name, a variant and "-v0".
+# Longest first, so that RememberShapeAndColor is not taken for RememberShape.
+MIKASA_FAMILIES = ("RememberShapeAndColor", "RememberShape", "RememberColor", "BunchOfColors", "SeqOfColors",
+                   "ChainOfColors", "ShellGame", "Intercept", "TakeItBack", "Rotate")
+
+
+def mikasa_family(env_id: str) -> Optional[str]:
+    """The MIKASA-Robo family of ``env_id`` (None for other ids); imports nothing, so it is cheap to ask."""
+    return next((family for family in MIKASA_FAMILIES if env_id.startswith(family)), None)
+
+
+__all__ = ["MIKASA_FAMILIES", "TMazeEnv", "TMazeOracle", "TMazeVecEnv", "mikasa_family", "register_envs"]

@@ -25,7 +25,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper, VecEnv, VecEnvIndices, VecEnvStepReturn
 
-from sb3_elmur.envs import vulkan
+from sb3_elmur.envs import mikasa_family, vulkan
 from sb3_elmur.model import check_int
 
 OBS_MODES = ("state", "rgb", "rgb+joints")
@@ -88,16 +88,10 @@ def _import_mikasa() -> None:
 def mikasa_env_ids() -> List[str]:
     """The MIKASA-Robo task ids (imports the suite)."""
     _import_mikasa()
-    return sorted(env_id for env_id, spec in gym.registry.items()
-                  if str(spec.entry_point).startswith("mikasa_robo_suite.rl."))
+    from mani_skill.utils.registration import REGISTERED_ENVS
 
-
-def _mikasa_family(env_id: str) -> Optional[str]:
-    # Longest prefix first: RememberShapeAndColor before RememberShape
-    for family in sorted(_MIKASA_RENDER_WRAPPERS, key=len, reverse=True):
-        if env_id.startswith(family):
-            return family
-    return None
+    return sorted(env_id for env_id, spec in REGISTERED_ENVS.items()
+                  if spec.cls.__module__.startswith("mikasa_robo_suite.rl."))
 
 
 def check_task(env_id: str) -> bool:
@@ -108,7 +102,7 @@ def check_task(env_id: str) -> bool:
     :raise MissingAssetsError: for a task whose assets are not downloaded
     """
     _import_maniskill()
-    mikasa = _mikasa_family(env_id) is not None
+    mikasa = mikasa_family(env_id) is not None
     if mikasa:
         _import_mikasa()
     import mani_skill
@@ -233,7 +227,7 @@ def make_maniskill_env(
         from mikasa_robo_suite.rl.utils import wrappers
 
         env = wrappers.StateOnlyTensorToDictWrapper(env)
-        for name in _MIKASA_RENDER_WRAPPERS[_mikasa_family(env_id)]:
+        for name in _MIKASA_RENDER_WRAPPERS[mikasa_family(env_id)]:
             env = getattr(wrappers, name)(env)
     return env
 
@@ -578,8 +572,8 @@ class ManiSkillVecEnv(VecEnv):
         device (for :class:`~sb3_elmur.ElmurPPO`) instead of numpy arrays
     :param seed: seed of the first reset (env ``i`` gets ``seed + i``); ``VecEnv.seed`` sets the next one
     :param render_mode: ``"rgb_array"`` to render (videos), or None
-    :param env_kwargs: further ``gym.make`` kwargs (``reward_mode``, ``control_mode``, ``max_episode_steps``, ...)
     :param start_method: multiprocessing start method of the CPU workers (default: forkserver)
+    :param env_kwargs: further ``gym.make`` kwargs of the task (``reward_mode``, ``control_mode``, ...)
     """
 
     def __init__(
@@ -593,8 +587,8 @@ class ManiSkillVecEnv(VecEnv):
         device_observations: bool = False,
         seed: Optional[int] = None,
         render_mode: Optional[str] = None,
-        env_kwargs: Optional[Dict[str, Any]] = None,
         start_method: Optional[str] = None,
+        **env_kwargs: Any,
     ) -> None:
         _check_observation_settings(obs_mode, image_size, privileged)
         n_envs = check_int("n_envs", n_envs)
@@ -613,7 +607,7 @@ class ManiSkillVecEnv(VecEnv):
             batch: _Batch = _GpuBatch(env, obs_mode, privileged)
         else:
             make_env = functools.partial(ManiSkillEnv, env_id, obs_mode, image_size, privileged, render_mode,
-                                         **dict(env_kwargs or {}))
+                                         **env_kwargs)
             batch = _CpuBatch(make_env, n_envs, start_method)
         self._setup(batch, device_observations)
         if seed is not None:
