@@ -495,6 +495,12 @@ def _build_evaluator(
 
         def evaluate(self) -> None:
             start = time.perf_counter()
+            successes: List[bool] = []
+
+            def record_success(local_vars: Dict[str, Any], _: Any) -> None:
+                if local_vars["done"] and local_vars["info"].get("is_success") is not None:
+                    successes.append(bool(local_vars["info"]["is_success"]))
+
             returns, lengths = evaluate_policy(
                 self.model,
                 eval_env,
@@ -502,8 +508,12 @@ def _build_evaluator(
                 deterministic=spec["deterministic_eval"],
                 return_episode_rewards=True,
                 warn=False,
+                callback=record_success,
             )
             history = record["evaluations"]
+            # The success rate of envs that report is_success (records written before it was kept: None)
+            history.setdefault("success_rate", [None] * len(history["timesteps"]))
+            history["success_rate"].append(float(np.mean(successes)) if successes else None)
             history["timesteps"].append(int(self.model.num_timesteps))
             history["mean_return"].append(float(np.mean(returns)))
             history["std_return"].append(float(np.std(returns)))
@@ -888,6 +898,9 @@ def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if done:
             for key in ("final_mean_return", "mmer", "mmer_normalised", "wall_time_s"):
                 row[key], row[f"{key}_std"] = _mean_std([r[key] for r in done])
+            final_success = [(r["evaluations"].get("success_rate") or [None])[-1] for r in done]
+            if None not in final_success:
+                row["final_success"], row["final_success_std"] = _mean_std(final_success)
         rows.append(row)
     return rows
 
@@ -937,7 +950,8 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
         "",
         "Mean ± std (population std, over the finished seeds) of: the final mean evaluation return; the MMER, the "
         "maximum over evaluation points of the mean evaluation return; POPGym's normalised score 0.5 * MMER + 0.5 "
-        "(meaningful for returns in [-1, 1]); and the wall time of one seed's run (training and evaluations).",
+        "(meaningful for returns in [-1, 1]); the final success rate, for envs that report `is_success`; and the wall "
+        "time of one seed's run (training and evaluations).",
     ]
     sections: Dict[Tuple[str, str], List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]] = {}
     for row, group in zip(summarize(records), group_records(records).values()):
@@ -955,8 +969,9 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
             f"Env kwargs: {json.dumps(spec['env_kwargs'])}; "
             f"wrappers: {', '.join(str(w) for w in spec['wrappers']) or 'none'}.",
             "",
-            "| policy | algorithm | parameters | seeds | final return | MMER | normalised MMER | wall time / seed |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| policy | algorithm | parameters | seeds | final return | MMER | normalised MMER | final success | "
+            "wall time / seed |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row, _ in section:
             name = row["label"] if row["label"] == row["policy"] else f"{row['label']} ({row['policy']})"
@@ -964,7 +979,7 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
             lines.append(
                 f"| {name} | {row['algo']} | {parameters} | {row['seeds_finished']}/{row['seeds_total']} | "
                 f"{_fmt(row, 'final_mean_return')} | {_fmt(row, 'mmer')} | {_fmt(row, 'mmer_normalised')} | "
-                f"{_fmt(row, 'wall_time_s', 1, ' s')} |"
+                f"{_fmt(row, 'final_success', 2)} | {_fmt(row, 'wall_time_s', 1, ' s')} |"
             )
     text = "\n".join(lines) + "\n"
     write_text_atomically(path, text)
@@ -976,8 +991,11 @@ def curve_label(label: str, n_seeds: int) -> str:
     return f"{label} ({n_seeds} seed{'' if n_seeds == 1 else 's'})"
 
 
-def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
-    """PNG of learning curves: one panel per env, mean ± std over seeds of the mean evaluation return."""
+CURVES = {"mean_return": "mean evaluation return", "success_rate": "evaluation success rate"}
+
+
+def plot_curves(records: List[Dict[str, Any]], path: Path, metric: str = "mean_return") -> None:
+    """PNG of learning curves: one panel per env, mean ± std over seeds of ``metric`` (a key of :data:`CURVES`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -997,13 +1015,16 @@ def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
             common = sorted(set.intersection(*(set(c["timesteps"]) for c in curves)))
             if not common:
                 continue
-            values = np.array([[dict(zip(c["timesteps"], c["mean_return"]))[t] for t in common] for c in curves])
+            values = np.array([[dict(zip(c["timesteps"], c.get(metric, [])))[t] for t in common] for c in curves
+                               if len(c.get(metric, [])) == len(c["timesteps"])], dtype=float)
+            if len(values) < len(curves) or np.isnan(values).any():  # some seeds do not have it
+                continue
             mean, std = values.mean(axis=0), values.std(axis=0)
             ax.plot(common, mean, label=curve_label(label, len(curves)))
             ax.fill_between(common, mean - std, mean + std, alpha=0.2)
         ax.set_title(env_id, fontsize=10)
         ax.set_xlabel("env steps")
-        ax.set_ylabel("mean evaluation return")
+        ax.set_ylabel(CURVES[metric])
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -1015,7 +1036,8 @@ def plot_curves(records: List[Dict[str, Any]], path: Path) -> None:
 
 
 def write_report(out: Path) -> Optional[str]:
-    """Table (``results.md``), summary (``summary.json``) and curves (``learning_curves.png``) in ``out``, of every
+    """Table (``results.md``), summary (``summary.json``) and curves (``learning_curves.png``; where the envs report
+    ``is_success``, ``success_curves.png``) in ``out``, of every
     run record there (this invocation's and earlier ones'), so that a run on a subset never drops the others.
 
     :param out: output folder of the comparison
@@ -1033,6 +1055,8 @@ def write_report(out: Path) -> Optional[str]:
     write_json_atomically(out / "summary.json", summarize(records))
     if _has_module("matplotlib"):
         plot_curves(records, out / "learning_curves.png")
+        if any(None not in r["evaluations"].get("success_rate", [None]) for r in records):
+            plot_curves(records, out / "success_curves.png", metric="success_rate")
     else:
         print("matplotlib is not installed: no learning-curve plot (pip install 'sb3-elmur[extra]')", file=sys.stderr)
     return text

@@ -133,13 +133,16 @@ def test_scores_are_final_return_and_running_maximum():
 
 
 def test_summary_is_mean_and_std_over_finished_seeds():
-    def record(seed, final, mmer, wall, status="finished"):
-        spec = dict(env_id="E", label="L", policy="P", algo="A", timesteps=10, seed=seed)
+    def record(seed, final, mmer, wall, status="finished", success=None, env_id="E"):
+        spec = dict(env_id=env_id, label="L", policy="P", algo="A", timesteps=10, seed=seed)
+        evaluations = dict(timesteps=[0, 10], success_rate=[0.0, success]) if success is not None else dict(timesteps=[0])
         return dict(spec=spec, status=status, final_mean_return=final, mmer=mmer, mmer_normalised=0.5 * mmer + 0.5,
-                    wall_time_s=wall, n_parameters=7)  # fmt: skip
+                    wall_time_s=wall, n_parameters=7, evaluations=evaluations)  # fmt: skip
 
     (row,) = summarize([record(0, 0.2, 0.5, 10.0), record(1, 0.4, 0.9, 14.0), record(2, 0, 0, 0, status="unfinished")])
-    assert (row["seeds_finished"], row["seeds_total"]) == (2, 3)
+    assert (row["seeds_finished"], row["seeds_total"]) == (2, 3) and "final_success" not in row
+    (rates,) = summarize([record(0, 0, 0, 1, success=0.25, env_id="S"), record(1, 0, 0, 1, success=0.75, env_id="S")])
+    assert rates["final_success"] == pytest.approx(0.5) and rates["final_success_std"] == pytest.approx(0.25)
     assert row["final_mean_return"] == pytest.approx(0.3) and row["final_mean_return_std"] == pytest.approx(0.1)
     assert row["mmer"] == pytest.approx(0.7) and row["mmer_normalised"] == pytest.approx(0.85)
     assert row["wall_time_s"] == pytest.approx(12.0) and row["wall_time_s_std"] == pytest.approx(2.0)
@@ -206,7 +209,9 @@ def test_table_summarises_the_jsons(comparison):
         assert cells[1] == "RecurrentPPO" and cells[3] == "2/2"
         assert cells[4] == f"{np.mean(finals):.3f} ± {np.std(finals):.3f}"
         assert cells[6] == f"{np.mean(mmers):.3f} ± {np.std(mmers):.3f}"
-        assert cells[7].endswith(" s") and float(cells[7].split(" ± ")[0]) > 0
+        successes = [records[(label, f"seed{s}")]["evaluations"]["success_rate"][-1] for s in (0, 1)]  # T-Maze's
+        assert cells[7] == f"{np.mean(successes):.2f} ± {np.std(successes):.2f}"
+        assert cells[8].endswith(" s") and float(cells[8].split(" ± ")[0]) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert {row["label"] for row in summary} == {"ElmurPolicy", "MlpLstmPolicy"}
 
@@ -214,8 +219,9 @@ def test_table_summarises_the_jsons(comparison):
 def test_learning_curves_png(comparison):
     pytest.importorskip("matplotlib")
     out, _, _ = comparison
-    png = (out / "learning_curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for name in ("learning_curves.png", "success_curves.png"):  # T-Maze reports is_success
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
 
 
 def test_tensorboard_holds_the_evaluations_and_elmur_scalars(comparison):

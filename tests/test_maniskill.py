@@ -226,6 +226,24 @@ def test_mikasa_observations_hide_the_oracle_unless_asked() -> None:
 
 
 @needs_maniskill
+def test_remember_color_memory_state_shows_the_colour_only_at_the_start() -> None:
+    """``memory_state``: joints, TCP pose and each cube's position and visibility by colour. The target cube alone
+    in the first steps (the cue), none during the delay, all of them on the table after it (on the CPU backend
+    the suite leaves them hidden: :class:`~sb3_elmur.envs.maniskill._CubesReturnOnCpu` puts them back)."""
+    env = ManiSkillVecEnv("RememberColor3-v0", n_envs=1, obs_mode="memory_state", seed=0)
+    visible = [env.reset()[0, 25:].reshape(3, 4)[:, 3]]
+    target = int(env.get_attr("oracle_info")[0][0])  # this episode's colour
+    for _ in range(15):
+        visible.append(env.step(np.zeros((1, 8), np.float32))[0][0, 25:].reshape(3, 4)[:, 3])
+    visible = np.array(visible)
+    cue, delay, choice = visible[:5], visible[5:10], visible[10:]
+    assert (cue == np.eye(3)[target]).all() and (delay == 0).all() and (choice == 1).all()
+    env.close()
+    with pytest.raises(Exception, match="defined for the RememberColor tasks"):
+        ManiSkillVecEnv("TakeItBack-v0", obs_mode="memory_state")
+
+
+@needs_maniskill
 def test_a_task_without_its_assets_is_named() -> None:
     from sb3_elmur.envs.maniskill import MissingAssetsError, check_task
 

@@ -28,7 +28,7 @@ from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper, Ve
 from sb3_elmur.envs import mikasa_family, vulkan
 from sb3_elmur.model import check_int
 
-OBS_MODES = ("state", "rgb", "rgb+joints")
+OBS_MODES = ("state", "rgb", "rgb+joints", "memory_state")
 # Observation entries that give the answer of a memory task away (MIKASA-Robo): never shown unless asked for.
 PRIVILEGED_KEYS = ("oracle_info",)
 # MIKASA-Robo fills ``task_cue`` (and ``oracle_info``) with this value in tasks that have none.
@@ -158,6 +158,10 @@ def convert_observation(observation: Any, obs_mode: str, privileged: Sequence[st
         observation = {"state": observation}
     if obs_mode == "state":
         return th.cat([_leaves(observation["state"])[0], *_cues(observation, privileged).values()], dim=1)
+    if obs_mode == "memory_state":
+        parts = [observation["extra"]["tcp_pose"], observation["agent"]["qpos"], observation["agent"]["qvel"],
+                 observation["objects"], *_cues(observation, privileged).values()]
+        return th.cat([_leaves(part)[0] for part in parts], dim=1)
     cameras = [sensor["rgb"] for sensor in observation["sensor_data"].values() if "rgb" in sensor]
     images = th.cat(cameras, dim=-1).permute(0, 3, 1, 2).contiguous()  # (N, 3 * cameras, H, W)
     if obs_mode == "rgb":
@@ -221,15 +225,59 @@ def make_maniskill_env(
         kwargs.setdefault("sensor_configs", dict(width=image_size, height=image_size))
     if mikasa:
         kwargs.setdefault("control_mode", "pd_joint_delta_pos")  # the suite's baselines act in joint deltas
+    if obs_mode == "memory_state" and mikasa_family(env_id) != "RememberColor":
+        raise ValueError(f"obs_mode='memory_state' is defined for the RememberColor tasks, not {env_id}")
+    maniskill_mode = {"state": "state", "memory_state": "state_dict"}.get(obs_mode, "rgb")
     env = gym.make(env_id, num_envs=num_envs, sim_backend=sim_backend, render_mode=render_mode,
-                   obs_mode="state" if obs_mode == "state" else "rgb", **kwargs)
+                   obs_mode=maniskill_mode, **kwargs)
     if mikasa:
         from mikasa_robo_suite.rl.utils import wrappers
 
+        if sim_backend == "cpu" and mikasa_family(env_id) == "RememberColor":
+            env = _CubesReturnOnCpu(env)
         env = wrappers.StateOnlyTensorToDictWrapper(env)
+        if obs_mode == "memory_state":
+            env = _CubesAsSeen(env)
         for name in _MIKASA_RENDER_WRAPPERS[mikasa_family(env_id)]:
             env = getattr(wrappers, name)(env)
     return env
+
+
+class _CubesReturnOnCpu(gym.Wrapper):
+    """Puts RememberColor's cubes back on the table after the cue, where CPU simulation leaves them hidden.
+
+    The task hides every cube (lifted to z = 1,000 m) until ``TIME_OFFSET + DELTA_TIME`` steps, then means to put
+    them back at the positions it read at the start of the same step; with the CPU backend those are already the
+    hidden ones, so the cubes never come back and fall from 1,000 m for the rest of the episode (mikasa-robo-suite
+    1.0.0, measured). This wrapper sets them to the places the episode drew for them, once, and stops them."""
+
+    def step(self, action: Any) -> Tuple[Any, Any, Any, Any, Dict[str, Any]]:
+        result = self.env.step(action)
+        task = self.unwrapped
+        due = task.elapsed_steps >= task.TIME_OFFSET + task.DELTA_TIME
+        for key, cube in task.cubes.items():
+            lost = due & (cube.pose.p[:, 2] > 100)
+            if bool(lost.any()):
+                pose = cube.pose.raw_pose.clone()
+                pose[lost, :3] = task.initial_poses[key][lost].to(pose)
+                cube.pose = pose
+                cube.set_linear_velocity(th.zeros_like(cube.linear_velocity))
+        return result
+
+
+class _CubesAsSeen(gym.ObservationWrapper):
+    """Adds ``objects``: each cube's position and visibility as the cameras show them, by colour, (N, 4 * colours).
+    A RememberColor task shows the target cube alone at the start, then hides every cube, then shows them all
+    at their places: the colour is in the first steps only, so a policy must remember it."""
+
+    def observation(self, observation: Dict[str, Any]) -> Dict[str, Any]:
+        cubes = self.unwrapped.cubes
+        columns = []
+        for key in sorted(cubes):
+            position = cubes[key].pose.p
+            visible = (position[:, 2:3] < 100).float()  # the task hides a cube by lifting it 1,000 m
+            columns += [position * visible, visible]
+        return {**observation, "objects": th.cat(columns, dim=1)}
 
 
 class ManiSkillEnv(gym.Env):
@@ -498,7 +546,8 @@ class _CpuBatch(_Batch):
         for index in indices:
             try:
                 answers.append(self.remotes[index].recv())
-            except EOFError:
+            except (EOFError, OSError):  # the worker died (an import error in a forkserver child included)
+                self.processes[index].join(timeout=5)
                 answers.append(_Failure(EOFError(f"died (exit code {self.processes[index].exitcode})"), fatal=True))
         for index, answer in zip(indices, answers):
             if isinstance(answer, _Failure):
