@@ -48,7 +48,8 @@ def _scaled(code: str) -> str:
 
 def test_readme_has_the_snippets_this_file_runs():
     assert [heading for heading, _ in PYTHON_BLOCKS] == [
-        "Use", "ElmurPPO: ELMUR's own algorithm", "Offline training: RecurrentBC", "POPGym"
+        "Use", "ElmurPPO: ELMUR's own algorithm", "Offline training: RecurrentBC", "POPGym",
+        "ManiSkill 3 and MIKASA-Robo",
     ]
     assert _scaled("model.learn(150_000, progress_bar=True)") == f"model.learn({LEARN_STEPS}, progress_bar=True)"
 
@@ -65,6 +66,11 @@ def test_snippet_runs_as_pasted(heading, code, tmp_path):
         pytest.importorskip("popgym")
     if "to_minari" in code:
         pytest.importorskip("minari")
+    if "ManiSkillVecEnv" in code:
+        from tests.test_maniskill import _maniskill_missing
+
+        if _maniskill_missing():
+            pytest.skip(_maniskill_missing())
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), PYTHONPATH=str(REPO))
     # A snippet that writes a Minari dataset must also work when pasted again, over what the first run wrote.
     # Both runs share one process (pasted twice into one session), which spares the second import of torch.
@@ -80,11 +86,13 @@ def test_snippet_runs_as_pasted(heading, code, tmp_path):
         assert (tmp_path / f"{name}.zip").exists(), name
 
 
-README_MODULES = sorted(set(re.findall(r"python -m (sb3_elmur\.\w+)", SHELL)))
+README_MODULES = sorted(set(re.findall(r"python -m (sb3_elmur(?:\.\w+)+)", SHELL)))
 
 
 def test_readme_names_existing_modules_and_scripts():
-    assert README_MODULES == ["sb3_elmur.compare", "sb3_elmur.datasets", "sb3_elmur.tmaze_eval", "sb3_elmur.zoo"]
+    assert README_MODULES == [
+        "sb3_elmur.compare", "sb3_elmur.datasets", "sb3_elmur.envs.vulkan", "sb3_elmur.tmaze_eval", "sb3_elmur.zoo"
+    ]
     for script in re.findall(r"python ((?:benchmarks|examples)/\w+\.py)", README):
         assert (REPO / script).exists(), script
 
