@@ -3,8 +3,10 @@ MIKASA-Robo task. The adapter's bookkeeping is checked over a scripted simulator
 need mani-skill, mikasa-robo-suite and a Vulkan device (``python -m sb3_elmur.envs.vulkan install``)."""
 
 import importlib.util
+import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -329,3 +331,18 @@ def test_compare_runs_mikasa_ids_on_the_adapter() -> None:
     env.close()
     with pytest.raises(ValueError, match="takes no gym wrappers"):
         make_env({**spec, "wrappers": ["sb3_elmur.wrappers.PreviousActionWrapper"]}, n_envs=1, seed=0)
+
+
+@needs_maniskill
+def test_gpu_benchmark_dry_run_trains_saves_and_resumes(tmp_path) -> None:
+    """``benchmarks/maniskill_gpu.py --dry-run``: the GPU run's code on the CPU backend, tiny."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "maniskill_gpu.py"
+    command = [sys.executable, str(script), "--dry-run", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert [p["timesteps"] for p in progress] == [16, 32] and (tmp_path / "model.zip").exists()
+    again = subprocess.run(command + ["--timesteps", "48"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and "resuming from" in again.stdout
+    assert [p["timesteps"] for p in json.loads((tmp_path / "progress.json").read_text())] == [16, 32, 48]
+    other = subprocess.run(command + ["--policy", "lstm"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert other.returncode == 2 and "holds a run with other settings" in other.stderr
