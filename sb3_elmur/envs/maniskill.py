@@ -6,9 +6,10 @@ one, ``n_envs`` CPU-simulated envs in subprocesses (ManiSkill's CPU backend hold
 everything above the simulator: observations in SB3 layouts, per-episode statistics as ``VecMonitor`` gives them,
 ``is_success``, time-limit truncation and terminal observations.
 
-Importing this module does not import ManiSkill (the workers and the GPU path import it when they start), so
-``import sb3_elmur`` stays light. ManiSkill needs a Vulkan device: on a machine without a GPU, install a CPU one
-once with ``python -m sb3_elmur.envs.vulkan install``; this module activates it.
+``import sb3_elmur`` does not import this module, so it stays light; importing it imports ManiSkill (where it is
+installed) and registers every task as ``sb3_elmur/<task id>``, a single :class:`ManiSkillEnv` (rl-zoo3's
+``--gym-packages sb3_elmur.envs.maniskill``). ManiSkill needs a Vulkan device: on a machine without a GPU, install a
+CPU one once with ``python -m sb3_elmur.envs.vulkan install``; this module activates it in every process.
 """
 
 import functools
@@ -287,7 +288,7 @@ class ManiSkillEnv(gym.Env):
     under the ids ``sb3_elmur/<task id>`` (:func:`register_maniskill_envs`).
 
     :param env_id: ManiSkill or MIKASA-Robo task id
-    :param obs_mode: ``"state"``, ``"rgb"`` or ``"rgb+joints"``
+    :param obs_mode: one of :data:`OBS_MODES`
     :param image_size: camera width and height for the image modes (None: the task's)
     :param privileged: privileged observation keys to keep (``"oracle_info"``)
     :param render_mode: ``"rgb_array"`` or None
@@ -603,8 +604,10 @@ class ManiSkillVecEnv(VecEnv):
     Observations by ``obs_mode``: ``"state"``, the task's state vector (Box, float32); ``"rgb"``, the cameras'
     images stacked on the channel axis (Box ``(3 * cameras, H, W)`` uint8, for ``CnnElmurPolicy``);
     ``"rgb+joints"``, a Dict of those images (``"rgb"``) and the robot's joint positions, velocities and TCP pose
-    (``"joints"``), for ``MultiInputElmurPolicy``. Entries that give a memory task's answer away (MIKASA-Robo's
-    ``oracle_info`` and ``prompt``) are left out unless named in ``privileged``.
+    (``"joints"``), for ``MultiInputElmurPolicy``; ``"memory_state"`` (RememberColor tasks), the joints and each
+    cube's position and visibility as the cameras show them (the colour shows in the first steps only). MIKASA-Robo's
+    ``task_cue`` is appended where a task has one; its ``oracle_info`` (the answer) is left out unless named in
+    ``privileged``, and the raw info (which holds it too) is never passed on.
 
     Each finished episode gets ``info["episode"]`` (return, length, time) and ``info["is_success"]`` (the task's
     success signal at the last step) on the step it ends, like ``VecMonitor``; a time-out sets
@@ -613,9 +616,9 @@ class ManiSkillVecEnv(VecEnv):
 
     :param env_id: ManiSkill task id (e.g. ``"PickCube-v1"``) or MIKASA-Robo task id (``"RememberColor3-v0"``)
     :param n_envs: number of envs
-    :param obs_mode: ``"state"``, ``"rgb"`` or ``"rgb+joints"``
+    :param obs_mode: one of :data:`OBS_MODES`
     :param image_size: camera resolution (square) for the image modes; None keeps the task's
-    :param privileged: privileged observation keys to keep (``"oracle_info"``, ``"prompt"``)
+    :param privileged: privileged observation keys to keep (``"oracle_info"``)
     :param sim_backend: ``"auto"`` (GPU simulation when CUDA is available), ``"gpu"`` or ``"cpu"``
     :param device_observations: with GPU simulation, return observations as torch tensors on the simulator's
         device (for :class:`~sb3_elmur.ElmurPPO`) instead of numpy arrays
