@@ -24,7 +24,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
 
-from sb3_elmur.datasets import EpisodeDataset, map_observations, n_rows
+from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
@@ -56,6 +56,9 @@ class RecurrentBC(BaseAlgorithm):
     :param sections: segments per window
     :param context_length: steps per segment (default: the ELMUR policy's ``context_length``; 10 for an LSTM)
     :param detach_between_sections: cut gradients between segments (the reference code's behaviour)
+    :param burn_in: start a window that begins mid-episode from the memory of acting through the episode up to it
+        (computed without gradient), as when acting; False starts every window from an empty memory, as the
+        reference code does, which costs nothing but trains windows on a memory they never have when acting
     :param label_smoothing: label smoothing of the cross-entropy for discrete actions
     :param continuous_loss: "mse" (mean action against the target) or "nll" (Gaussian log-likelihood), Box actions
     :param max_grad_norm: gradient clipping
@@ -87,6 +90,7 @@ class RecurrentBC(BaseAlgorithm):
         sections: int = 3,
         context_length: Optional[int] = None,
         detach_between_sections: bool = False,
+        burn_in: bool = True,
         label_smoothing: float = 0.0,
         continuous_loss: str = "mse",
         max_grad_norm: float = 1.0,
@@ -120,6 +124,7 @@ class RecurrentBC(BaseAlgorithm):
         self.sections = sections
         self.context_length = context_length
         self.detach_between_sections = detach_between_sections
+        self.burn_in = burn_in
         self.label_smoothing = label_smoothing
         self.continuous_loss = continuous_loss
         self.max_grad_norm = max_grad_norm
@@ -210,23 +215,51 @@ class RecurrentBC(BaseAlgorithm):
             correct = th.zeros_like(loss)
         return loss * mask, correct * mask
 
-    def _section_distributions(self, observations: Any) -> Iterator[Distribution]:
-        """Action distributions over a batch of windows [B, sections * K, ...], one per section (flat B * K),
-        computed one section at a time with the recurrent state carried from section to section.
+    def _fresh_state(self, n: int) -> Tuple[th.Tensor, th.Tensor]:
+        # An all-zero state is a fresh episode for ELMUR and the LSTM alike: no reset flags needed.
+        shape = (self.policy.lstm_hidden_state_shape[0], n, self.policy.lstm_hidden_state_shape[2])
+        return th.zeros(shape, device=self.device), th.zeros(shape, device=self.device)
 
-        A generator: SB3 policies reuse one distribution object, so each must be used before the next."""
+    def _sections(self, observations: Any, state: Tuple[th.Tensor, th.Tensor]) -> Iterator[Tuple[th.Tensor, Any]]:
+        """The policy over a batch of sequences [B, S * K, ...], one section (segment) of K steps at a time with
+        the recurrent state carried: for each section, its actor latent (flat B * K) and the state after it."""
         policy = self.policy
         n, k = n_rows(observations), self.context_length
-        shape = (policy.lstm_hidden_state_shape[0], n, policy.lstm_hidden_state_shape[2])
-        # An all-zero state is a fresh episode for ELMUR and the LSTM alike: no reset flags needed.
-        state = (th.zeros(shape, device=self.device), th.zeros(shape, device=self.device))
+        steps = n_rows(map_observations(observations, lambda v: v[0]))
         no_starts = th.zeros(n * k, device=self.device)
-        for s in range(self.sections):
+        for s in range(steps // k):
             obs = map_observations(observations, lambda v: v[:, s * k : (s + 1) * k].reshape(n * k, *v.shape[2:]))
             features = policy.extract_features(obs_as_tensor(obs, self.device), policy.pi_features_extractor)
             latent, state = policy._process_sequence(features, state, no_starts, policy.lstm_actor)
             if self.detach_between_sections:
                 state = (state[0].detach(), state[1].detach())
+            yield latent, state
+
+    def _burn_in_state(self, prefixes: Any, prefix_segments: np.ndarray) -> Tuple[th.Tensor, th.Tensor]:
+        """The state after each window's prefix (the episode before it), as acting reaches it; without gradient."""
+        n = len(prefix_segments)
+        initial = self._fresh_state(n)
+        if not self.burn_in or prefix_segments.max() == 0:
+            return initial
+        ends = th.as_tensor(prefix_segments, device=self.device)
+        with th.no_grad():
+            result = initial
+            for s, (_, state) in enumerate(self._sections(prefixes, initial)):
+                ends_here = (ends == s + 1).view(1, n, 1)  # rows whose prefix ends with this section
+                result = tuple(th.where(ends_here, new, old) for new, old in zip(state, result))
+        return result
+
+    def _section_distributions(
+        self, observations: Any, state: Optional[Tuple[th.Tensor, th.Tensor]] = None
+    ) -> Iterator[Distribution]:
+        """Action distributions over a batch of windows [B, sections * K, ...], one per section (flat B * K),
+        computed one section at a time from ``state`` (None: a fresh episode), the state carried across sections.
+
+        A generator: SB3 policies reuse one distribution object, so each must be used before the next."""
+        policy = self.policy
+        state = self._fresh_state(n_rows(observations)) if state is None else state
+        sections = self._sections(observations, state)
+        for latent, state in sections:
             try:
                 distribution = policy._get_action_dist_from_latent(policy.mlp_extractor.forward_actor(latent))
             except ValueError as error:
@@ -235,11 +268,13 @@ class RecurrentBC(BaseAlgorithm):
                 raise self._non_finite("the action distribution's parameters are NaN or inf") from error
             yield distribution
 
-    def _window_loss(self, observations: Any, actions: np.ndarray, mask: np.ndarray) -> Tuple[th.Tensor, float]:
+    def _window_loss(self, windows: Windows) -> Tuple[th.Tensor, float]:
         """Mean loss over the real steps of a batch of windows, and the greedy accuracy."""
+        actions, mask = windows.actions, windows.mask
         n, k = mask.shape[0], self.context_length
+        state = self._burn_in_state(windows.prefixes, windows.prefix_segments)
         total_loss, total_correct = th.zeros((), device=self.device), 0.0
-        for s, distribution in enumerate(self._section_distributions(observations)):
+        for s, distribution in enumerate(self._section_distributions(windows.observations, state)):
             cut = slice(s * k, (s + 1) * k)
             section_actions = th.as_tensor(actions[:, cut].reshape(n * k, *actions.shape[2:]), device=self.device)
             section_mask = th.as_tensor(mask[:, cut].reshape(-1), device=self.device)
@@ -263,8 +298,8 @@ class RecurrentBC(BaseAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         window = self.sections * self.context_length
-        observations, actions, mask = self.dataset.sample_windows(self._rng, self.batch_size, window, self.context_length)
-        loss, accuracy = self._window_loss(observations, actions, mask)
+        windows = self.dataset.sample_windows(self._rng, self.batch_size, window, self.context_length)
+        loss, accuracy = self._window_loss(windows)
         if not th.isfinite(loss):
             # Before backward and step: the parameters and Adam's moments stay as they were.
             raise self._non_finite(f"the loss is {loss.item()}")

@@ -51,7 +51,12 @@ def test_tmaze_dataset_follows_the_reference_protocol(tmaze_dataset):
 def test_windows_start_at_segment_boundaries_as_early_as_possible():
     episodes = [Episode(np.arange(n, dtype=np.float32)[:, None], np.zeros(n, dtype=np.int64)) for n in (3, 12, 40)]
     dataset = EpisodeDataset(episodes)
-    obs, actions, mask = dataset.sample_windows(np.random.default_rng(0), 300, window=12, segment=4)
+    obs, actions, mask, prefixes, prefix_segments = dataset.sample_windows(np.random.default_rng(0), 300, 12, 4)
+    # each window comes with its episode's steps before it (for the burn-in), left-aligned
+    np.testing.assert_array_equal(prefix_segments * 4, obs[:, 0, 0])
+    for row, start in zip(prefixes, obs[:, 0, 0].astype(int)):
+        np.testing.assert_array_equal(row[:start, 0], np.arange(start))
+        np.testing.assert_array_equal(row[start:], 0.0)
     assert obs.shape == (300, 12, 1) and actions.shape == (300, 12) and mask.shape == (300, 12)
     first = obs[:, 0, 0]
     lengths = mask.sum(axis=1)
@@ -97,7 +102,7 @@ def test_training_windows_compute_what_the_policy_computes_step_by_step(policy, 
     """The section-by-section training pass equals acting step by step with predict's state."""
     dataset = make_tmaze_dataset(30, max_corridor=20, seed=2)
     model = RecurrentBC(policy, _tmaze_env(), dataset, policy_kwargs=kwargs, sections=3, context_length=4, seed=0)
-    obs, _, mask = dataset.sample_windows(np.random.default_rng(1), 5, 12, 4)
+    obs, _, mask, _, _ = dataset.sample_windows(np.random.default_rng(1), 5, 12, 4)
     with torch.no_grad():
         windows = model._section_distributions(obs)
         window_logits = torch.cat([d.distribution.logits.view(5, 4, -1).clone() for d in windows], dim=1)  # [B, 12, A]
@@ -110,6 +115,29 @@ def test_training_windows_compute_what_the_policy_computes_step_by_step(policy, 
             dist, state = model.policy.get_distribution(obs_t, packed, torch.zeros(5))
         real = mask[:, t] > 0
         torch.testing.assert_close(dist.distribution.logits[real], window_logits[real, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy, kwargs", [("ElmurPolicy", SMALL_ELMUR), ("MlpLstmPolicy", dict(lstm_hidden_size=8))])
+def test_a_window_starts_from_the_memory_of_acting_through_its_episode(policy, kwargs):
+    """Burn-in: the state a mid-episode window starts from equals the state of acting step by step through the
+    episode up to the window (and with burn_in=False, a fresh episode's)."""
+    dataset = make_tmaze_dataset(30, min_corridor=12, max_corridor=20, seed=3)
+    model = RecurrentBC(policy, _tmaze_env(), dataset, policy_kwargs=kwargs, sections=2, context_length=4, seed=0)
+    windows = dataset.sample_windows(np.random.default_rng(2), 16, 8, 4)
+    assert windows.prefix_segments.min() == 0 and windows.prefix_segments.max() >= 2  # fresh and deep windows
+    with torch.no_grad():
+        burnt_in = model._burn_in_state(windows.prefixes, windows.prefix_segments)
+    shape = model.policy.lstm_hidden_state_shape
+    for row, segments in enumerate(windows.prefix_segments):
+        state = tuple(torch.zeros(shape[0], 1, shape[2]) for _ in range(2))
+        for t in range(4 * int(segments)):
+            with torch.no_grad():
+                _, state = model.policy.get_distribution(torch.as_tensor(windows.prefixes[row : row + 1, t]), state,
+                                                         torch.zeros(1))
+        for acted, trained in zip(state, burnt_in):
+            torch.testing.assert_close(trained[:, row : row + 1], acted, atol=1e-5, rtol=0)
+    model.burn_in = False
+    assert all((part == 0).all() for part in model._burn_in_state(windows.prefixes, windows.prefix_segments))
 
 
 def test_bc_elmur_solves_tmaze_at_corridor_100(tmaze_dataset):
@@ -161,12 +189,12 @@ def test_continuous_actions_collected_from_a_policy(loss):
     assert len(dataset) == 30 and dataset.episodes[0].actions.shape[1:] == (2,)
     model = RecurrentBC("ElmurPolicy", env, dataset, policy_kwargs=SMALL_ELMUR, continuous_loss=loss, batch_size=16,
                         learning_rate=3e-3, seed=0)
-    obs, actions, mask = dataset.sample_windows(np.random.default_rng(0), 64, 12, 4)
+    windows = dataset.sample_windows(np.random.default_rng(0), 64, 12, 4)
     with torch.no_grad():
-        before = model._window_loss(obs, actions, mask)[0].item()
+        before = model._window_loss(windows)[0].item()
     model.learn(150)
     with torch.no_grad():
-        after = model._window_loss(obs, actions, mask)[0].item()
+        after = model._window_loss(windows)[0].item()
     assert after < before - 0.1 * abs(before), (before, after)
 
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import gymnasium as gym
 import numpy as np
@@ -46,6 +46,17 @@ class Episode:
 
     def __len__(self) -> int:
         return len(self.actions)
+
+
+class Windows(NamedTuple):
+    """A batch of training windows, and what their episodes showed before them (for the memory a window starts
+    from: see ``RecurrentBC(burn_in=True)``)."""
+
+    observations: Observations  # [B, window, ...], zero-padded past the episode's end
+    actions: np.ndarray  # [B, window, ...]
+    mask: np.ndarray  # [B, window]: 1 on real steps
+    prefixes: Observations  # [B, P, ...]: each episode's steps before its window, zero-padded at the end
+    prefix_segments: np.ndarray  # [B]: segments in each prefix (windows start at segment boundaries)
 
 
 def map_observations(observations: Observations, fn: Any) -> Observations:
@@ -189,34 +200,29 @@ class EpisodeDataset:
             _check_values(arrays, observation_space, "observation", observation_space, "observation space")
         _check_values([ep.actions for ep in self.episodes], action_space, "action", action_space, "action space")
 
-    def sample_windows(
-        self, rng: np.random.Generator, batch_size: int, window: int, segment: int
-    ) -> Tuple[Observations, np.ndarray, np.ndarray]:
+    def sample_windows(self, rng: np.random.Generator, batch_size: int, window: int, segment: int) -> Windows:
         """Sample ``batch_size`` windows of ``window`` steps, zero-padded past the episode's end.
 
         A window starts at a segment boundary of its episode (step 0, ``segment``, 2 * ``segment``, ...) and
-        as early as possible: an episode that fits in a window is always taken from its first step, since a
-        window starts with a fresh memory and would otherwise miss what the episode showed before it.
-
-        :return: observations [B, window, ...], actions [B, window, ...], mask [B, window] (1 on real steps)
+        as early as possible: an episode that fits in a window is always taken from its first step. The steps
+        of its episode before a window come with it (``prefixes``), so that training can start the window from
+        the memory of acting through them.
         """
         starts_per_episode = np.array([max(len(ep) - window, 0) // segment + 1 for ep in self.episodes])
         choice = rng.choice(starts_per_episode.sum(), size=batch_size)
         episode_index = np.searchsorted(np.cumsum(starts_per_episode), choice, side="right")
-        obs_batch, act_batch = [], []
+        starts = np.array([segment * int(rng.integers(starts_per_episode[i])) for i in episode_index], dtype=np.int64)
+        longest_prefix = int(starts.max())
+        obs_batch, act_batch, prefixes = [], [], []
         mask = np.zeros((batch_size, window), dtype=np.float32)
-        for b, i in enumerate(episode_index):
+        for b, (i, start) in enumerate(zip(episode_index, starts)):
             ep = self.episodes[i]
-            start = segment * int(rng.integers(starts_per_episode[i]))
             stop = min(start + window, len(ep))
             mask[b, : stop - start] = 1.0
             obs_batch.append(_pad(_take(ep.observations, slice(start, stop)), window))
             act_batch.append(_pad(ep.actions[start:stop], window))
-        if isinstance(obs_batch[0], dict):
-            observations: Observations = {k: np.stack([o[k] for o in obs_batch]) for k in obs_batch[0]}
-        else:
-            observations = np.stack(obs_batch)
-        return observations, np.stack(act_batch), mask
+            prefixes.append(_pad(_take(ep.observations, slice(0, start)), longest_prefix))
+        return Windows(_stack(obs_batch), np.stack(act_batch), mask, _stack(prefixes), starts // segment)
 
     def to_minari(self, dataset_id: str, env: Union[str, gym.Env], overwrite: bool = False, **metadata: Any) -> Any:
         """Write the episodes as a Minari dataset (needs ``minari[hdf5]``); the final observation of each
@@ -406,6 +412,12 @@ def _violations(values: np.ndarray, space: spaces.Space) -> Iterator[Tuple[np.nd
         yield (values != 0) & (values != 1), "is not 0 or 1"
     else:
         yield (values < space.low) | (values > space.high), "is outside the bounds"
+
+
+def _stack(rows: List[Observations]) -> Observations:
+    if isinstance(rows[0], dict):
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    return np.stack(rows)
 
 
 def _pad(values: Observations, length: int) -> Observations:
