@@ -2,6 +2,7 @@ from typing import Optional
 
 import gymnasium as gym
 
+from sb3_elmur.envs.recall import NoisyRecallEnv, NoisyRecallVecEnv, RecallOracle, make_recall_dataset
 from sb3_elmur.envs.tmaze import TMazeEnv, TMazeOracle, TMazeVecEnv
 
 # id -> default kwargs
@@ -24,6 +25,8 @@ def register_envs() -> None:
         if env_id in gym.registry:
             continue
         gym.register(id=env_id, entry_point="sb3_elmur.envs.tmaze:TMazeEnv", kwargs=dict(kwargs))
+    if "sb3_elmur/NoisyRecall-v0" not in gym.registry:
+        gym.register(id="sb3_elmur/NoisyRecall-v0", entry_point="sb3_elmur.envs.recall:NoisyRecallEnv")
 
 
 # MIKASA-Robo's task families (mikasa-robo-suite 1.0.0); a task id is the family name, a variant and "-v0".
@@ -37,4 +40,7 @@ def mikasa_family(env_id: str) -> Optional[str]:
     return next((family for family in MIKASA_FAMILIES if env_id.startswith(family)), None)
 
 
-__all__ = ["MIKASA_FAMILIES", "TMazeEnv", "TMazeOracle", "TMazeVecEnv", "mikasa_family", "register_envs"]
+__all__ = [
+    "MIKASA_FAMILIES", "NoisyRecallEnv", "NoisyRecallVecEnv", "RecallOracle", "TMazeEnv", "TMazeOracle", "TMazeVecEnv",
+    "make_recall_dataset", "mikasa_family", "register_envs",
+]

@@ -1,0 +1,64 @@
+"""The noisy recall task: its rules, the oracle and its dataset (issue 14's length-generalization benchmark)."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3.common.env_checker import check_env
+
+import sb3_elmur  # noqa: F401  (registers sb3_elmur/NoisyRecall-v0)
+from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, RecallOracle, make_recall_dataset
+
+
+def test_single_env_passes_check_env_and_scores_only_the_last_answer():
+    env = gym.make("sb3_elmur/NoisyRecall-v0", n_cues=3, length=5, noise_dims=2)
+    check_env(env.unwrapped)
+    obs, _ = env.reset(seed=0)
+    cue = int(obs[:3].argmax())
+    assert obs[:3].sum() == 1 and obs[3] == 0 and obs.shape == (6,)
+    rewards = []
+    for t in range(5):
+        obs, reward, terminated, truncated, info = env.step((cue + 1) % 3 if t < 4 else cue)  # wrong until the query
+        rewards.append(reward)
+        if t < 4:
+            assert (obs[:3] == 0).all() and obs[3] == (t == 3) and not terminated  # the query flag at the last step
+    assert rewards == [0, 0, 0, 0, 1] and terminated and not truncated and info == {"is_success": True}
+    with pytest.raises(ValueError, match="invalid action"):
+        env.step(7)
+
+
+def test_oracle_succeeds_at_any_length_and_the_vec_env_resets_done_envs():
+    env = NoisyRecallVecEnv(4, length=(2, 1000), seed=1)
+    obs, oracle, state = env.reset(), RecallOracle(3), None
+    successes, terminal = [], 0
+    while len(successes) < 20:
+        actions, state = oracle.predict(obs, state)
+        obs, rewards, dones, infos = env.step(actions)
+        for info, done in zip(infos, dones):
+            if done:
+                successes.append(info["is_success"])
+                terminal += info["terminal_observation"].shape == (8,)
+    assert all(successes) and terminal == len(successes)
+    assert (obs[dones][:, :3].sum(axis=1) == 1).all()  # the done envs show their new cue at once
+
+
+def test_seeded_vec_envs_repeat_their_episodes():
+    a, b = NoisyRecallVecEnv(3, seed=5), NoisyRecallVecEnv(3)
+    b.seed(5)
+    np.testing.assert_array_equal(a.reset(), b.reset())
+
+
+def test_dataset_holds_whole_oracle_episodes():
+    dataset = make_recall_dataset(50, n_cues=3, length=(3, 12), noise_dims=2, seed=0)
+    lengths = [len(ep) for ep in dataset.episodes]
+    assert len(dataset) == 50 and min(lengths) >= 3 and max(lengths) <= 12
+    for ep in dataset.episodes:
+        cue = ep.observations[0, :3].argmax()
+        assert (ep.actions == cue).all() and ep.observations[-1, 3] == 1 and ep.observations[:-1, 3].sum() == 0
+        assert ep.rewards[-1] == 1 and ep.rewards[:-1].sum() == 0
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="n_cues"):
+        NoisyRecallEnv(n_cues=1)
+    with pytest.raises(ValueError, match="is empty"):
+        NoisyRecallVecEnv(2, length=(10, 5))
