@@ -11,6 +11,7 @@ import torch as th
 from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import _check_corridor_length, _check_variant
@@ -288,24 +289,34 @@ def _run_episodes(
     seed: Optional[int],
     progress_bar: bool,
 ) -> np.ndarray:
-    """Run one episode per cue in one batch; :return: success of each episode."""
-    n_episodes = len(cues)
-    env = TMazeVecEnv(n_episodes, corridor_length=corridor_length, variant=variant, seed=seed, cues=cues)
+    """Run one T-Maze episode per cue in one batch; :return: success of each episode."""
+    env = TMazeVecEnv(len(cues), corridor_length=corridor_length, variant=variant, seed=seed, cues=cues)
+    return _first_episodes(act, env, env.time_limit, progress_bar, f"T-Maze L={corridor_length}")
+
+
+def _first_episodes(
+    act: Callable[[np.ndarray, np.ndarray], np.ndarray], env: VecEnv, max_steps: int, progress_bar: bool, desc: str
+) -> np.ndarray:
+    """Run ``env`` until the first episode of every env has ended (at most ``max_steps`` steps) and close it.
+
+    :return: the success (``info["is_success"]``) of each env's first episode (False if unfinished)
+    """
+    n_episodes = env.num_envs
     # Every episode starts at the first step, which resets the state the actor kept from earlier runs.
     episode_start = np.ones(n_episodes, dtype=bool)
     success = np.zeros(n_episodes, dtype=bool)
     finished = np.zeros(n_episodes, dtype=bool)
-    steps = range(env.time_limit)
+    steps = range(max_steps)
     if progress_bar:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"T-Maze L={corridor_length}", mininterval=2.0)
+        steps = tqdm(steps, desc=desc, mininterval=2.0)
     try:
         obs = env.reset()
         for _ in steps:
             obs, _, dones, infos = env.step(act(obs, episode_start))
             for i in np.flatnonzero(dones & ~finished):
-                success[i] = infos[i]["is_success"]
+                success[i] = infos[i].get("is_success", False)
             finished |= dones
             episode_start = dones
             if finished.all():
@@ -315,6 +326,29 @@ def _run_episodes(
             steps.close()
         env.close()
     return success
+
+
+def evaluate_success(
+    model: BaseAlgorithm,
+    env: VecEnv,
+    max_steps: int,
+    deterministic: bool = True,
+    progress_bar: bool = False,
+    compile: bool = False,
+) -> float:
+    """Success rate of ``model`` over the first episode of every env of ``env`` (any VecEnv that reports
+    ``info["is_success"]``, e.g. ``NoisyRecallVecEnv(100, length=100_000)``), run as one batch; closes ``env``.
+
+    :param model: trained model, or any object with ``predict(obs, state, episode_start, deterministic)``
+    :param env: the episodes, one per env
+    :param max_steps: steps after which unfinished episodes count as failures
+    :param deterministic: act greedily
+    :param progress_bar: show a tqdm progress bar over steps
+    :param compile: ElmurPolicy only: act through ``torch.compile`` (see :func:`evaluate_tmaze`)
+    :return: fraction of successful episodes
+    """
+    act = _actor(model, deterministic, compile)
+    return float(_first_episodes(act, env, max_steps, progress_bar, "evaluation").mean())
 
 
 def _actor(

@@ -62,3 +62,16 @@ def test_bad_settings_are_named():
         NoisyRecallEnv(n_cues=1)
     with pytest.raises(ValueError, match="is empty"):
         NoisyRecallVecEnv(2, length=(10, 5))
+
+
+def test_evaluate_success_runs_one_episode_per_env():
+    from sb3_elmur.evaluation import evaluate_success
+
+    class AlwaysZero:
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            return np.zeros(len(obs), dtype=np.int64), state
+
+    assert evaluate_success(RecallOracle(3), NoisyRecallVecEnv(50, length=500, seed=0), max_steps=500) == 1.0
+    chance = evaluate_success(AlwaysZero(), NoisyRecallVecEnv(300, length=5, seed=0), max_steps=5)
+    assert 0.2 < chance < 0.47  # the share of episodes whose cue is 0
+    assert evaluate_success(RecallOracle(3), NoisyRecallVecEnv(10, length=50, seed=0), max_steps=10) == 0.0  # unfinished
