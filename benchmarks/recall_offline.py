@@ -9,7 +9,6 @@ run can be split across sessions; the table is rebuilt from everything evaluated
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
 from sb3_elmur.evaluation import evaluate_success
-from sb3_elmur.utils import write_json_atomically, write_text_atomically
+from sb3_elmur.utils import success_table_rows, train_and_evaluate_once, write_text_atomically
 
 ELMUR = dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
 # name: (policy, policy kwargs, RecurrentBC kwargs)
@@ -61,29 +60,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    def evaluate(model: RecurrentBC, length: int, seed: int) -> Dict[str, Any]:
+        start = time.perf_counter()
+        success = evaluate_success(model, NoisyRecallVecEnv(100, length=length, seed=1000 + seed), length,
+                                   progress_bar=length >= 10_000)
+        return {"success": success, "seconds": time.perf_counter() - start}
+
     for name in args.configs:
         for seed in args.seeds:
-            record_path = out / f"{name}_s{seed}.json"
-            record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluations": {}}
-            model_path = out / f"{name}_s{seed}.zip"
-            if not model_path.exists():
-                record.update(train(name, seed, args.gradient_steps, model_path))
-                write_json_atomically(record_path, record)
-                print(f"{name} seed {seed}: trained in {record['train_cpu_seconds']:.0f} CPU s", flush=True)
-            model = RecurrentBC.load(model_path, device="cpu")
-            for length in args.lengths:
-                if str(length) in record["evaluations"]:
-                    continue
-                start = time.perf_counter()
-                success = evaluate_success(model, NoisyRecallVecEnv(100, length=length, seed=1000 + seed), length,
-                                           progress_bar=length >= 10_000)
-                record["evaluations"][str(length)] = {"success": success, "seconds": time.perf_counter() - start}
-                write_json_atomically(record_path, record)
-                print(f"{name} seed {seed} length {length}: {success:.2f} ({time.perf_counter() - start:.0f} s)",
-                      flush=True)
+            train_and_evaluate_once(
+                f"{name}_s{seed}", out, lambda path: train(name, seed, args.gradient_steps, path),
+                lambda path: RecurrentBC.load(path, device="cpu"), lambda model, length: evaluate(model, length, seed),
+                args.lengths,
+            )
 
-    records = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*_s*.json"))}
-    lengths = sorted({int(c) for r in records.values() for c in r["evaluations"]})
+    lengths, rows = success_table_rows(out)
     lines = [
         "# Noisy recall offline: trained on 30-100-step episodes (2000 oracle episodes), evaluated up to 10^5 steps",
         "",
@@ -95,10 +86,7 @@ def main() -> None:
         "| configuration | seed | params | train CPU s | " + " | ".join(f"{c:,}" for c in lengths) + " |",
         "|---|---|---|---|" + "---|" * len(lengths),
     ]
-    for name, record in records.items():
-        config, seed = name.rsplit("_s", 1)
-        cells = [f"{record['evaluations'][str(c)]['success']:.2f}" if str(c) in record["evaluations"] else "-"
-                 for c in lengths]
+    for config, seed, record, cells in rows:
         lines.append(f"| {config} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
                      + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"

@@ -9,7 +9,6 @@ run can be split across sessions; the table is rebuilt from everything evaluated
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.datasets import make_tmaze_dataset
 from sb3_elmur.evaluation import evaluate_tmaze
-from sb3_elmur.utils import write_json_atomically, write_text_atomically
+from sb3_elmur.utils import success_table_rows, train_and_evaluate_once, write_text_atomically
 
 POLICIES: Dict[str, Dict[str, Any]] = {
     "ElmurPolicy": dict(d_model=32, n_layers=1, n_heads=2, memory_size=2, context_length=10),
@@ -75,31 +74,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    def evaluate(model: RecurrentBC, corridor: int) -> Dict[str, Any]:
+        start = time.perf_counter()
+        success = evaluate_tmaze(model, corridor, n_episodes=100, variant="reference", n_workers=args.workers,
+                                 progress_bar=corridor >= 100_000, compile=args.compile)
+        return {"success": success, "seconds": time.perf_counter() - start, "workers": args.workers,
+                "compile": args.compile}
+
     for policy in args.policies:
         for seed in args.seeds:
-            record_path = out / f"{policy}_s{seed}.json"
-            record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluations": {}}
-            model_path = out / f"{policy}_s{seed}.zip"
-            if not model_path.exists():
-                record.update(train(policy, seed, args.gradient_steps, model_path))
-                write_json_atomically(record_path, record)
-                print(f"{policy} seed {seed}: trained in {record['train_cpu_seconds']:.0f} CPU s", flush=True)
-            model = RecurrentBC.load(model_path, device="cpu")
-            for corridor in args.corridors:
-                if str(corridor) in record["evaluations"] and corridor not in args.reevaluate:
-                    continue
-                start = time.perf_counter()
-                success = evaluate_tmaze(model, corridor, n_episodes=100, variant="reference", n_workers=args.workers,
-                                         progress_bar=corridor >= 100_000, compile=args.compile)
-                record["evaluations"][str(corridor)] = {
-                    "success": success, "seconds": time.perf_counter() - start, "workers": args.workers,
-                    "compile": args.compile,
-                }
-                write_json_atomically(record_path, record)
-                print(f"{policy} seed {seed} corridor {corridor}: {success:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            train_and_evaluate_once(
+                f"{policy}_s{seed}", out, lambda path: train(policy, seed, args.gradient_steps, path),
+                lambda path: RecurrentBC.load(path, device="cpu"), evaluate, args.corridors, args.reevaluate,
+            )
 
-    records = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*_s*.json"))}
-    corridors = sorted({int(c) for r in records.values() for c in r["evaluations"]})
+    corridors, rows = success_table_rows(out)
     lines = [
         "# T-Maze offline: trained on corridors 1..28 (2000 oracle episodes), evaluated up to 10^6 steps",
         "",
@@ -111,10 +100,8 @@ def main() -> None:
         "| policy | seed | params | train CPU s | " + " | ".join(f"{c:,}" for c in corridors) + " | eval s (longest) |",
         "|---|---|---|---|" + "---|" * len(corridors) + "---|",
     ]
-    for name, record in records.items():
-        policy, seed = name.rsplit("_s", 1)
+    for policy, seed, record, cells in rows:
         evaluations = record["evaluations"]
-        cells = [f"{evaluations[str(c)]['success']:.2f}" if str(c) in evaluations else "-" for c in corridors]
         longest = evaluations[str(max(int(c) for c in evaluations))] if evaluations else {"seconds": 0.0}
         processes = f"{longest.get('workers', 1)} proc.{', compiled' if longest.get('compile') else ''}"
         lines.append(f"| {policy} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "

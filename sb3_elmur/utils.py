@@ -5,7 +5,7 @@ import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 
@@ -104,3 +104,54 @@ def remove_leftover_temp_files(path: Path) -> List[Path]:
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     return leftovers
+
+
+def train_and_evaluate_once(
+    name: str,
+    out: Path,
+    train: Callable[[Path], Dict[str, Any]],
+    load: Callable[[Path], Any],
+    evaluate: Callable[[Any, int], Dict[str, Any]],
+    points: Sequence[int],
+    redo: Sequence[int] = (),
+) -> Dict[str, Any]:
+    """A long offline benchmark's unit of work, resumable: train one model once (``<out>/<name>.zip``, ``train``'s
+    figures kept in ``<out>/<name>.json``), then evaluate it once at each of ``points`` (corridor or episode
+    lengths) not yet in that record, or in ``redo``; the record is rewritten atomically after every step.
+
+    :param train: trains and saves the model to the path given; returns its figures (time, parameters, ...)
+    :param load: loads the saved model
+    :param evaluate: (model, point) -> the figures of that evaluation (``{"success": ..., ...}``)
+    :return: the record: ``train``'s figures and ``{"evaluations": {point: figures}}``
+    """
+    record_path, model_path = out / f"{name}.json", out / f"{name}.zip"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluations": {}}
+    if not model_path.exists():
+        record.update(train(model_path))
+        write_json_atomically(record_path, record)
+        print(f"{name}: trained ({record})", flush=True)
+    model = load(model_path)
+    for point in points:
+        if str(point) in record["evaluations"] and point not in redo:
+            continue
+        record["evaluations"][str(point)] = evaluate(model, point)
+        write_json_atomically(record_path, record)
+        print(f"{name} at {point:,}: {record['evaluations'][str(point)]}", flush=True)
+    return record
+
+
+def success_table_rows(out: Path) -> Tuple[List[int], List[Tuple[str, str, Dict[str, Any], List[str]]]]:
+    """The records of :func:`train_and_evaluate_once` in ``out`` (``<name>_s<seed>.json``) as table rows.
+
+    :return: the evaluation points of any record, sorted, and per record (name, seed, record, success cells with
+        "-" where a point is not evaluated yet)
+    """
+    records = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("*_s*.json"))}
+    points = sorted({int(point) for record in records.values() for point in record["evaluations"]})
+    rows = []
+    for stem, record in records.items():
+        name, seed = stem.rsplit("_s", 1)
+        evaluations = record["evaluations"]
+        cells = [f"{evaluations[str(p)]['success']:.2f}" if str(p) in evaluations else "-" for p in points]
+        rows.append((name, seed, record, cells))
+    return points, rows
