@@ -48,6 +48,18 @@ class ScriptedBatch(_Batch):
     def get_attr(self, name: str, indices: List[int]) -> List[Any]:
         return [getattr(self, name, None)] * len(indices)
 
+    def set_attr(self, name: str, value: Any, indices: List[int]) -> None:
+        setattr(self, name, value)
+
+    def call(self, name: str, indices: List[int], args: tuple, kwargs: dict) -> List[Any]:
+        return [getattr(self, name)(*args, **kwargs)] * len(indices)
+
+    def render(self) -> List[np.ndarray]:
+        return [np.zeros((4, 4, 3), np.uint8)] * self.num_envs
+
+    def close(self) -> None:
+        self.closed = True
+
     def step(self, actions: np.ndarray) -> Tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
         assert actions.shape == (3, 2)
         self.step_count += 1
@@ -241,7 +253,7 @@ def test_remember_color_memory_state_shows_the_colour_only_at_the_start() -> Non
     cue, delay, choice = visible[:5], visible[5:10], visible[10:]
     assert (cue == np.eye(3)[target]).all() and (delay == 0).all() and (choice == 1).all()
     env.close()
-    with pytest.raises(Exception, match="defined for the RememberColor tasks"):
+    with pytest.raises(ValueError, match="defined for the RememberColor tasks"):
         ManiSkillVecEnv("TakeItBack-v0", obs_mode="memory_state")
 
 

@@ -13,6 +13,7 @@ CPU one once with ``python -m sb3_elmur.envs.vulkan install``; this module activ
 """
 
 import functools
+from abc import ABC, abstractmethod
 import importlib.util
 import multiprocessing as mp
 import time
@@ -226,8 +227,7 @@ def make_maniskill_env(
         kwargs.setdefault("sensor_configs", dict(width=image_size, height=image_size))
     if mikasa:
         kwargs.setdefault("control_mode", "pd_joint_delta_pos")  # the suite's baselines act in joint deltas
-    if obs_mode == "memory_state" and mikasa_family(env_id) != "RememberColor":
-        raise ValueError(f"obs_mode='memory_state' is defined for the RememberColor tasks, not {env_id}")
+    _check_observation_settings(env_id, obs_mode, image_size, ())
     maniskill_mode = {"state": "state", "memory_state": "state_dict"}.get(obs_mode, "rgb")
     env = gym.make(env_id, num_envs=num_envs, sim_backend=sim_backend, render_mode=render_mode,
                    obs_mode=maniskill_mode, **kwargs)
@@ -300,7 +300,7 @@ class ManiSkillEnv(gym.Env):
     def __init__(self, env_id: str, obs_mode: str = "state", image_size: Optional[int] = None,
                  privileged: Sequence[str] = (), render_mode: Optional[str] = None, **env_kwargs: Any) -> None:
         super().__init__()
-        _check_observation_settings(obs_mode, image_size, privileged)
+        _check_observation_settings(env_id, obs_mode, image_size, privileged)
         self.env = make_maniskill_env(env_id, 1, "cpu", obs_mode, image_size, env_kwargs, render_mode)
         self.obs_mode, self.privileged, self.render_mode = obs_mode, tuple(privileged), render_mode
         self.action_space = self.env.get_wrapper_attr("single_action_space")
@@ -334,9 +334,11 @@ class ManiSkillEnv(gym.Env):
         self.env.close()
 
 
-def _check_observation_settings(obs_mode: str, image_size: Optional[int], privileged: Sequence[str]) -> None:
+def _check_observation_settings(env_id: str, obs_mode: str, image_size: Optional[int], privileged: Sequence[str]) -> None:
     if obs_mode not in OBS_MODES:
         raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
+    if obs_mode == "memory_state" and mikasa_family(env_id) != "RememberColor":
+        raise ValueError(f"obs_mode='memory_state' is defined for the RememberColor tasks, not {env_id}")
     if image_size is not None:
         check_int("image_size", image_size)
     unknown = [key for key in privileged if key not in PRIVILEGED_KEYS]
@@ -368,7 +370,7 @@ def register_maniskill_envs() -> List[str]:
     return ids
 
 
-class _Batch:
+class _Batch(ABC):
     """N envs simulated together: observations, rewards and flags as (N, ...) torch tensors."""
 
     num_envs: int
@@ -376,28 +378,40 @@ class _Batch:
     observation_space: spaces.Space
     device: th.device
 
+    @abstractmethod
     def reset(self, seeds: Optional[List[Optional[int]]], env_idx: Optional[np.ndarray]) -> TorchObs:
         """Reset the envs ``env_idx`` (all if None) with ``seeds`` (one per env, or None) and return their first
         observations, in the order of ``env_idx``."""
         raise NotImplementedError
 
+    @abstractmethod
     def step(self, actions: np.ndarray) -> Tuple[TorchObs, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
         """Step all envs: observations, rewards, terminated, truncated and success flags."""
         raise NotImplementedError
 
+    @abstractmethod
     def render(self) -> List[np.ndarray]:
+        """One RGB frame (H, W, 3) per env."""
         raise NotImplementedError
 
+    @abstractmethod
     def call(self, name: str, indices: List[int], args: tuple, kwargs: dict) -> List[Any]:
+        """The results of the method ``name`` of the envs ``indices``."""
         raise NotImplementedError
 
+    @abstractmethod
     def get_attr(self, name: str, indices: List[int]) -> List[Any]:
+        """The attribute ``name`` of the envs ``indices``."""
         raise NotImplementedError
 
+    @abstractmethod
     def set_attr(self, name: str, value: Any, indices: List[int]) -> None:
+        """Set the attribute ``name`` of the envs ``indices``."""
         raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
+        """Close the simulator(s)."""
         raise NotImplementedError
 
 
@@ -642,7 +656,7 @@ class ManiSkillVecEnv(VecEnv):
         start_method: Optional[str] = None,
         **env_kwargs: Any,
     ) -> None:
-        _check_observation_settings(obs_mode, image_size, privileged)
+        _check_observation_settings(env_id, obs_mode, image_size, privileged)
         n_envs = check_int("n_envs", n_envs)
         if sim_backend not in ("auto", "gpu", "cpu"):
             raise ValueError(f"sim_backend must be 'auto', 'gpu' or 'cpu', got {sim_backend!r}")
