@@ -75,3 +75,21 @@ def test_evaluate_success_runs_one_episode_per_env():
     chance = evaluate_success(AlwaysZero(), NoisyRecallVecEnv(300, length=5, seed=0), max_steps=5)
     assert 0.2 < chance < 0.47  # the share of episodes whose cue is 0
     assert evaluate_success(RecallOracle(3), NoisyRecallVecEnv(10, length=50, seed=0), max_steps=10) == 0.0  # unfinished
+
+
+def test_bc_elmur_trained_on_short_episodes_recalls_at_2000_steps():
+    """Length generalization on a small noisy task: trained on 10-40-step oracle episodes, right at 2,000 steps
+    (50x the longest training episode; the long runs: benchmarks/recall_offline.py)."""
+    import torch
+
+    from sb3_elmur import RecurrentBC
+    from sb3_elmur.evaluation import evaluate_success
+
+    torch.set_num_threads(1)
+    dataset = make_recall_dataset(500, length=(10, 40), seed=0)
+    model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(), dataset, sections=4, context_length=10, batch_size=32,
+                        learning_rate=3e-3, seed=0, policy_kwargs=dict(d_model=32, n_layers=1, memory_size=2,
+                                                                       context_length=10))
+    model.learn(150)
+    assert evaluate_success(model, NoisyRecallVecEnv(60, length=40, seed=1), 40) >= 0.9
+    assert evaluate_success(model, NoisyRecallVecEnv(60, length=2000, seed=2), 2000) >= 0.9
