@@ -6,7 +6,7 @@ policy names of sb3-contrib's ``RecurrentPPO``, and the T-Maze environments unde
 
 from sb3_contrib import RecurrentPPO
 
-from sb3_elmur.bc import NonFiniteLossError, RecurrentBC, ShortEpisodesWarning
+from sb3_elmur.bc import NonFiniteLossError, RecurrentBC
 from sb3_elmur.envs import register_envs
 from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
 from sb3_elmur.ppo import ElmurPPO
@@ -37,6 +37,5 @@ __all__ = [
     "NonFiniteLossError",
     "RecurrentBC",
     "RecurrentStateError",
-    "ShortEpisodesWarning",
     "__version__",
 ]

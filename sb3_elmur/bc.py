@@ -34,10 +34,6 @@ class NonFiniteLossError(FloatingPointError):
     """The behaviour-cloning loss is NaN or inf: the step was skipped, the parameters are unchanged."""
 
 
-class ShortEpisodesWarning(UserWarning):
-    """The dataset (or the windows) cannot show ELMUR a memory slot's content surviving an eviction."""
-
-
 class _GradientStepProgressBar(ProgressBarCallback):
     """SB3's progress bar counts env steps of the training env; here a timestep is one gradient step."""
 
@@ -288,31 +284,6 @@ class RecurrentBC(BaseAlgorithm):
         n_real = float(mask.sum())
         return total_loss / n_real, total_correct / n_real
 
-    def _warn_if_memory_cannot_learn_to_last(self) -> None:
-        """Warn when no training episode, or no window, makes more memory writes than ELMUR has slots.
-
-        ELMUR writes its memory once per completed segment. Measured on the noisy recall task (README, Offline
-        training), models trained where no episode made more writes than the M slots per layer (the paper's
-        <= 30-step protocol with 2 slots, or 4 slots for 40-step episodes) fell to 0.6-0.65 at 2,000 steps, while
-        those whose training saw an eviction stayed at 1.0: the cue must be carried past an eviction to be kept.
-        """
-        config = getattr(self.policy, "elmur_config", None)
-        if config is None:
-            return
-        slots, k = config.memory_size, self.context_length
-        longest = max(len(episode) for episode in self.dataset.episodes)
-        writes = (longest - 1) // k  # segments completed before the episode's last step
-        if writes <= slots or self.sections < slots + 2:
-            warnings.warn(
-                f"RecurrentBC: the longest episode ({longest} steps) makes {writes} memory writes before its last step "
-                f"and a window of {self.sections} sections at most {self.sections - 1}, against {slots} memory slots "
-                "per layer: training never shows a slot's content surviving an eviction, so memory may not last far "
-                f"past the training length on noisy tasks. Use episodes of more than {(slots + 1) * k} steps and "
-                f"sections >= {slots + 2} (or fewer slots).",
-                ShortEpisodesWarning,
-                stacklevel=3,
-            )
-
     def _non_finite(self, what: str) -> NonFiniteLossError:
         return NonFiniteLossError(
             f"RecurrentBC: {what} at gradient step {self._n_updates}; the parameters were not updated. The dataset's "
@@ -359,7 +330,6 @@ class RecurrentBC(BaseAlgorithm):
         """
         if self.dataset is None:
             raise ValueError("RecurrentBC needs a dataset: pass dataset= or call set_dataset() before learn()")
-        self._warn_if_memory_cannot_learn_to_last()
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name)
         if progress_bar:
             callback = CallbackList([callback, _GradientStepProgressBar()])

@@ -93,22 +93,3 @@ def test_bc_elmur_trained_on_short_episodes_recalls_at_2000_steps():
     model.learn(150)
     assert evaluate_success(model, NoisyRecallVecEnv(60, length=40, seed=1), 40) >= 0.9
     assert evaluate_success(model, NoisyRecallVecEnv(60, length=2000, seed=2), 2000) >= 0.9
-
-
-def test_bc_warns_when_no_training_episode_outlasts_the_memory_slots():
-    import warnings
-
-    from sb3_elmur import RecurrentBC, ShortEpisodesWarning
-
-    small = dict(d_model=16, n_layers=1, memory_size=2, context_length=10)
-    short = make_recall_dataset(20, length=(10, 30), seed=0)  # at most 2 writes, 2 slots: the paper's protocol
-    with pytest.warns(ShortEpisodesWarning, match="makes 2 memory writes .* against 2 memory slots"):
-        RecurrentBC("ElmurPolicy", NoisyRecallEnv(), short, sections=3, batch_size=4, policy_kwargs=small).learn(1)
-    longer = make_recall_dataset(20, length=(10, 40), seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ShortEpisodesWarning)
-        RecurrentBC("ElmurPolicy", NoisyRecallEnv(), longer, sections=4, batch_size=4, policy_kwargs=small).learn(1)
-        RecurrentBC("MlpLstmPolicy", NoisyRecallEnv(), short, sections=3, batch_size=4,
-                    policy_kwargs=dict(lstm_hidden_size=8)).learn(1)  # an LSTM has no slots
-    with pytest.warns(ShortEpisodesWarning, match="a window of 3 sections"):
-        RecurrentBC("ElmurPolicy", NoisyRecallEnv(), longer, sections=3, batch_size=4, policy_kwargs=small).learn(1)
