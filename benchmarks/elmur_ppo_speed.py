@@ -18,10 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, List
 
-from sb3_elmur.utils import write_json_atomically, write_text_atomically
+from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
 
 # name -> (algorithm, policy, policy_kwargs, algorithm kwargs): the package defaults, and an LSTM of a similar
 # parameter count. The last two ElmurPPO ones measure the memory horizon's cost (not run by default).
@@ -117,9 +116,7 @@ def main() -> None:
         print(json.dumps(measure(args.child[0], args.child[1], args.rollouts, args.n_envs, seed=0)))
         return
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:  # earlier results are never erased by accident
-        parser.error(f"{out} exists: pass --overwrite to replace it, or --out another file")
+    out = new_report_path(parser, args.out, args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the measurements
     configs = [c for c in CONFIGS if c in args.configs or c == LSTM]
     runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {env: {c: [] for c in configs} for env in args.envs}

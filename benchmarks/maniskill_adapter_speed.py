@@ -10,7 +10,6 @@ more envs it steps them side by side. Writes a markdown table and a JSON file:
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import gymnasium as gym
@@ -19,7 +18,7 @@ import torch
 
 from sb3_elmur.envs import vulkan
 from sb3_elmur.envs.maniskill import ManiSkillVecEnv
-from sb3_elmur.utils import write_json_atomically, write_text_atomically
+from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
 
 
 def _maniskill_adapter(env_id: str) -> Any:
@@ -55,9 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/maniskill_adapter_speed.md", help="Markdown report.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
     args = parser.parse_args()
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:  # earlier results are never erased by accident
-        parser.error(f"{out} exists: pass --overwrite to replace it, or --out another file")
+    out = new_report_path(parser, args.out, args.overwrite)
     torch.set_num_threads(1)
 
     configs: Dict[str, Callable[[], Any]] = {}

@@ -10,7 +10,6 @@ Writes a markdown table and its JSON (refusing to replace them without --overwri
 
 import argparse
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from sb3_elmur import RecurrentBC
 from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
 from sb3_elmur.evaluation import evaluate_success
-from sb3_elmur.utils import write_json_atomically, write_text_atomically
+from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
 
 
 def run(config: str, seed: int, gradient_steps: int, lengths: List[int]) -> Dict[str, float]:
@@ -44,9 +43,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/recall_protocol.md", help="Markdown report.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
     args = parser.parse_args()
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:  # earlier results are never erased by accident
-        parser.error(f"{out} exists: pass --overwrite to replace it, or --out another file")
+    out = new_report_path(parser, args.out, args.overwrite)
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
 
     results: Dict[str, List[Dict[str, float]]] = {}

@@ -155,3 +155,12 @@ def success_table_rows(out: Path) -> Tuple[List[int], List[Tuple[str, str, Dict[
         cells = [f"{evaluations[str(p)]['success']:.2f}" if str(p) in evaluations else "-" for p in points]
         rows.append((name, seed, record, cells))
     return points, rows
+
+
+def new_report_path(parser: Any, out: Union[str, Path], overwrite: bool) -> Path:
+    """The path of a benchmark's report, refused (``parser.error``: exit 2, before any work) if it exists and
+    ``overwrite`` is not set, so that earlier results are never erased by accident."""
+    path = Path(out)
+    if path.exists() and not overwrite:
+        parser.error(f"{path} exists: pass --overwrite to replace it, or --out another file")
+    return path
