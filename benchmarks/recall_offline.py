@@ -1,8 +1,13 @@
 """Offline length generalization on the noisy recall task: behaviour cloning on oracle episodes of 30 to 100 steps
 (a cue at the first step, Gaussian noise every step, the answer at the end), evaluated up to 10^5 steps. ElmurPolicy,
-with and without RecurrentBC's burn-in, against the BC-LSTM baseline, trained by the same code on the same data.
+with and without RecurrentBC's burn-in, against the BC-LSTM baseline, trained by the same code on the same data, and
+ElmurPolicy under the paper's protocol (episodes of at most 30 steps, 3 segments).
 
     python benchmarks/recall_offline.py --seeds 0 1 2 --lengths 30 100 1000 10000 100000
+    python benchmarks/recall_offline.py --wait --out benchmarks/results/recall_offline_wait
+
+``--wait`` is the task's other form: the expert waits until the query and names the cue only there (T-Maze's
+structure with a noisy corridor), so the memory is supervised once per episode.
 
 Every (configuration, seed) trains once (model saved) and every length is evaluated once (result cached), so the
 run can be split across sessions; the table is rebuilt from everything evaluated so far.
@@ -23,20 +28,24 @@ from sb3_elmur.evaluation import evaluate_success
 from sb3_elmur.utils import success_table_rows, train_and_evaluate_once, write_text_atomically
 
 ELMUR = dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
-# name: (policy, policy kwargs, RecurrentBC kwargs)
+# Windows of 10 segments of 10 steps: a whole episode of up to 100 steps, more segments than slots
+LONG = dict(length=(30, 100), sections=10)
+# name: (policy, policy kwargs, RecurrentBC kwargs, training episodes)
 CONFIGS: Dict[str, Any] = {
-    "ElmurPolicy": ("ElmurPolicy", ELMUR, dict(burn_in=True)),
-    "ElmurPolicy-no-burn-in": ("ElmurPolicy", ELMUR, dict(burn_in=False)),
-    "MlpLstmPolicy": ("MlpLstmPolicy", dict(lstm_hidden_size=128), dict(burn_in=True)),
+    "ElmurPolicy": ("ElmurPolicy", ELMUR, dict(burn_in=True), LONG),
+    "ElmurPolicy-no-burn-in": ("ElmurPolicy", ELMUR, dict(burn_in=False), LONG),
+    "MlpLstmPolicy": ("MlpLstmPolicy", dict(lstm_hidden_size=128), dict(burn_in=True), LONG),
+    # The paper's protocol: episodes of at most 30 steps, 3 segments of 10 (at most 2 writes into 2 slots)
+    "ElmurPolicy-paper-protocol": ("ElmurPolicy", ELMUR, dict(burn_in=True), dict(length=(10, 30), sections=3)),
 }
 
 
-def train(name: str, seed: int, gradient_steps: int, path: Path) -> Dict[str, Any]:
-    policy, policy_kwargs, bc_kwargs = CONFIGS[name]
-    dataset = make_recall_dataset(2000, length=(30, 100), seed=0)
-    # Windows of 10 segments of 10 steps: a whole episode of up to 100 steps, more segments than slots
-    model = RecurrentBC(policy, NoisyRecallEnv(), dataset, learning_rate=1e-3, batch_size=64, sections=10,
-                        context_length=10, policy_kwargs=policy_kwargs, seed=seed, **bc_kwargs)
+def train(name: str, seed: int, gradient_steps: int, wait: bool, path: Path) -> Dict[str, Any]:
+    policy, policy_kwargs, bc_kwargs, episodes = CONFIGS[name]
+    dataset = make_recall_dataset(2000, length=episodes["length"], wait=wait, seed=0)
+    model = RecurrentBC(policy, NoisyRecallEnv(wait=wait), dataset, learning_rate=1e-3, batch_size=64,
+                        sections=episodes["sections"], context_length=10, policy_kwargs=policy_kwargs, seed=seed,
+                        **bc_kwargs)
     start = time.process_time()
     model.learn(gradient_steps)
     cpu_seconds = time.process_time() - start
@@ -48,6 +57,7 @@ def train(name: str, seed: int, gradient_steps: int, path: Path) -> Dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/recall_offline.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--wait", action="store_true", help="The task's waiting form (see above).")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="Configurations to train and evaluate.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds, one model each.")
@@ -62,26 +72,27 @@ def main() -> None:
 
     def evaluate(model: RecurrentBC, length: int, seed: int) -> Dict[str, Any]:
         start = time.perf_counter()
-        success = evaluate_success(model, NoisyRecallVecEnv(100, length=length, seed=1000 + seed), length,
-                                   progress_bar=length >= 10_000)
+        env = NoisyRecallVecEnv(100, length=length, wait=args.wait, seed=1000 + seed)
+        success = evaluate_success(model, env, length, progress_bar=length >= 10_000)
         return {"success": success, "seconds": time.perf_counter() - start}
 
     for name in args.configs:
         for seed in args.seeds:
             train_and_evaluate_once(
-                f"{name}_s{seed}", out, lambda path: train(name, seed, args.gradient_steps, path),
+                f"{name}_s{seed}", out, lambda path: train(name, seed, args.gradient_steps, args.wait, path),
                 lambda path: RecurrentBC.load(path, device="cpu"), lambda model, length: evaluate(model, length, seed),
-                args.lengths,
+                args.lengths, settings={"gradient_steps": args.gradient_steps, "wait": args.wait},
             )
 
     lengths, rows = success_table_rows(out)
     lines = [
-        "# Noisy recall offline: trained on 30-100-step episodes (2000 oracle episodes), evaluated up to 10^5 steps",
+        f"# Noisy recall{' (waiting expert)' if args.wait else ''} offline: trained on 30-100-step episodes (2000 "
+        "oracle episodes; the paper's protocol: 10-30), evaluated up to 10^5 steps",
         "",
         "Command: `python benchmarks/recall_offline.py " + " ".join(sys.argv[1:]) + "` (runs accumulate across commands)",
         "",
-        "3 cues (chance 0.33), 4 Gaussian noise entries per observation; windows of 10 segments of 10 steps; success "
-        "over 100 greedy episodes per length; train = CPU seconds of RecurrentBC.learn.",
+        "3 cues (chance 0.33), 4 Gaussian noise entries per observation; windows of 10 segments of 10 steps (the "
+        "paper's protocol: 3); success over 100 greedy episodes per length; train = CPU seconds of RecurrentBC.learn.",
         "",
         "| configuration | seed | params | train CPU s | " + " | ".join(f"{c:,}" for c in lengths) + " |",
         "|---|---|---|---|" + "---|" * len(lengths),
@@ -90,7 +101,7 @@ def main() -> None:
         lines.append(f"| {config} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
                      + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    write_text_atomically(out.parent / "recall_offline.md", text)
+    write_text_atomically(out.parent / f"{out.name}.md", text)
     print(text)
 
 

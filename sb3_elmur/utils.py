@@ -114,6 +114,7 @@ def train_and_evaluate_once(
     evaluate: Callable[[Any, int], Dict[str, Any]],
     points: Sequence[int],
     redo: Sequence[int] = (),
+    settings: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """A long offline benchmark's unit of work, resumable: train one model once (``<out>/<name>.zip``, ``train``'s
     figures kept in ``<out>/<name>.json``), then evaluate it once at each of ``points`` (corridor or episode
@@ -122,11 +123,21 @@ def train_and_evaluate_once(
     :param train: trains and saves the model to the path given; returns its figures (time, parameters, ...)
     :param load: loads the saved model
     :param evaluate: (model, point) -> the figures of that evaluation (``{"success": ..., ...}``)
-    :return: the record: ``train``'s figures and ``{"evaluations": {point: figures}}``
+    :param settings: what defines the model (budget, task, ...), kept in the record: a record made with other
+        values is refused, so that one folder never mixes results of different settings
+    :return: the record: ``train``'s figures, ``settings`` and ``{"evaluations": {point: figures}}``
     """
     record_path, model_path = out / f"{name}.json", out / f"{name}.zip"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluations": {}}
+    for key, value in (settings or {}).items():
+        if key in record and record[key] != value:
+            raise ValueError(f"{record_path} was made with {key}={record[key]!r}, not {value!r}: use another folder")
     if not model_path.exists():
+        if record["evaluations"]:
+            # A new model's results must not join the evaluations of the lost one
+            raise FileNotFoundError(f"{model_path} is missing but {record_path} holds its evaluations: use another "
+                                    "folder to train again, or delete the record")
+        record.update(settings or {})
         record.update(train(model_path))
         write_json_atomically(record_path, record)
         print(f"{name}: trained ({record})", flush=True)

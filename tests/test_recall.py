@@ -26,9 +26,11 @@ def test_single_env_passes_check_env_and_scores_only_the_last_answer():
         env.step(7)
 
 
-def test_oracle_succeeds_at_any_length_and_the_vec_env_resets_done_envs():
-    env = NoisyRecallVecEnv(4, length=(2, 1000), seed=1)
-    obs, oracle, state = env.reset(), RecallOracle(3), None
+@pytest.mark.parametrize("wait", [False, True])
+def test_oracle_succeeds_at_any_length_and_the_vec_env_resets_done_envs(wait):
+    env = NoisyRecallVecEnv(4, length=(2, 1000), wait=wait, seed=1)
+    assert env.action_space.n == 3 + wait
+    obs, oracle, state = env.reset(), RecallOracle(3, wait=wait), None
     successes, terminal = [], 0
     while len(successes) < 20:
         actions, state = oracle.predict(obs, state)
@@ -55,6 +57,17 @@ def test_dataset_holds_whole_oracle_episodes():
         cue = ep.observations[0, :3].argmax()
         assert (ep.actions == cue).all() and ep.observations[-1, 3] == 1 and ep.observations[:-1, 3].sum() == 0
         assert ep.rewards[-1] == 1 and ep.rewards[:-1].sum() == 0
+
+
+def test_waiting_expert_names_the_cue_only_at_the_query():
+    dataset = make_recall_dataset(30, n_cues=3, length=(3, 12), noise_dims=2, wait=True, seed=0)
+    for ep in dataset.episodes:
+        assert ep.actions[-1] == ep.observations[0, :3].argmax() and (ep.actions[:-1] == 3).all()
+    env = NoisyRecallEnv(length=4, wait=True)
+    cue = env.reset(seed=0)[0][:3].argmax()
+    for action in (3, (cue + 1) % 3, 3):  # waiting, and answers before the query, change nothing
+        assert env.step(action)[1:3] == (0.0, False)
+    assert env.step(cue)[1:3] == (1.0, True)
 
 
 def test_bad_settings_are_named():

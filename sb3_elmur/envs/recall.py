@@ -4,6 +4,11 @@ Unlike T-Maze, whose corridor observations are constant (a recurrence that settl
 cue for ever), every step here brings fresh noise, so a memory has to hold the cue against it: the task separates
 memories that keep what they stored from those that drift (the length-generalization benchmark of offline RL).
 
+Two forms of the task, by what the expert does before the query: it names the cue at every step (``wait=False``:
+behaviour cloning supervises holding the cue all along), or it waits (``wait=True``, an extra action) and names the
+cue at the query step only: T-Maze's structure (walk, then turn once) with a noisy corridor, where the only
+supervision of the memory comes at the end of the episode.
+
 - :class:`NoisyRecallVecEnv`: ``n_envs`` episodes, numpy-vectorized (evaluations at 10^5 steps and more)
 - :class:`NoisyRecallEnv`: one episode, a plain ``gymnasium.Env`` (``sb3_elmur/NoisyRecall-v0``)
 - :class:`RecallOracle` and :func:`make_recall_dataset`: the expert and its episodes, for ``RecurrentBC``
@@ -32,8 +37,10 @@ def _check_length(length: Any) -> Tuple[int, int]:
 class _RecallEpisodes:
     """The task's state and rules for ``n`` episodes side by side (one implementation for both env classes)."""
 
-    def __init__(self, n: int, n_cues: int, length: Length, noise_dims: int, noise_std: float, seed: Optional[int]):
+    def __init__(self, n: int, n_cues: int, length: Length, noise_dims: int, noise_std: float, wait: bool,
+                 seed: Optional[int]):
         self.n, self.n_cues, self.noise_dims, self.noise_std = n, check_int("n_cues", n_cues, 2), noise_dims, noise_std
+        self.wait = bool(wait)
         self.low, self.high = _check_length(length)
         self.rng = np.random.default_rng(seed)
         self.cue = np.zeros(n, dtype=np.int64)
@@ -59,9 +66,15 @@ class _RecallEpisodes:
         self.t[rows] = 0
         return self.observations(rows)
 
+    def expert_actions(self) -> np.ndarray:
+        """The expert's actions at the current step: the cue, or (``wait``) the wait action before the query."""
+        if not self.wait:
+            return self.cue.copy()
+        return np.where(self.t == self.length - 1, self.cue, self.n_cues)
+
     def step(self, actions: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Observations, rewards, ``done`` and ``success`` flags after ``actions``; the answer counts at the last
-        step only (the one whose observation carries the query flag)."""
+        step only (the one whose observation carries the query flag), other steps' actions change nothing."""
         last = self.t == self.length - 1
         success = last & (np.asarray(actions).reshape(self.n) == self.cue)
         self.t += 1
@@ -69,7 +82,7 @@ class _RecallEpisodes:
 
 
 def _spaces(episodes: _RecallEpisodes) -> Tuple[spaces.Box, spaces.Discrete]:
-    return spaces.Box(-np.inf, np.inf, (episodes.obs_dim,), np.float32), spaces.Discrete(episodes.n_cues)
+    return spaces.Box(-np.inf, np.inf, (episodes.obs_dim,), np.float32), spaces.Discrete(episodes.n_cues + episodes.wait)
 
 
 class NoisyRecallEnv(gym.Env):
@@ -77,20 +90,22 @@ class NoisyRecallEnv(gym.Env):
 
     Observation (float32): the cue as a one-hot vector of ``n_cues`` entries at the first step (zeros after), a
     query flag at the last step, and ``noise_dims`` entries of Gaussian noise at every step. Actions: ``n_cues``
-    answers; the one taken at the query step ends the episode, with reward 1 and ``info["is_success"]`` if it
-    names the cue.
+    answers (and, with ``wait``, the wait action ``n_cues``); the one taken at the query step ends the episode,
+    with reward 1 and ``info["is_success"]`` if it names the cue.
 
     :param n_cues: number of cues (>= 2)
     :param length: episode length in steps, or a range ``(low, high)`` drawn per episode
     :param noise_dims: noise entries per observation
     :param noise_std: their standard deviation
+    :param wait: add a wait action, the expert's action before the query (see the module's docstring)
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, n_cues: int = 3, length: Length = 30, noise_dims: int = 4, noise_std: float = 1.0) -> None:
+    def __init__(self, n_cues: int = 3, length: Length = 30, noise_dims: int = 4, noise_std: float = 1.0,
+                 wait: bool = False) -> None:
         super().__init__()
-        self.episodes = _RecallEpisodes(1, n_cues, length, check_int("noise_dims", noise_dims, 0), noise_std, None)
+        self.episodes = _RecallEpisodes(1, n_cues, length, check_int("noise_dims", noise_dims, 0), noise_std, wait, None)
         self.observation_space, self.action_space = _spaces(self.episodes)
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None) -> Tuple[np.ndarray, Dict]:
@@ -101,7 +116,7 @@ class NoisyRecallEnv(gym.Env):
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
         if not self.action_space.contains(action):
-            raise ValueError(f"invalid action {action!r}: expected one of 0..{self.episodes.n_cues - 1}")
+            raise ValueError(f"invalid action {action!r}: expected one of 0..{self.action_space.n - 1}")
         obs, reward, done, success = self.episodes.step(np.array([action]))
         return obs[0], float(reward[0]), bool(done[0]), False, {"is_success": bool(success[0])} if done[0] else {}
 
@@ -117,9 +132,9 @@ class NoisyRecallVecEnv(VecEnv):
     """
 
     def __init__(self, n_envs: int = 1, n_cues: int = 3, length: Length = 30, noise_dims: int = 4,
-                 noise_std: float = 1.0, seed: Optional[int] = None) -> None:
+                 noise_std: float = 1.0, wait: bool = False, seed: Optional[int] = None) -> None:
         self.episodes = _RecallEpisodes(check_int("n_envs", n_envs), n_cues, length, check_int("noise_dims", noise_dims, 0),
-                                        noise_std, seed)
+                                        noise_std, wait, seed)
         self.render_mode = None
         super().__init__(n_envs, *_spaces(self.episodes))
         self._actions = np.zeros(n_envs, dtype=np.int64)
@@ -166,38 +181,42 @@ class NoisyRecallVecEnv(VecEnv):
 
 
 class RecallOracle:
-    """The expert: names the cue at every step (so behaviour cloning learns to hold it all along), remembering it
-    from each episode's first observation. Works on batches, like a recurrent SB3 policy's ``predict``.
+    """The expert: names the cue at every step (or, with ``wait``, at the query step and waits before),
+    remembering it from each episode's first observation. Works on batches, like a recurrent SB3 policy's
+    ``predict``.
 
     :param n_cues: number of cues of the task
+    :param wait: the task's ``wait`` option
     """
 
-    def __init__(self, n_cues: int = 3) -> None:
-        self.n_cues = n_cues
+    def __init__(self, n_cues: int = 3, wait: bool = False) -> None:
+        self.n_cues, self.wait = n_cues, wait
 
     def predict(self, observation: np.ndarray, state: Optional[np.ndarray] = None,
                 episode_start: Optional[np.ndarray] = None, deterministic: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         cue_seen = observation[:, : self.n_cues].max(axis=1) > 0.5
         cue = observation[:, : self.n_cues].argmax(axis=1)
         state = np.where(cue_seen, cue, -1 if state is None else state)
-        return np.maximum(state, 0), state
+        answer = np.maximum(state, 0)
+        if self.wait:
+            answer = np.where(observation[:, self.n_cues] > 0.5, answer, self.n_cues)
+        return answer, state
 
 
 def make_recall_dataset(n_episodes: int = 2000, n_cues: int = 3, length: Length = (30, 100), noise_dims: int = 4,
-                        noise_std: float = 1.0, seed: int = 0) -> Any:
-    """Oracle episodes of the noisy recall task, for ``RecurrentBC``.
+                        noise_std: float = 1.0, wait: bool = False, seed: int = 0) -> Any:
+    """Oracle episodes of the noisy recall task (see :class:`NoisyRecallEnv` for the parameters), for ``RecurrentBC``.
 
     :return: an :class:`~sb3_elmur.datasets.EpisodeDataset` of ``n_episodes`` episodes
     """
     from sb3_elmur.datasets import Episode, EpisodeDataset
 
-    episodes = _RecallEpisodes(check_int("n_episodes", n_episodes), n_cues, length, noise_dims, noise_std, seed)
+    episodes = _RecallEpisodes(check_int("n_episodes", n_episodes), n_cues, length, noise_dims, noise_std, wait, seed)
     first = episodes.reset(np.arange(n_episodes))
     observations, actions = [first], []
-    oracle_actions = episodes.cue.copy()
     for _ in range(int(episodes.length.max())):
-        actions.append(oracle_actions)
-        obs, _, _, _ = episodes.step(oracle_actions)
+        actions.append(episodes.expert_actions())
+        obs, _, _, _ = episodes.step(actions[-1])
         observations.append(obs)
     observations, actions = np.stack(observations, axis=1), np.stack(actions, axis=1)  # [E, T_max + 1, D], [E, T_max]
     return EpisodeDataset([

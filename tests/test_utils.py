@@ -1,0 +1,36 @@
+"""The resumable unit of work of the long offline benchmarks (sb3_elmur.utils.train_and_evaluate_once)."""
+
+import json
+
+import pytest
+
+from sb3_elmur.utils import train_and_evaluate_once
+
+
+def _run(out, settings, trained):
+    def train(path):
+        path.write_text("model")
+        trained.append(path)
+        return {"train_cpu_seconds": 1.0}
+
+    return train_and_evaluate_once("cfg_s0", out, train, lambda path: path.read_text(),
+                                   lambda model, point: {"success": point / 10}, [1, 2], settings=settings)
+
+
+def test_trains_once_evaluates_each_point_once_and_keeps_settings(tmp_path):
+    trained = []
+    record = _run(tmp_path, {"gradient_steps": 5}, trained)
+    assert record["gradient_steps"] == 5 and record["evaluations"]["2"] == {"success": 0.2}
+    _run(tmp_path, {"gradient_steps": 5}, trained)
+    assert len(trained) == 1 and json.loads((tmp_path / "cfg_s0.json").read_text()) == record
+
+
+def test_other_settings_or_a_lost_model_are_refused(tmp_path):
+    trained = []
+    _run(tmp_path, {"gradient_steps": 5}, trained)
+    with pytest.raises(ValueError, match="gradient_steps=5, not 7"):
+        _run(tmp_path, {"gradient_steps": 7}, trained)
+    (tmp_path / "cfg_s0.zip").unlink()
+    with pytest.raises(FileNotFoundError, match="holds its evaluations"):
+        _run(tmp_path, {"gradient_steps": 5}, trained)
+    assert len(trained) == 1
