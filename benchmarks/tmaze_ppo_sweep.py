@@ -1,6 +1,6 @@
 """One RecurrentPPO (or ElmurPPO) run on the passive T-Maze with given PPO and policy settings, for tuning long corridors.
 
-Trains in chunks of 25k env steps (8 envs, seed 0); after each chunk prints the greedy success over 100 episodes
+Trains in chunks of 25k env steps (8 envs); after each chunk prints the greedy success over 100 episodes
 at the evaluation corridor, and the mean return and length of the last 100 training episodes.
 
     python benchmarks/tmaze_ppo_sweep.py ElmurPolicy 100 --timesteps 500000 \\
@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--ppo-kwargs", default="{}", help="JSON merged over presets.TMAZE_PPO_KWARGS.")
     parser.add_argument("--policy-kwargs", default="{}", help="JSON merged over the policy's T-Maze preset.")
     parser.add_argument("--terminate-on-timeout", action="store_true", help="Time-outs end episodes as failures.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the env and the model.")
+    parser.add_argument("--stop-at", type=float, default=None,
+                        help="Stop once the greedy success reaches this value (None: train the whole budget).")
     parser.add_argument("--save", default=None, help="Path of the final model (None: not saved).")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
@@ -49,11 +52,11 @@ def main() -> None:
     ppo_kwargs = {**presets.TMAZE_PPO_KWARGS, **json.loads(args.ppo_kwargs)}
     preset = presets.TMAZE_POLICY_KWARGS if args.policy == "ElmurPolicy" else presets.TMAZE_LSTM_POLICY_KWARGS
     policy_kwargs = {**preset, **json.loads(args.policy_kwargs)}
-    env = TMazeVecEnv(8, corridor_length=train_corridor, variant="passive", seed=0,
+    env = TMazeVecEnv(8, corridor_length=train_corridor, variant="passive", seed=args.seed,
                       terminate_on_timeout=args.terminate_on_timeout)
     env = VecMonitor(env)
     algorithm = ElmurPPO if args.algo == "ElmurPPO" else RecurrentPPO
-    model = algorithm(args.policy, env, policy_kwargs=policy_kwargs, seed=0, **ppo_kwargs)
+    model = algorithm(args.policy, env, policy_kwargs=policy_kwargs, seed=args.seed, **ppo_kwargs)
     print(ppo_kwargs, policy_kwargs, flush=True)
     start = time.time()
     while model.num_timesteps < args.timesteps:
@@ -66,6 +69,8 @@ def main() -> None:
             f"ep_len={sum(lengths) / len(lengths):.1f} t={time.time() - start:.0f}",
             flush=True,
         )
+        if args.stop_at is not None and success >= args.stop_at:
+            break
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         model.save(args.save)
