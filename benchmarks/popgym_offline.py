@@ -27,7 +27,7 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO, presets
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.datasets import EpisodeDataset, collect_episodes
-from sb3_elmur.utils import train_and_evaluate_once, write_json_atomically, write_text_atomically
+from sb3_elmur.utils import record_problem, train_and_evaluate_once, write_json_atomically, write_text_atomically
 from sb3_elmur.wrappers import make_popgym_env
 
 TASKS = ["popgym-RepeatPreviousEasy-v0", "popgym-CountRecallEasy-v0", "popgym-AutoencodeEasy-v0",
@@ -72,6 +72,11 @@ def main() -> None:
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     out = Path(args.out)
     settings = {"gradient_steps": args.gradient_steps, "episodes": args.episodes}
+    for task in args.tasks:  # every record checked before any work
+        for problem in (record_problem(out / task, f"{name}_s{seed}", settings) for name in args.configs
+                        for seed in args.seeds):
+            if problem is not None:
+                parser.error(problem)
 
     for task in args.tasks:
         (out / task).mkdir(parents=True, exist_ok=True)

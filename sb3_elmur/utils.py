@@ -127,16 +127,12 @@ def train_and_evaluate_once(
         values is refused, so that one folder never mixes results of different settings
     :return: the record: ``train``'s figures, ``settings`` and ``{"evaluations": {point: figures}}``
     """
+    problem = record_problem(out, name, settings or {})
+    if problem is not None:
+        raise ValueError(problem)
     record_path, model_path = out / f"{name}.json", out / f"{name}.zip"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluations": {}}
-    for key, value in (settings or {}).items():
-        if key in record and record[key] != value:
-            raise ValueError(f"{record_path} was made with {key}={record[key]!r}, not {value!r}: use another folder")
     if not model_path.exists():
-        if record["evaluations"]:
-            # A new model's results must not join the evaluations of the lost one
-            raise FileNotFoundError(f"{model_path} is missing but {record_path} holds its evaluations: use another "
-                                    "folder to train again, or delete the record")
         record.update(settings or {})
         record.update(train(model_path))
         write_json_atomically(record_path, record)
@@ -149,6 +145,23 @@ def train_and_evaluate_once(
         write_json_atomically(record_path, record)
         print(f"{name} at {point:,}: {record['evaluations'][str(point)]}", flush=True)
     return record
+
+
+def record_problem(out: Path, name: str, settings: Dict[str, Any]) -> Optional[str]:
+    """Why :func:`train_and_evaluate_once` would refuse ``<out>/<name>`` (None if it would not): a record made with
+    other ``settings``, or evaluations whose model is lost (a new model's results must not join them). Benchmarks
+    ask it for every unit before any work."""
+    record_path, model_path = out / f"{name}.json", out / f"{name}.zip"
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text())
+    for key, value in settings.items():
+        if key in record and record[key] != value:
+            return f"{record_path} was made with {key}={record[key]!r}, not {value!r}: use another folder"
+    if not model_path.exists() and record["evaluations"]:
+        return (f"{model_path} is missing but {record_path} holds its evaluations: use another folder to train again, "
+                "or delete the record")
+    return None
 
 
 def success_table_rows(out: Path) -> Tuple[List[int], List[Tuple[str, str, Dict[str, Any], List[str]]]]:

@@ -3,6 +3,9 @@
 The wrapper tests use small local envs and run without POPGym; the POPGym tests skip when it is not installed.
 """
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import gymnasium as gym
@@ -15,6 +18,7 @@ from stable_baselines3.common.env_checker import check_env
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
+from sb3_elmur import ElmurPPO
 from sb3_elmur.wrappers import (
     FlattenObservationWrapper,
     PreviousActionWrapper,
@@ -233,3 +237,22 @@ def test_make_popgym_env_names_bad_ids(popgym_ids):
         make_popgym_env("popgym-RepeatPreviusEasy-v0")
     with pytest.raises(ValueError, match="levels"):
         popgym_family("popgym-RepeatPrevious-v0")
+
+
+def test_offline_benchmark_clones_an_expert_and_tabulates_both_policies(popgym_ids, tmp_path):
+    """``benchmarks/popgym_offline.py``, tiny: an expert's episodes, both policies cloned, evaluated and tabulated;
+    a second run with another budget is refused rather than mixed into the records."""
+    task = "popgym-RepeatPreviousEasy-v0"
+    expert = ElmurPPO("ElmurPolicy", DummyVecEnv([lambda: make_popgym_env(task)]), n_steps=8, batch_size=8,
+                      policy_kwargs=dict(d_model=8, n_layers=1, n_heads=1, memory_size=2, context_length=4))
+    expert.save(tmp_path / "runs" / task / "ElmurPPO-ElmurPolicy" / "seed0_model.zip")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "popgym_offline.py"
+    command = [sys.executable, str(script), "--tasks", task, "--seeds", "0", "--episodes", "2", "--gradient-steps",
+               "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    report = (tmp_path / "out.md").read_text()
+    assert "ELMUR >= BC-LSTM on 1 of 1 tasks." in report or "ELMUR >= BC-LSTM on 0 of 1 tasks." in report
+    row = next(line for line in report.splitlines() if line.startswith(f"| {task} |"))
+    assert row.count(" ± ") == 2 and "| 1/1 |" in row
+    again = subprocess.run(command + ["--gradient-steps", "3"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "gradient_steps=2, not 3" in again.stderr and "Traceback" not in again.stderr

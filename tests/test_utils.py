@@ -31,6 +31,6 @@ def test_other_settings_or_a_lost_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match="gradient_steps=5, not 7"):
         _run(tmp_path, {"gradient_steps": 7}, trained)
     (tmp_path / "cfg_s0.zip").unlink()
-    with pytest.raises(FileNotFoundError, match="holds its evaluations"):
+    with pytest.raises(ValueError, match="holds its evaluations"):
         _run(tmp_path, {"gradient_steps": 5}, trained)
     assert len(trained) == 1
