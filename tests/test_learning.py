@@ -53,3 +53,19 @@ def test_memoryless_ppo_stays_at_chance():
     # Without memory it cannot know the cue at the junction: at most one of the two halves is right. (After 40k
     # steps it does not yet reach the junction in every episode: seed 0 scores 0.29, so no lower bound.)
     assert success <= 0.6, f"a memoryless policy beat chance ({success:.2f}): the observation leaks the cue"
+
+
+def test_elmur_ppo_learns_memory_across_rollouts():
+    """Passive T-Maze corridor 24 with rollouts of 16 steps: the cue and the junction are never in one rollout,
+    so the decision is right only if the memory horizon carries credit back to the cue's write in an earlier
+    rollout. Raw advantages and a small entropy bonus let the policy walk the corridor and still try turns at
+    the junction (with normalized advantages it never turned: benchmarks/results/elmur_ppo_learning)."""
+    env = VecMonitor(TMazeVecEnv(8, corridor_length=24, variant="passive", seed=0, terminate_on_timeout=True))
+    ppo_kwargs = {**TMAZE_PPO_KWARGS, "n_steps": 16, "ent_coef": 0.001, "normalize_advantage": False}
+    model = ElmurPPO("ElmurPolicy", env, policy_kwargs=TMAZE_POLICY_KWARGS, seed=0, sequence_length=16,
+                     memory_horizon=32, **ppo_kwargs)
+    success = 0.0
+    while model.num_timesteps < 300_000 and success < 0.95:
+        model.learn(8192, reset_num_timesteps=False)
+        success = evaluate_tmaze(model, 24, n_episodes=100)
+    assert success >= 0.95, f"ElmurPPO reached only {success:.2f} after {model.num_timesteps} steps"
