@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/popgym_offline.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=TASKS, help="POPGym ids.")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="Policies to clone.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds, one model each.")
     parser.add_argument("--episodes", type=int, default=300, help="Expert episodes per dataset.")
     parser.add_argument("--gradient-steps", type=int, default=1000, help="Gradient steps of behaviour cloning.")
