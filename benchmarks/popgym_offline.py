@@ -27,7 +27,9 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO, presets
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.datasets import EpisodeDataset, collect_episodes
-from sb3_elmur.utils import record_problem, train_and_evaluate_once, write_json_atomically, write_text_atomically
+from sb3_elmur.utils import (
+    refuse_record_problems, train_and_evaluate_once, write_json_atomically, write_text_atomically,
+)
 from sb3_elmur.wrappers import make_popgym_env
 
 TASKS = ["popgym-RepeatPreviousEasy-v0", "popgym-CountRecallEasy-v0", "popgym-AutoencodeEasy-v0",
@@ -72,11 +74,8 @@ def main() -> None:
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     out = Path(args.out)
     settings = {"gradient_steps": args.gradient_steps, "episodes": args.episodes}
-    for task in args.tasks:  # every record checked before any work
-        for problem in (record_problem(out / task, f"{name}_s{seed}", settings) for name in args.configs
-                        for seed in args.seeds):
-            if problem is not None:
-                parser.error(problem)
+    refuse_record_problems(parser, [(out / task, f"{name}_s{seed}") for task in args.tasks for name in args.configs
+                                    for seed in args.seeds], settings)
 
     for task in args.tasks:
         (out / task).mkdir(parents=True, exist_ok=True)
@@ -131,9 +130,9 @@ def report(out: Path, command: str) -> str:
         expert = json.loads((task_dir / "expert.json").read_text())
         means, cells, seeds = {}, [], []
         for name in CONFIGS:
-            values = [json.loads(path.read_text())["evaluations"][str(EVAL_EPISODES)]["mean_return"]
-                      for path in sorted(task_dir.glob(f"{name}_s*.json"))
-                      if str(EVAL_EPISODES) in json.loads(path.read_text())["evaluations"]]
+            records = sorted(task_dir.glob(f"{name}_s*.json"))
+            evaluations = [json.loads(path.read_text())["evaluations"] for path in records]
+            values = [done[str(EVAL_EPISODES)]["mean_return"] for done in evaluations if str(EVAL_EPISODES) in done]
             means[name] = float(np.mean(values)) if values else None
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-")
             seeds.append(str(len(values)))

@@ -25,7 +25,7 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
 from sb3_elmur.evaluation import evaluate_success
-from sb3_elmur.utils import record_problem, success_table_rows, train_and_evaluate_once, write_text_atomically
+from sb3_elmur.utils import refuse_record_problems, success_table_rows, train_and_evaluate_once, write_text_atomically
 
 ELMUR = dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
 # Windows of 10 segments of 10 steps: a whole episode of up to 100 steps, more segments than slots
@@ -72,9 +72,7 @@ def main() -> None:
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     out = Path(args.out)
     settings = {"gradient_steps": args.gradient_steps, "wait": args.wait}
-    for problem in (record_problem(out, f"{name}_s{seed}", settings) for name in args.configs for seed in args.seeds):
-        if problem is not None:  # every record checked before any work
-            parser.error(problem)
+    refuse_record_problems(parser, [(out, f"{name}_s{seed}") for name in args.configs for seed in args.seeds], settings)
     out.mkdir(parents=True, exist_ok=True)
 
     def evaluate(model: RecurrentBC, length: int, seed: int) -> Dict[str, Any]:

@@ -5,7 +5,7 @@ import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 
@@ -162,6 +162,15 @@ def record_problem(out: Path, name: str, settings: Dict[str, Any]) -> Optional[s
         return (f"{model_path} is missing but {record_path} holds its evaluations: use another folder to train again, "
                 "or delete the record")
     return None
+
+
+def refuse_record_problems(parser: Any, units: Iterable[Tuple[Path, str]], settings: Dict[str, Any]) -> None:
+    """``parser.error`` (exit 2) on the first :func:`record_problem` of ``units`` ((folder, name) pairs), so that a
+    benchmark refuses before any work rather than after hours of it."""
+    for out, name in units:
+        problem = record_problem(out, name, settings)
+        if problem is not None:
+            parser.error(problem)
 
 
 def success_table_rows(out: Path) -> Tuple[List[int], List[Tuple[str, str, Dict[str, Any], List[str]]]]:
