@@ -23,13 +23,15 @@ from typing import Any, Dict, List
 from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
 
 # name -> (algorithm, policy, policy_kwargs, algorithm kwargs): the package defaults, and an LSTM of a similar
-# parameter count. The last two ElmurPPO ones measure the memory horizon's cost (not run by default).
+# parameter count. The last three ElmurPPO ones (not run by default) measure shorter and longer sequences and the
+# memory horizon's cost.
 CONFIGS = {
     "ElmurPPO": ("ElmurPPO", "ElmurPolicy", {}, {}),
     "ElmurPPO, compiled acting": ("ElmurPPO", "ElmurPolicy", {}, {"compile_acting": True}),
     "RecurrentPPO + ElmurPolicy": ("RecurrentPPO", "ElmurPolicy", {}, {}),
     "RecurrentPPO + MlpLstmPolicy": ("RecurrentPPO", "MlpLstmPolicy", {}, {}),
     "RecurrentPPO + MlpLstmPolicy (similar size)": ("RecurrentPPO", "MlpLstmPolicy", {"lstm_hidden_size": 160}, {}),
+    "ElmurPPO, sequences 16": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 16}),
     "ElmurPPO, memory horizon 0": ("ElmurPPO", "ElmurPolicy", {}, {"memory_horizon": 0}),
     "ElmurPPO, sequences 128, horizon 64": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 128, "memory_horizon": 64}),
 }

@@ -165,7 +165,7 @@ class RecurrentBC(BaseAlgorithm):
         self._rng = np.random.default_rng(self.seed)
 
     def _excluded_save_params(self) -> List[str]:
-        return [*super()._excluded_save_params(), "dataset", "_rng"]
+        return [*super()._excluded_save_params(), "dataset", "_rng", "_eviction_checked"]
 
     def _get_torch_save_params(self) -> Tuple[List[str], List[str]]:
         # As RecurrentPPO: a resumed run continues Adam, and either algorithm loads the other's zip.
@@ -188,6 +188,28 @@ class RecurrentBC(BaseAlgorithm):
             )
             load_path_or_dict = {**load_path_or_dict, "policy.optimizer": self.policy.optimizer.state_dict()}
         super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
+
+    def _warn_if_no_evictions(self) -> None:
+        """Warn (once per dataset) when no training episode overwrites any ELMUR memory slot twice."""
+        config = getattr(self.policy, "elmur_config", None)
+        if config is None or self.dataset is None or getattr(self, "_eviction_checked", None) is self.dataset:
+            return
+        self._eviction_checked = self.dataset
+        longest = max(len(episode) for episode in self.dataset.episodes)
+        writes = longest // config.context_length  # one memory write per completed segment
+        if writes > config.memory_size + 1:
+            return
+        warnings.warn(
+            f"the longest training episode has {longest} steps: {writes} memory writes (segments of "
+            f"{config.context_length} steps) into {config.memory_size} slots, so no slot is overwritten twice and "
+            "nothing in this dataset teaches memory to keep its content through repeated evictions. Memory may not "
+            f"hold past about {(config.memory_size + 1) * config.context_length} steps when acting: on noisy recall, "
+            "models trained on episodes of at most 3 segments (2 slots) were right at the training length and at 0.36-"
+            "0.71 (chance 0.33) from 100 steps on, while episodes of up to 10 segments kept the cue to 10^4 steps on "
+            "2 of 3 seeds (benchmarks/results/recall_offline_wait.md, recall_offline_1000.md). Train on longer "
+            f"episodes (more than {(config.memory_size + 1) * config.context_length} steps) to teach it.",
+            UserWarning,
+        )
 
     def _action_loss(self, distribution: Distribution, actions: th.Tensor, mask: th.Tensor) -> Tuple[th.Tensor, th.Tensor]:
         """Per-step loss and (discrete actions) per-step correctness of the greedy action."""
@@ -330,6 +352,7 @@ class RecurrentBC(BaseAlgorithm):
         """
         if self.dataset is None:
             raise ValueError("RecurrentBC needs a dataset: pass dataset= or call set_dataset() before learn()")
+        self._warn_if_no_evictions()
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name)
         if progress_bar:
             callback = CallbackList([callback, _GradientStepProgressBar()])

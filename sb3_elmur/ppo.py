@@ -40,8 +40,8 @@ class ElmurPPO(RecurrentPPO):
     :param sequence_length: rollout steps per training sequence (at most ``n_steps``); a minibatch holds
         ``batch_size // sequence_length`` sequences (at least one), run segment-parallel side by side. Training
         costs about as many sequential segment passes per minibatch as its longest sequence (burn-in included)
-        has segments, so short sequences train fastest (the default 16 trained 1.6-1.9x faster than 32 at the
-        default config, ``benchmarks/results/elmur_ppo_speed.md``)
+        has segments, which favours short sequences, but more sequences side by side cost more per segment: at
+        the default config 16 trained no faster than 32 (``benchmarks/results/elmur_ppo_speed_run3.md``)
     :param memory_horizon: steps before each sequence recomputed with gradients but without loss, so that
         memory writes up to that far back (in the previous rollout too) learn from the sequence's losses. Each
         sequence then recomputes up to ``memory_horizon + context_length - 1`` steps before it, which costs
@@ -76,7 +76,7 @@ class ElmurPPO(RecurrentPPO):
         vf_coef: float = 0.5,
         max_grad_norm: float = 0.5,
         target_kl: Optional[float] = None,
-        sequence_length: int = 16,
+        sequence_length: int = 32,
         memory_horizon: int = 16,
         compile_acting: bool = False,
         stats_window_size: int = 100,

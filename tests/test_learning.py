@@ -40,7 +40,7 @@ def test_elmur_policy_solves_passive_tmaze():
 
 
 def test_elmur_ppo_solves_passive_tmaze():
-    """ElmurPPO (its defaults: sequences of 16 steps, memory horizon 16) with the same PPO settings."""
+    """ElmurPPO (its defaults: sequences of 32 steps, memory horizon 16) with the same PPO settings."""
     model = ElmurPPO("ElmurPolicy", _env(), policy_kwargs=TMAZE_POLICY_KWARGS, seed=0, **TMAZE_PPO_KWARGS)
     success = _train_until(model, target=0.95, max_steps=200_000)
     assert success >= 0.95, f"ElmurPPO reached only {success:.2f} after {model.num_timesteps} steps"

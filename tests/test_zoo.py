@@ -230,7 +230,7 @@ def test_elmur_ppo_trains_and_replays_through_the_zoo_entry_point(tmp_path):
     model_path = _zoo_train(tmp_path, ELMUR_PPO, "sb3_elmur/PassiveTMaze-v0", ["sb3_elmur"], "--env-kwargs",
                             "corridor_length:12", module="sb3_elmur.zoo train", algo="elmur_ppo")
     model = ElmurPPO.load(model_path, device="cpu")
-    assert model.num_timesteps == 2048 and (model.sequence_length, model.memory_horizon) == (16, 16)
+    assert model.num_timesteps == 2048 and (model.sequence_length, model.memory_horizon) == (32, 16)
     command = [sys.executable, "-m", "sb3_elmur.zoo", "enjoy", "--algo", "elmur_ppo", "--env",
                "sb3_elmur/PassiveTMaze-v0", "--gym-packages", "sb3_elmur", "-f", "logs", "--exp-id", "1",
                "--no-render", "--env-kwargs", "corridor_length:12", "-n", "40"]
