@@ -1,5 +1,6 @@
 import json
 import subprocess
+import warnings
 import sys
 
 import gymnasium as gym
@@ -315,3 +316,21 @@ def test_a_non_finite_loss_stops_training_before_the_update(policy, kwargs, bias
     for key, state in model.policy.optimizer.state_dict()["state"].items():
         for name, value in state.items():
             torch.testing.assert_close(value, adam_before[key][name], rtol=0, atol=0)
+
+
+def test_a_dataset_that_never_overwrites_a_slot_twice_gets_a_warning():
+    """2 slots, segments of 10: T-Maze episodes of at most 29 steps complete 2 or 3 segments (no slot is overwritten twice),
+    noisy recall episodes of 60 complete 6 (each slot overwritten twice or more)."""
+    from sb3_elmur.envs import NoisyRecallEnv, make_recall_dataset
+
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), make_tmaze_dataset(20, seed=0), batch_size=2,
+                        policy_kwargs=PAPER_TMAZE)
+    with pytest.warns(UserWarning, match=r"longest training episode has \d+ steps: [23] memory writes .* into 2 slots"):
+        model.learn(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.learn(1)  # once per dataset
+        long_episodes = RecurrentBC("ElmurPolicy", NoisyRecallEnv(length=60), make_recall_dataset(4, length=60),
+                                    batch_size=2, policy_kwargs=PAPER_TMAZE)
+        long_episodes.learn(1)
+        RecurrentBC("MlpLstmPolicy", _tmaze_env(), make_tmaze_dataset(20, seed=0), batch_size=2).learn(1)  # no slots
