@@ -10,7 +10,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
 from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import ElmurState
+from sb3_elmur.model import ElmurModel, ElmurState
 from sb3_elmur.policies import ElmurBackbone
 
 
@@ -145,7 +145,7 @@ class ElmurTensorboardCallback(BaseCallback):
         # Only between the end of a rollout and training: sb3-contrib's get() reorders its arrays in place.
         if not buffer.full or getattr(buffer, "generator_ready", False):
             return None
-        records = AttentionRecorder(self.backbone.model.layers)
+        records = AttentionRecorder(self.backbone.model)
         try:
             with th.no_grad():
                 if isinstance(buffer, ElmurRolloutBuffer):
@@ -185,27 +185,57 @@ class ElmurTensorboardCallback(BaseCallback):
 
 
 class AttentionRecorder:
-    """Forward hooks on the attention sub-layers of ELMUR layers: per-token norms of their residual outputs.
+    """Forward hooks on an ELMUR model's attention sub-layers: per-token norms of their residual outputs, in its
+    segment-parallel passes (calls of more than one step).
 
-    ``ElmurModel`` runs its layers segment by segment, layer by layer, on a grid of segments that is zero where
-    no token exists (after a row's last step, and whole segments of rows that have fewer segments than others);
-    a pre-hook on the first layer records which positions hold tokens.
+    ``ElmurModel`` lays a pass's tokens out as a grid of segments [N, S, K] that is zero where no token exists
+    (after a row's last step, and whole segments of rows that have fewer segments than others); self-attention
+    runs on the whole grid per layer, the memory read on one segment at a time. A pre-hook on the model records
+    which grid positions hold tokens.
 
-    :param layers: the model's layers (``ElmurModel.layers``); call :meth:`remove` when done
+    :param model: the ELMUR model (``ElmurModel``); call :meth:`remove` when done
     """
 
-    def __init__(self, layers: nn.ModuleList) -> None:
-        self.n_layers = len(layers)
-        self.valid: List[th.Tensor] = []  # one [N, K] mask per segment
-        self.self_norms: List[List[th.Tensor]] = [[] for _ in layers]  # per layer, one [N, K] per segment
-        self.read_norms: List[List[th.Tensor]] = [[] for _ in layers]
-        self.handles = [layers[0].register_forward_pre_hook(self._record_valid)]
-        for index, layer in enumerate(layers):
-            self.handles.append(layer.self_attn.register_forward_hook(self._recorder(self.self_norms[index])))
-            self.handles.append(layer.read.register_forward_hook(self._recorder(self.read_norms[index])))
+    def __init__(self, model: ElmurModel) -> None:
+        self.n_layers = len(model.layers)
+        self.valid: List[th.Tensor] = []  # per pass, the flat mask of grid positions that hold tokens
+        self.self_norms: List[List[th.Tensor]] = [[] for _ in model.layers]  # per layer, per pass, flat norms
+        self.read_norms: List[List[th.Tensor]] = [[] for _ in model.layers]
+        self._grid: Optional[th.Tensor] = None  # the current pass's [N, S, K] mask
+        self._self_outputs: List[List[th.Tensor]] = [[] for _ in model.layers]
+        self._read_outputs: List[List[th.Tensor]] = [[] for _ in model.layers]
+        self.handles = [model.register_forward_pre_hook(self._start_pass, with_kwargs=True),
+                        model.register_forward_hook(self._end_pass)]
+        for index, layer in enumerate(model.layers):
+            self.handles.append(layer.self_attn.register_forward_hook(self._recorder(self._self_outputs[index])))
+            self.handles.append(layer.read.register_forward_hook(self._recorder(self._read_outputs[index])))
 
-    def _record_valid(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
-        self.valid.append(args[0].abs().sum(dim=-1) > 0)
+    def _start_pass(self, model: ElmurModel, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        inputs = dict(zip(("x", "state", "episode_starts"), args), **kwargs)
+        x, state, starts = inputs["x"], inputs["state"], inputs.get("episode_starts")
+        for outputs in self._self_outputs + self._read_outputs:
+            outputs.clear()
+        self._grid = None
+        if x.dim() != 3 or x.shape[1] < 2:  # a single step: the acting path, not a grid
+            return
+        n, t = x.shape[:2]
+        starts = th.zeros(n, t, dtype=th.bool, device=x.device) if starts is None else starts.to(x.device, th.bool)
+        plan = model._plan(state.step, starts)
+        grid = th.zeros(n, plan.reset.shape[1], model.config.context_length, dtype=th.bool, device=x.device)
+        rows = th.arange(n, device=x.device).unsqueeze(1).expand(n, t)
+        self._grid = grid.index_put((rows, plan.segment_index, plan.slot), th.ones_like(starts))
+
+    def _end_pass(self, model: ElmurModel, args: Tuple[Any, ...], output: Any) -> None:
+        if self._grid is None:
+            return
+        n, n_segments, k = self._grid.shape
+        self.valid.append(self._grid.flatten())
+        for index in range(self.n_layers):
+            # Self-attention saw the grid as [N * S, K]; the read one segment [N, K] at a time.
+            self.self_norms[index].append(th.cat(self._self_outputs[index]).view(n, n_segments, k).flatten())
+            if self._read_outputs[index]:
+                self.read_norms[index].append(th.stack(self._read_outputs[index], dim=1).flatten())
+        self._grid = None
 
     @staticmethod
     def _recorder(store: List[th.Tensor]):
@@ -227,10 +257,10 @@ class AttentionRecorder:
         """Per layer, the mean over tokens of ``|read| / (|read| + |self-attention|)`` (None without memory read)."""
         if not self.valid or not self.read_norms[0]:
             return None
-        valid = th.stack(self.valid)
+        valid = th.cat(self.valid)
         shares = []
         for self_norms, read_norms in zip(self.self_norms, self.read_norms):
-            self_norm, read_norm = th.stack(self_norms), th.stack(read_norms)
+            self_norm, read_norm = th.cat(self_norms), th.cat(read_norms)
             share = read_norm / (read_norm + self_norm).clamp(min=1e-12)
             shares.append(float(share[valid].mean()))
         return shares

@@ -163,6 +163,39 @@ def select_rows(rows: torch.Tensor, new: ElmurState, old: ElmurState) -> ElmurSt
     return ElmurState(*(torch.where(rows.view(-1, *[1] * (a.dim() - 1)), b, a) for a, b in zip(old, new)))
 
 
+def lru_weights(
+    positions: torch.Tensor,
+    newest_step: torch.Tensor,
+    alpha: float,
+    hard_write_empty: bool = True,
+    rows: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The LRU choice: one slot per memory, the first never-written slot, else the least recently written one.
+
+    It depends on slot positions only, never on memory content.
+
+    :param positions: [N, ..., M] step of each slot's last write, -1 for never written
+    :param newest_step: [N] step of the newest token of the segment being written
+    :param alpha: blend factor: ``slot <- alpha * candidate + (1 - alpha) * slot``
+    :param hard_write_empty: write the candidate as is into a never-written slot
+    :param rows: [N] bool, the rows that write (the others keep their memory and positions); None: all
+    :return: blend weight of every slot [N, ..., M] (0 for the slots left as they are) and the new positions
+    """
+    n_slots = positions.shape[-1]
+    leading = (positions.shape[0],) + (1,) * (positions.dim() - 1)
+    slot_index = torch.arange(n_slots, device=positions.device)
+    empty = positions < 0
+    # Empty slots get keys below every valid position, in slot order, so argmin picks the first empty one.
+    key = torch.where(empty, slot_index - n_slots - 1, positions)
+    chosen = F.one_hot(key.argmin(dim=-1), n_slots).bool()
+    if rows is not None:
+        chosen = chosen & rows.view(leading)
+    weight = torch.where(empty, 1.0, alpha) if hard_write_empty else alpha
+    weight = torch.where(chosen, weight, 0.0)
+    new_positions = torch.where(chosen, newest_step.view(leading).to(positions.dtype), positions)
+    return weight, new_positions
+
+
 def lru_write(
     memory: torch.Tensor,
     positions: torch.Tensor,
@@ -172,31 +205,19 @@ def lru_write(
     hard_write_empty: bool = True,
     rows: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Write one slot per row: the first never-written slot, else the least recently written one.
+    """Write one slot per row, chosen by :func:`lru_weights` (which see for the other parameters).
 
-    :param memory: [N, M, D] slot vectors
-    :param positions: [N, M] step of each slot's last write, -1 for never written
+    :param memory: [N, M, D] slot vectors; :param positions: [N, M]
     :param candidates: [N, M, D] candidate content for every slot (only the chosen one is used)
-    :param newest_step: [N] step of the newest token of the segment being written
-    :param alpha: blend factor: ``slot <- alpha * candidate + (1 - alpha) * slot``
-    :param hard_write_empty: write the candidate as is into a never-written slot
-    :param rows: [N] bool, the rows that write (the others keep their memory and positions); None: all
     :return: new memory and positions
     """
-    n_slots = positions.shape[-1]
-    slot_index = torch.arange(n_slots, device=positions.device)
-    empty = positions < 0
-    # Empty slots get keys below every valid position, in slot order, so argmin picks the first empty one.
-    key = torch.where(empty, slot_index - n_slots - 1, positions)
-    chosen = F.one_hot(key.argmin(dim=-1), n_slots).bool()  # [N, M]
-    if rows is not None:
-        chosen = chosen & rows.unsqueeze(-1)
-    weight = torch.where(empty, 1.0, alpha) if hard_write_empty else alpha
-    weight = torch.where(chosen, weight, 0.0).to(memory.dtype).unsqueeze(-1)
+    weight, new_positions = lru_weights(positions, newest_step, alpha, hard_write_empty, rows)
+    return _blend(memory, candidates, weight), new_positions
+
+
+def _blend(memory: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # lerp is exact at weights 0 and 1: unchosen slots stay bit for bit, hard writes copy the candidate.
-    new_memory = torch.lerp(memory, candidates, weight)
-    new_positions = torch.where(chosen, newest_step.unsqueeze(-1).to(positions.dtype), positions)
-    return new_memory, new_positions
+    return torch.lerp(memory, candidates, weight.to(memory.dtype).unsqueeze(-1))
 
 
 class DistanceBias(nn.Module):
@@ -347,16 +368,19 @@ class ElmurLayer(nn.Module):
             return x + fn(norm(x))
         return norm(x + fn(x))
 
-    def _memory_bias(self, bias: DistanceBias, token_steps: torch.Tensor, positions: torch.Tensor, slots_query: bool):
-        """Distance bias [N, H, Tq, Tk] between tokens [N, K] and slots [N, M]."""
-        if not self.config.use_distance_bias:
+    def memory_bias(
+        self, token_steps: torch.Tensor, positions: torch.Tensor, slots_query: bool
+    ) -> Optional[torch.Tensor]:
+        """Distance bias between tokens [N, T] and slots [N, M]: of the read [N, H, T, M] or, if ``slots_query``,
+        of the write [N, H, M, T]; None without distance bias (or without a read, for the read's)."""
+        if not self.config.use_distance_bias or not (slots_query or self.config.use_memory_read):
             return None
-        distance = token_steps.unsqueeze(-1) - positions.unsqueeze(-2)  # [N, K, M]
-        # An empty slot writes as if last written at step -1, so its first write can still tell the
-        # segment's tokens apart by position (a single "empty" bucket would make them all look alike).
-        empty = None if slots_query else (positions < 0).unsqueeze(-2)
-        out = bias(distance, empty).permute(0, 3, 1, 2)  # [N, H, K, M]
-        return out.transpose(-1, -2) if slots_query else out
+        distance = token_steps.unsqueeze(-1) - positions.unsqueeze(-2)  # [N, T, M]
+        if slots_query:
+            return self.write_bias(distance).permute(0, 3, 2, 1)
+        # An empty slot writes as if last written at step -1, so its first write can still tell the segment's
+        # tokens apart by position; tokens read an empty slot through the "empty" bucket 0.
+        return self.read_bias(distance, (positions < 0).unsqueeze(-2)).permute(0, 3, 1, 2)
 
     def forward(
         self,
@@ -370,27 +394,30 @@ class ElmurLayer(nn.Module):
         :param memory: [N, M, D]; :param positions: [N, M];
         :param query_slots: [N] if given, compute the output of that one position per row only (acting).
         :return: output tokens [N, K, D] (or [N, 1, D] at ``query_slots``)."""
+        if query_slots is not None:
+            token_steps = token_steps[torch.arange(x.shape[0], device=x.device), query_slots].unsqueeze(1)
+        read_bias = self.memory_bias(token_steps, positions, slots_query=False)
+        return self.read_memory(self.self_attend(x, query_slots), memory, read_bias)
+
+    def self_attend(self, x: torch.Tensor, query_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal self-attention sub-layer over segments x [N, K, D] (at ``query_slots`` [N] only: [N, 1, D])."""
         causal_bias = self.relative_bias[:, self.offsets] + self.causal_mask  # [H, K, K]
         if query_slots is None:
-            x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias.unsqueeze(0)))
-        else:
-            rows = torch.arange(x.shape[0], device=x.device)
-            context = self.ln_self_attn(x) if self.config.norm == "pre" else x
-            causal_bias = causal_bias[:, query_slots].transpose(0, 1).unsqueeze(2)  # [N, H, 1, K]
-            token_steps = token_steps[rows, query_slots].unsqueeze(1)
-            x = x[rows, query_slots].unsqueeze(1)
-            x = self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, context, causal_bias))
+            return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias.unsqueeze(0)))
+        context = self.ln_self_attn(x) if self.config.norm == "pre" else x
+        causal_bias = causal_bias[:, query_slots].transpose(0, 1).unsqueeze(2)  # [N, H, 1, K]
+        x = x[torch.arange(x.shape[0], device=x.device), query_slots].unsqueeze(1)
+        return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, context, causal_bias))
+
+    def read_memory(self, x: torch.Tensor, memory: torch.Tensor, read_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Memory read and feed-forward sub-layers of tokens x [N, T, D]; ``read_bias`` from :meth:`memory_bias`."""
         if self.config.use_memory_read:
-            read_bias = self._memory_bias(self.read_bias, token_steps, positions, slots_query=False)
             mem = _dropout(memory, self.config.memory_dropout, self.training)
             x = self._sublayer(x, self.ln_read, lambda h: self.read(h, mem, read_bias))
         return self._sublayer(x, self.ln_mlp, self.mlp)
 
-    def candidates(
-        self, x: torch.Tensor, token_steps: torch.Tensor, memory: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
+    def candidates(self, x: torch.Tensor, memory: torch.Tensor, write_bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Write candidates [N, M, D]: the slots attend to the layer's output tokens x [N, K, D]."""
-        write_bias = self._memory_bias(self.write_bias, token_steps, positions, slots_query=True)
         m = self._sublayer(memory, self.ln_write, lambda h: self.write(h, x, write_bias))
         m = self._sublayer(m, self.ln_memory_mlp, self.memory_mlp)
         return self.ln_candidate(m)
@@ -499,16 +526,9 @@ class ElmurModel(nn.Module):
         grid = grid.index_put((rows, plan.segment_index, plan.slot), self.embed(x))
         position = torch.arange(k, device=x.device)
 
-        memory, positions = state.memory, state.positions
-        outputs = []
-        for s in range(n_segments):
-            complete = plan.complete[:, s]
-            h, memory, positions, _ = self._segment(
-                grid[:, s], plan.segment_start_step[:, s : s + 1] + position, memory, positions,
-                plan.reset[:, s], complete if bool(complete.any()) else None,
-            )
-            outputs.append(h)
-        out = self.ln_out(torch.stack(outputs, dim=1))[rows, plan.segment_index, plan.slot]  # from [N, S, K, D]
+        h, memory, positions = self._run_segments(grid, plan.segment_start_step.unsqueeze(-1) + position, state,
+                                                  plan.reset, plan.complete)
+        out = self.ln_out(h)[rows, plan.segment_index, plan.slot]  # from [N, S, K, D]
 
         # The last segment, if incomplete, becomes the state's prefix.
         last_step = plan.steps[:, -1]
@@ -516,6 +536,46 @@ class ElmurModel(nn.Module):
         segment = grid[torch.arange(n, device=x.device), plan.segment_index[:, -1], : k - 1]
         segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
         return out, ElmurState(memory, positions, segment, last_step + 1)
+
+    def _run_segments(
+        self, grid: torch.Tensor, token_steps: torch.Tensor, state: ElmurState, reset: torch.Tensor, complete: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run segments [N, S, K, D] at steps [N, S, K] through every layer, from ``state``'s memory; ``reset`` and
+        ``complete`` [N, S] as in :class:`_SegmentPlan`. :return: output tokens, memory and positions after them."""
+        n, n_segments, k, d = grid.shape
+        resets = [r if any_reset else None for r, any_reset in zip(reset.unbind(1), reset.any(0).tolist())]
+        completes = [c if any_complete else None for c, any_complete in zip(complete.unbind(1), complete.any(0).tolist())]
+        # Slot positions and LRU choices depend on the plan only, never on memory content: schedule them for every
+        # segment first, so that each layer looks its distance biases up once for all segments.
+        read_positions, write_weights, positions = [], [], state.positions
+        for s in range(n_segments):
+            before, weights, positions = self._slot_schedule(positions, token_steps[:, s], resets[s], completes[s])
+            read_positions.append(before)
+            write_weights.append(weights)
+        read_positions = torch.stack(read_positions, dim=1)  # [N, S, L, M]
+        flat_steps = token_steps.view(n * n_segments, k)
+
+        # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
+        # only the memory read, feed-forward and write go segment by segment (measured ~15% faster training).
+        h = grid
+        new_memory = []
+        for i, layer in enumerate(self.layers):
+            h = layer.self_attend(h.view(n * n_segments, k, d)).view(n, n_segments, k, d)
+            layer_positions = read_positions[:, :, i].reshape(n * n_segments, -1)
+            read_bias = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=False), n)
+            write_bias = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=True), n)
+            memory = state.memory[:, i]
+            segment_outputs = []
+            for s in range(n_segments):
+                memory = self._restart(memory, resets[s], self.memory_init[i])
+                out = layer.read_memory(h[:, s], memory, None if read_bias is None else read_bias[:, s])
+                if write_weights[s] is not None:
+                    candidates = layer.candidates(out, memory, None if write_bias is None else write_bias[:, s])
+                    memory = _blend(memory, candidates, write_weights[s][:, i])
+                segment_outputs.append(out)
+            h = torch.stack(segment_outputs, dim=1)
+            new_memory.append(memory)
+        return h, torch.stack(new_memory, dim=1), positions
 
     def step(
         self,
@@ -620,18 +680,13 @@ class ElmurModel(nn.Module):
         :return: output tokens [N, K, D], or [N, 1, D] at ``query_slots`` when only those were computed;
             memory and positions after the segment; every layer's outputs (None unless ``return_outputs``)
         """
-        cfg = self.config
         n, k, d = tokens.shape
-        if reset is not None:
-            memory = torch.where(reset.view(n, 1, 1, 1), self.memory_init.to(tokens.dtype), memory)
-            positions = positions.masked_fill(reset.view(n, 1, 1), -1)
-        if cfg.detach_memory:
-            memory = memory.detach()
-        write = cfg.use_memory_write and complete is not None
+        memory = self._restart(memory, reset, self.memory_init)
+        positions, write_weights, written_positions = self._slot_schedule(positions, token_steps, reset, complete)
         # Without cached outputs, the positions before ``query_slots`` are recomputed where a later layer, the
         # write or the caller needs them; the last layer computes only the queried one if none of them does.
-        full_last = query_slots is None or write or return_outputs
-        written_memory, written_positions, layer_outputs = [], [], []
+        full_last = query_slots is None or write_weights is not None or return_outputs
+        written_memory, layer_outputs = [], []
         h = tokens
         for i, layer in enumerate(self.layers):
             mem, pos = memory[:, i], positions[:, i]
@@ -642,13 +697,41 @@ class ElmurModel(nn.Module):
                 last = i == len(self.layers) - 1
                 h = out = layer(h, token_steps, mem, pos, None if full_last or not last else query_slots)
             layer_outputs.append(h)
-            if write:
-                new_mem, new_pos = lru_write(
-                    mem, pos, layer.candidates(h, token_steps, mem, pos), token_steps[:, -1], cfg.alpha,
-                    cfg.empty_slot_write == "hard", rows=complete,
-                )
-                written_memory.append(new_mem)
-                written_positions.append(new_pos)
-        if write:
-            memory, positions = torch.stack(written_memory, dim=1), torch.stack(written_positions, dim=1)
-        return out, memory, positions, torch.stack(layer_outputs, dim=1) if return_outputs else None
+            if write_weights is not None:
+                candidates = layer.candidates(h, mem, layer.memory_bias(token_steps, pos, slots_query=True))
+                written_memory.append(_blend(mem, candidates, write_weights[:, i]))
+        if write_weights is not None:
+            memory = torch.stack(written_memory, dim=1)
+        return out, memory, written_positions, torch.stack(layer_outputs, dim=1) if return_outputs else None
+
+    def _restart(self, memory: torch.Tensor, reset: Optional[torch.Tensor], initial: torch.Tensor) -> torch.Tensor:
+        """Memory [N, ...] from its ``initial`` content where ``reset`` [N] (None: nowhere), detached between
+        segments if the config says so."""
+        if reset is not None:
+            memory = torch.where(reset.view(-1, *[1] * (memory.dim() - 1)), initial.to(memory.dtype), memory)
+        return memory.detach() if self.config.detach_memory else memory
+
+    def _slot_schedule(
+        self,
+        positions: torch.Tensor,
+        token_steps: torch.Tensor,
+        reset: Optional[torch.Tensor],
+        complete: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Slot positions [N, L, M] around one segment (token steps [N, K]) that ``reset`` / ``complete`` [N] rows.
+
+        :return: the positions the segment reads, the LRU blend weights [N, L, M] of its write (None: no write)
+            and the positions after it
+        """
+        if reset is not None:
+            positions = positions.masked_fill(reset.view(-1, 1, 1), -1)
+        if complete is None or not self.config.use_memory_write:
+            return positions, None, positions
+        cfg = self.config
+        weights, written = lru_weights(positions, token_steps[:, -1], cfg.alpha, cfg.empty_slot_write == "hard", complete)
+        return positions, weights, written
+
+
+def _per_segment(bias: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """A bias [N * S, ...] computed for all segments at once, as [N, S, ...]."""
+    return None if bias is None else bias.view(n, -1, *bias.shape[1:])

@@ -62,17 +62,22 @@ def test_attention_recorder_counts_real_tokens_only():
     x = torch.randn(2, 10, 3)
     starts = torch.zeros(2, 10, dtype=torch.bool)
     starts[0, 5] = True  # row 0: segments [0-3] [4] [5-8] [9]; row 1: [0-3] [4-7] [8-9] -> 4 segments of 4 positions
-    recorder = AttentionRecorder(model.layers)
+    recorder = AttentionRecorder(model)
     try:
         with torch.no_grad():
             model(x, model.initial_state(2), starts)
+            model(x[:, :1], model.initial_state(2), starts[:, :1])  # one step: the acting path, not recorded
+            model(x, model.initial_state(2), episode_starts=starts)
     finally:
         recorder.remove()
-    assert len(recorder.valid) == 4 and recorder.n_tokens == 20  # of 32 grid positions, 20 hold the inputs
-    assert all(len(norms) == 4 for norms in recorder.self_norms + recorder.read_norms)
+    # Per pass, 20 of the 32 grid positions hold the inputs; the memory read's norms line up with self-attention's.
+    assert len(recorder.valid) == 2 and recorder.n_tokens == 40
+    assert all(len(norms) == 2 and norms[0].shape == (32,) for norms in recorder.self_norms + recorder.read_norms)
+    shares = recorder.read_shares()
+    assert len(shares) == 2 and all(0.0 < share < 1.0 for share in shares)
     with torch.no_grad():
         model(x, model.initial_state(2), starts)
-    assert recorder.n_tokens == 20  # removed hooks record nothing
+    assert recorder.n_tokens == 40  # removed hooks record nothing
 
 
 @pytest.mark.parametrize("algo", [RecurrentPPO, ElmurPPO], ids=lambda cls: cls.__name__)
