@@ -1,8 +1,10 @@
-"""Acting speed, baseline commit versus working tree, in one run: the T-Maze evaluation loop (policy, heads and
-env, one step at a time, no grad; also compiled, ``evaluate_tmaze(compile=True)``, where the source has it), the bare
-ELMUR step, and RecurrentPPO's rollout step (packed state).
+"""Acting and training speed, baseline commit versus working tree, in one run: the T-Maze evaluation loop (policy,
+heads and env, one step at a time, no grad; also compiled, ``evaluate_tmaze(compile=True)``, where the source has
+it), the bare ELMUR step, RecurrentPPO's rollout step (packed state), and the model's training pass (forward and
+backward over the minibatch shapes of ElmurPPO and RecurrentPPO).
 
     python benchmarks/acting_speed.py --baseline 0a1f5e3 --out benchmarks/results/acting_speed.md
+    python benchmarks/acting_speed.py --baseline 6333240 --cases training --out benchmarks/results/training_speed.md
 
 Each variant runs in its own subprocess that imports ``sb3_elmur`` from its source tree (the baseline is
 exported with ``git archive``). Rounds alternate between the variants and the table gives the median over rounds
@@ -51,8 +53,39 @@ def warm_up(fn: Callable[[], None], calls: int = 30) -> float:
     return time.perf_counter() - start
 
 
-def child(steps: int) -> Dict[str, float]:
+def training_passes(steps: int) -> Dict[str, float]:
+    """Milliseconds per forward and backward pass of the default ELMUR model (D 64, 2 layers) over minibatch
+    shapes: ElmurPPO's at its defaults (4 sequences of 32 steps, 16 of memory horizon and up to 9 of the partial
+    segment before them: 56 steps) and RecurrentPPO's (sequences of up to 128 steps, here 1 x 128)."""
+    import torch
+
+    from sb3_elmur.model import ElmurConfig, ElmurModel
+
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
+    torch.manual_seed(0)
+    model = ElmurModel(16, ElmurConfig())
+    results = {}
+    for rows, length, what in ((4, 56, "ElmurPPO"), (1, 128, "RecurrentPPO")):
+        x = torch.randn(rows, length, 16)
+        starts = torch.zeros(rows, length, dtype=torch.bool)
+        starts[0, length // 2] = True  # an episode ends inside one sequence
+        state = model.initial_state(rows)
+
+        def training_pass() -> None:
+            out, after = model(x, state, starts)
+            model.zero_grad()
+            (out.square().mean() + after.memory.square().mean()).backward()
+
+        results[f"training pass, forward + backward, {rows} x {length} steps ({what} minibatch), D 64, 2 layers"] = (
+            _ms_per_call(training_pass, max(steps // 10, 10))
+        )
+    return results
+
+
+def child(steps: int, cases: str) -> Dict[str, float]:
     """Time every case with the ``sb3_elmur`` found first on ``sys.path``."""
+    if cases == "training":
+        return training_passes(steps)
     import numpy as np
     import torch
     from sb3_contrib import RecurrentPPO
@@ -125,7 +158,7 @@ def child(steps: int) -> Dict[str, float]:
     # Last: in one run, eager steps timed after a compilation in the same process were a few percent slower.
     if "compile" in inspect.signature(_actor).parameters:
         tmaze_loop(50, compile=True)
-    return results
+    return results if cases == "acting" else {**results, **training_passes(steps)}
 
 
 def main() -> None:
@@ -137,13 +170,19 @@ def main() -> None:
     parser.add_argument("--baseline", default="0a1f5e3", help="Git revision to compare the working tree against.")
     parser.add_argument("--rounds", type=int, default=5, help="Alternating rounds per variant.")
     parser.add_argument("--steps", type=int, default=500, help="Consecutive steps per timing.")
+    parser.add_argument("--cases", choices=("all", "acting", "training"), default="all", help="What to time.")
     parser.add_argument("--out", default="benchmarks/results/acting_speed.md", help="Markdown report to write.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         sys.path.insert(0, args.child)
-        print(json.dumps(child(args.steps)))
+        print(json.dumps(child(args.steps, args.cases)))
         return
+    # Imported here: a child imports sb3_elmur from its own source tree (set above).
+    from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+
+    out = new_report_path(parser, args.out, args.overwrite)
 
     with tempfile.TemporaryDirectory() as baseline_dir:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "sb3_elmur"], check=True,
@@ -153,7 +192,7 @@ def main() -> None:
         runs: Dict[str, list] = {name: [] for name in sources}
         for round_index in range(args.rounds):
             for name, source in sources.items():
-                command = [sys.executable, __file__, "--child", source, "--steps", str(args.steps)]
+                command = [sys.executable, __file__, "--child", source, "--steps", str(args.steps), "--cases", args.cases]
                 with tempfile.TemporaryDirectory() as cache:
                     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
                     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
@@ -165,14 +204,16 @@ def main() -> None:
     cells = {name: {c: f"{m[c]:.3f}" if c in m else "-" for c in cases} for name, m in median.items()}
     revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
-    command = f"python benchmarks/acting_speed.py --baseline {args.baseline} --rounds {args.rounds} --steps {args.steps}"
+    command = (f"python benchmarks/acting_speed.py --baseline {args.baseline} --rounds {args.rounds} --steps {args.steps} "
+               f"--cases {args.cases}")
     lines = [
-        "# Acting speed: baseline versus current",
+        "# Acting and training speed: baseline versus current",
         "",
         f"Command: `{command}` ({platform.machine()}, Python {platform.python_version()}, one torch thread per "
         f"process); baseline `{args.baseline}`, current: working tree at `{revision}`.",
         "",
-        f"Milliseconds per step (best of 3 x {args.steps} consecutive steps, median over {args.rounds} alternating "
+        f"Milliseconds per step or training pass (best of 3 x {args.steps} consecutive steps, or a tenth as many "
+        f"passes, median over {args.rounds} alternating "
         "rounds); ratio = baseline / current. A baseline without `model.step` times `model(x, state)` as its acting step.",
         "",
         "| case | baseline ms | current ms | speed-up |",
@@ -194,10 +235,6 @@ def main() -> None:
         lines.append("")
     text = "\n".join(lines)
     print(text)
-    # Imported here: a child imports sb3_elmur from its own source tree (set above).
-    from sb3_elmur.utils import write_json_atomically, write_text_atomically
-
-    out = Path(args.out)
     write_text_atomically(out, text)
     write_json_atomically(out.with_suffix(".json"), {"baseline": args.baseline, "runs": runs, "median": median})
 
