@@ -247,13 +247,12 @@ class RecurrentBC(BaseAlgorithm):
         """The policy over a batch of sequences [B, S * K, ...], one section (segment) of K steps at a time with
         the recurrent state carried: for each section, its actor latent (flat B * K) and the state after it."""
         policy = self.policy
-        n, k = n_rows(observations), self.context_length
-        steps = n_rows(map_observations(observations, lambda v: v[0]))
+        features = self._features(observations)
+        n, steps, k = features.shape[0], features.shape[1], self.context_length
         no_starts = th.zeros(n * k, device=self.device)
         for s in range(steps // k):
-            obs = map_observations(observations, lambda v: v[:, s * k : (s + 1) * k].reshape(n * k, *v.shape[2:]))
-            features = policy.extract_features(obs_as_tensor(obs, self.device), policy.pi_features_extractor)
-            latent, state = policy._process_sequence(features, state, no_starts, policy.lstm_actor)
+            section = features[:, s * k : (s + 1) * k].reshape(n * k, -1)
+            latent, state = policy._process_sequence(section, state, no_starts, policy.lstm_actor)
             if self.detach_between_sections:
                 state = (state[0].detach(), state[1].detach())
             yield latent, state
