@@ -25,6 +25,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import obs_as_tensor
 
 from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
+from sb3_elmur.model import ElmurState
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
@@ -246,16 +247,27 @@ class RecurrentBC(BaseAlgorithm):
         """The policy over a batch of sequences [B, S * K, ...], one section (segment) of K steps at a time with
         the recurrent state carried: for each section, its actor latent (flat B * K) and the state after it."""
         policy = self.policy
-        n, k = n_rows(observations), self.context_length
-        steps = n_rows(map_observations(observations, lambda v: v[0]))
+        features = self._features(observations)
+        n, steps, k = features.shape[0], features.shape[1], self.context_length
         no_starts = th.zeros(n * k, device=self.device)
         for s in range(steps // k):
-            obs = map_observations(observations, lambda v: v[:, s * k : (s + 1) * k].reshape(n * k, *v.shape[2:]))
-            features = policy.extract_features(obs_as_tensor(obs, self.device), policy.pi_features_extractor)
-            latent, state = policy._process_sequence(features, state, no_starts, policy.lstm_actor)
+            section = features[:, s * k : (s + 1) * k].reshape(n * k, -1)
+            latent, state = policy._process_sequence(section, state, no_starts, policy.lstm_actor)
             if self.detach_between_sections:
                 state = (state[0].detach(), state[1].detach())
             yield latent, state
+
+    def _whole_windows(self) -> bool:
+        """ELMUR runs a window in one segment-parallel call (the same function as section by section, several
+        times faster); the LSTM, and gradients cut between sections, go section by section."""
+        return isinstance(self.policy, ElmurPolicy) and not self.detach_between_sections
+
+    def _features(self, observations: Any) -> th.Tensor:
+        """Actor features [B, T, F] of observations [B, T, ...]."""
+        n, t = n_rows(observations), n_rows(map_observations(observations, lambda v: v[0]))
+        flat = map_observations(observations, lambda v: v.reshape(n * t, *v.shape[2:]))
+        policy = self.policy
+        return policy.extract_features(obs_as_tensor(flat, self.device), policy.pi_features_extractor).view(n, t, -1)
 
     def _burn_in_state(self, prefixes: Any, prefix_segments: np.ndarray) -> Tuple[th.Tensor, th.Tensor]:
         """The state after each window's prefix (the episode before it), as acting reaches it; without gradient."""
@@ -265,42 +277,65 @@ class RecurrentBC(BaseAlgorithm):
             return initial
         ends = th.as_tensor(prefix_segments, device=self.device)
         with th.no_grad():
+            if self._whole_windows():
+                packed = self.policy.lstm_actor.pack(self._elmur_burn_in(prefixes, ends))
+                return tuple(th.where((ends > 0).view(1, n, 1), new, old) for new, old in zip(packed, initial))
             result = initial
             for s, (_, state) in enumerate(self._sections(prefixes, initial)):
                 ends_here = (ends == s + 1).view(1, n, 1)  # rows whose prefix ends with this section
                 result = tuple(th.where(ends_here, new, old) for new, old in zip(state, result))
         return result
 
-    def _section_distributions(
+    def _elmur_burn_in(self, prefixes: Any, prefix_segments: th.Tensor) -> ElmurState:
+        """ELMUR's burn-in in one call: every prefix is moved to the end of its row and starts an episode there,
+        so that the state after the call is the state after each prefix (rows without one: meaningless)."""
+        model = self.policy.lstm_actor.model
+        features = self._features(prefixes)
+        n, total = features.shape[:2]
+        shift = total - prefix_segments * self.context_length  # [B] padding steps moved before each prefix
+        source = (th.arange(total, device=self.device) - shift.unsqueeze(1)) % total
+        features = features.gather(1, source.unsqueeze(-1).expand_as(features))
+        has_prefix = prefix_segments > 0
+        starts = th.zeros(n, total, dtype=th.bool, device=self.device)
+        starts[has_prefix, shift[has_prefix]] = True
+        return model(features, model.initial_state(n, self.device), starts)[1]
+
+    def _window_distributions(
         self, observations: Any, state: Optional[Tuple[th.Tensor, th.Tensor]] = None
-    ) -> Iterator[Distribution]:
-        """Action distributions over a batch of windows [B, sections * K, ...], one per section (flat B * K),
-        computed one section at a time from ``state`` (None: a fresh episode), the state carried across sections.
+    ) -> Iterator[Tuple[slice, Distribution]]:
+        """Action distributions over a batch of windows [B, sections * K, ...] from ``state`` (None: a fresh
+        episode): each with the steps it covers (flat B * its steps), all at once for ELMUR (see
+        :meth:`_whole_windows`), else one section at a time with the state carried across sections.
 
         A generator: SB3 policies reuse one distribution object, so each must be used before the next."""
         policy = self.policy
         state = self._fresh_state(n_rows(observations)) if state is None else state
-        sections = self._sections(observations, state)
-        for latent, state in sections:
+        if self._whole_windows():
+            out, _ = policy.lstm_actor.model(self._features(observations), policy.lstm_actor.unpack(state))
+            latents = [(slice(None), out.reshape(-1, out.shape[-1]))]
+        else:
+            k = self.context_length
+            latents = ((slice(s * k, (s + 1) * k), latent)
+                       for s, (latent, _) in enumerate(self._sections(observations, state)))
+        for cut, latent in latents:
             try:
                 distribution = policy._get_action_dist_from_latent(policy.mlp_extractor.forward_actor(latent))
             except ValueError as error:
                 if "invalid values" not in str(error):  # torch's argument validation: NaN / inf logits or means
                     raise
                 raise self._non_finite("the action distribution's parameters are NaN or inf") from error
-            yield distribution
+            yield cut, distribution
 
     def _window_loss(self, windows: Windows) -> Tuple[th.Tensor, float]:
         """Mean loss over the real steps of a batch of windows, and the greedy accuracy."""
         actions, mask = windows.actions, windows.mask
-        n, k = mask.shape[0], self.context_length
         state = self._burn_in_state(windows.prefixes, windows.prefix_segments)
         total_loss, total_correct = th.zeros((), device=self.device), 0.0
-        for s, distribution in enumerate(self._section_distributions(windows.observations, state)):
-            cut = slice(s * k, (s + 1) * k)
-            section_actions = th.as_tensor(actions[:, cut].reshape(n * k, *actions.shape[2:]), device=self.device)
-            section_mask = th.as_tensor(mask[:, cut].reshape(-1), device=self.device)
-            loss, correct = self._action_loss(distribution, section_actions, section_mask)
+        for cut, distribution in self._window_distributions(windows.observations, state):
+            part_actions = actions[:, cut]
+            part_actions = th.as_tensor(part_actions.reshape(-1, *actions.shape[2:]), device=self.device)
+            part_mask = th.as_tensor(mask[:, cut].reshape(-1), device=self.device)
+            loss, correct = self._action_loss(distribution, part_actions, part_mask)
             total_loss = total_loss + loss.sum()
             total_correct += float(correct.sum())
         n_real = float(mask.sum())

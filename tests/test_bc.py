@@ -105,8 +105,9 @@ def test_training_windows_compute_what_the_policy_computes_step_by_step(policy, 
     model = RecurrentBC(policy, _tmaze_env(), dataset, policy_kwargs=kwargs, sections=3, context_length=4, seed=0)
     obs, _, mask, _, _ = dataset.sample_windows(np.random.default_rng(1), 5, 12, 4)
     with torch.no_grad():
-        windows = model._section_distributions(obs)
-        window_logits = torch.cat([d.distribution.logits.view(5, 4, -1).clone() for d in windows], dim=1)  # [B, 12, A]
+        windows = model._window_distributions(obs)
+        window_logits = torch.cat([d.distribution.logits.view(5, -1, d.distribution.logits.shape[-1]).clone()
+                                   for _, d in windows], dim=1)  # [B, 12, A]
     state = None
     for t in range(12):
         obs_t = torch.as_tensor(obs[:, t])
