@@ -338,3 +338,26 @@ def test_a_dataset_that_never_overwrites_a_slot_twice_gets_a_warning():
                                     batch_size=2, policy_kwargs=PAPER_TMAZE)
         long_episodes.learn(1)
         RecurrentBC("MlpLstmPolicy", _tmaze_env(), make_tmaze_dataset(20, seed=0), batch_size=2).learn(1)  # no slots
+
+
+def test_elmur_windows_in_one_call_equal_the_section_loop():
+    """ELMUR's whole-window pass (and one-call burn-in) computes what the section loop computes; detach_between_sections
+    takes the loop, and only cuts gradients."""
+    dataset = make_tmaze_dataset(30, min_corridor=12, max_corridor=20, seed=4)
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), dataset, policy_kwargs=SMALL_ELMUR, sections=2, context_length=4,
+                        batch_size=8, seed=0)
+    windows = dataset.sample_windows(np.random.default_rng(3), 8, 8, 4)
+    assert windows.prefix_segments.min() == 0 and windows.prefix_segments.max() >= 1  # fresh and mid-episode windows
+    results = {}
+    for detach in (False, True):
+        model.detach_between_sections = detach
+        with torch.no_grad():
+            state = model._burn_in_state(windows.prefixes, windows.prefix_segments)
+            parts = [d.distribution.logits.view(8, -1, 4).clone()
+                     for _, d in model._window_distributions(windows.observations, state)]
+        assert len(parts) == (2 if detach else 1)
+        results[detach] = (state, torch.cat(parts, dim=1))
+    for whole, looped in zip(results[False][0], results[True][0]):
+        torch.testing.assert_close(whole, looped, atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[False][1], results[True][1], atol=1e-5, rtol=0)
+    model.learn(2)  # the section loop trains too
