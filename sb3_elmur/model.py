@@ -556,7 +556,8 @@ class ElmurModel(nn.Module):
         flat_steps = token_steps.view(n * n_segments, k)
 
         # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
-        # only the memory read, feed-forward and write go segment by segment (measured ~15% faster training).
+        # only the memory read, feed-forward and write go segment by segment (with the schedule above: training
+        # passes 1.37-1.52x faster, benchmarks/results/training_speed.md).
         h = grid
         new_memory = []
         for i, layer in enumerate(self.layers):
