@@ -222,8 +222,7 @@ class AttentionRecorder:
         starts = th.zeros(n, t, dtype=th.bool, device=x.device) if starts is None else starts.to(x.device, th.bool)
         plan = model._plan(state.step, starts)
         grid = th.zeros(n, plan.reset.shape[1], model.config.context_length, dtype=th.bool, device=x.device)
-        rows = th.arange(n, device=x.device).unsqueeze(1).expand(n, t)
-        self._grid = grid.index_put((rows, plan.segment_index, plan.slot), th.ones_like(starts))
+        self._grid = grid.index_put(plan.grid_index(), th.ones_like(starts))
 
     def _end_pass(self, model: ElmurModel, args: Tuple[Any, ...], output: Any) -> None:
         if self._grid is None:

@@ -14,7 +14,7 @@ This module has no dependency on Stable-Baselines3.
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -434,6 +434,11 @@ class _SegmentPlan(NamedTuple):
     complete: torch.Tensor  # [N, S] segment holds its last position: commit the memory write
     keep_prefix: torch.Tensor  # [N] the first segment continues the state's incomplete segment
 
+    def grid_index(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where every input step [N, T] lies in the grid of segments: its (row, segment, position) indices."""
+        n, t = self.slot.shape
+        return torch.arange(n, device=self.slot.device).unsqueeze(1).expand(n, t), self.segment_index, self.slot
+
 
 class ElmurModel(nn.Module):
     """ELMUR backbone: embeds inputs into tokens and runs them through memory layers.
@@ -522,13 +527,13 @@ class ElmurModel(nn.Module):
         grid = torch.zeros(n, n_segments, k, d, dtype=x.dtype, device=x.device)
         prefix = state.segment * plan.keep_prefix.view(n, 1, 1).to(x.dtype)
         grid[:, 0, : k - 1] = prefix
-        rows = torch.arange(n, device=x.device).unsqueeze(1).expand(n, t)
-        grid = grid.index_put((rows, plan.segment_index, plan.slot), self.embed(x))
+        index = plan.grid_index()
+        grid = grid.index_put(index, self.embed(x))
         position = torch.arange(k, device=x.device)
 
         h, memory, positions = self._run_segments(grid, plan.segment_start_step.unsqueeze(-1) + position, state,
                                                   plan.reset, plan.complete)
-        out = self.ln_out(h)[rows, plan.segment_index, plan.slot]  # from [N, S, K, D]
+        out = self.ln_out(h)[index]  # from [N, S, K, D]
 
         # The last segment, if incomplete, becomes the state's prefix.
         last_step = plan.steps[:, -1]
@@ -554,6 +559,7 @@ class ElmurModel(nn.Module):
             write_weights.append(weights)
         read_positions = torch.stack(read_positions, dim=1)  # [N, S, L, M]
         flat_steps = token_steps.view(n * n_segments, k)
+        any_write = any(weights is not None for weights in write_weights)
 
         # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
         # only the memory read, feed-forward and write go segment by segment (with the schedule above: training
@@ -563,16 +569,16 @@ class ElmurModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer.self_attend(h.view(n * n_segments, k, d)).view(n, n_segments, k, d)
             layer_positions = read_positions[:, :, i].reshape(n * n_segments, -1)
-            read_bias = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=False), n)
-            write_bias = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=True), n)
+            read_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=False), n_segments)
+            write_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=True)
+                                        if any_write else None, n_segments)
             memory = state.memory[:, i]
             segment_outputs = []
             for s in range(n_segments):
                 memory = self._restart(memory, resets[s], self.memory_init[i])
-                out = layer.read_memory(h[:, s], memory, None if read_bias is None else read_bias[:, s])
+                out = layer.read_memory(h[:, s], memory, read_biases[s])
                 if write_weights[s] is not None:
-                    candidates = layer.candidates(out, memory, None if write_bias is None else write_bias[:, s])
-                    memory = _blend(memory, candidates, write_weights[s][:, i])
+                    memory = _blend(memory, layer.candidates(out, memory, write_biases[s]), write_weights[s][:, i])
                 segment_outputs.append(out)
             h = torch.stack(segment_outputs, dim=1)
             new_memory.append(memory)
@@ -733,6 +739,8 @@ class ElmurModel(nn.Module):
         return positions, weights, written
 
 
-def _per_segment(bias: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-    """A bias [N * S, ...] computed for all segments at once, as [N, S, ...]."""
-    return None if bias is None else bias.view(n, -1, *bias.shape[1:])
+def _per_segment(bias: Optional[torch.Tensor], n_segments: int) -> List[Optional[torch.Tensor]]:
+    """A bias [N * S, ...] computed for all segments at once, as one [N, ...] per segment (all None for None)."""
+    if bias is None:
+        return [None] * n_segments
+    return list(bias.view(-1, n_segments, *bias.shape[1:]).unbind(1))
