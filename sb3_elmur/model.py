@@ -388,25 +388,25 @@ class ElmurLayer(nn.Module):
         token_steps: torch.Tensor,
         memory: torch.Tensor,
         positions: torch.Tensor,
-        query_slots: Optional[torch.Tensor] = None,
+        query_offsets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """:param x: [N, K, D] segment tokens; :param token_steps: [N, K] their steps in the episode;
         :param memory: [N, M, D]; :param positions: [N, M];
-        :param query_slots: [N] if given, compute the output of that one position per row only (acting).
-        :return: output tokens [N, K, D] (or [N, 1, D] at ``query_slots``)."""
-        if query_slots is not None:
-            token_steps = token_steps[torch.arange(x.shape[0], device=x.device), query_slots].unsqueeze(1)
+        :param query_offsets: [N] if given, compute the output of that one position per row only (acting).
+        :return: output tokens [N, K, D] (or [N, 1, D] at ``query_offsets``)."""
+        if query_offsets is not None:
+            token_steps = token_steps[torch.arange(x.shape[0], device=x.device), query_offsets].unsqueeze(1)
         read_bias = self.memory_bias(token_steps, positions, slots_query=False)
-        return self.read_memory(self.self_attend(x, query_slots), memory, read_bias)
+        return self.read_memory(self.self_attend(x, query_offsets), memory, read_bias)
 
-    def self_attend(self, x: torch.Tensor, query_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal self-attention sub-layer over segments x [N, K, D] (at ``query_slots`` [N] only: [N, 1, D])."""
+    def self_attend(self, x: torch.Tensor, query_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal self-attention sub-layer over segments x [N, K, D] (at ``query_offsets`` [N] only: [N, 1, D])."""
         causal_bias = self.relative_bias[:, self.offsets] + self.causal_mask  # [H, K, K]
-        if query_slots is None:
+        if query_offsets is None:
             return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias.unsqueeze(0)))
         context = self.ln_self_attn(x) if self.config.norm == "pre" else x
-        causal_bias = causal_bias[:, query_slots].transpose(0, 1).unsqueeze(2)  # [N, H, 1, K]
-        x = x[torch.arange(x.shape[0], device=x.device), query_slots].unsqueeze(1)
+        causal_bias = causal_bias[:, query_offsets].transpose(0, 1).unsqueeze(2)  # [N, H, 1, K]
+        x = x[torch.arange(x.shape[0], device=x.device), query_offsets].unsqueeze(1)
         return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, context, causal_bias))
 
     def read_memory(self, x: torch.Tensor, memory: torch.Tensor, read_bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -427,7 +427,7 @@ class _SegmentPlan(NamedTuple):
     """Where each input step lands in the [N, S, K] grid of segments (see ``ElmurModel._plan``)."""
 
     segment_index: torch.Tensor  # [N, T] segment of each step
-    slot: torch.Tensor  # [N, T] position of each step inside its segment (its step % K)
+    offset: torch.Tensor  # [N, T] position of each step inside its segment (its step % K)
     steps: torch.Tensor  # [N, T] episode step of each input step
     segment_start_step: torch.Tensor  # [N, S] episode step at position 0 of each segment
     reset: torch.Tensor  # [N, S] memory resets before the segment (episode start)
@@ -436,8 +436,8 @@ class _SegmentPlan(NamedTuple):
 
     def grid_index(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where every input step [N, T] lies in the grid of segments: its (row, segment, position) indices."""
-        n, t = self.slot.shape
-        return torch.arange(n, device=self.slot.device).unsqueeze(1).expand(n, t), self.segment_index, self.slot
+        n, t = self.offset.shape
+        return torch.arange(n, device=self.offset.device).unsqueeze(1).expand(n, t), self.segment_index, self.offset
 
 
 class ElmurModel(nn.Module):
@@ -483,18 +483,18 @@ class ElmurModel(nn.Module):
         time = torch.arange(t, device=step.device).expand(n, t)
         last_start = torch.where(episode_starts, time, torch.full_like(time, -1)).cummax(dim=1).values
         steps = torch.where(last_start >= 0, time - last_start, step.unsqueeze(1) + time)
-        slot = steps % k
-        begins = episode_starts | (slot == 0)
+        offset = steps % k
+        begins = episode_starts | (offset == 0)
         begins[:, 0] = True
         segment_index = begins.long().cumsum(dim=1) - 1
         n_segments = int(segment_index.max()) + 1
         segment_start_step = torch.zeros(n, n_segments, dtype=torch.long, device=step.device)
-        segment_start_step.scatter_(1, segment_index, steps - slot)  # equal for all steps of a segment
+        segment_start_step.scatter_(1, segment_index, steps - offset)  # equal for all steps of a segment
         # scatter_add, not scatter_: several steps share a segment and any one of them may carry the flag.
         flags = torch.zeros(n, n_segments, dtype=torch.long, device=step.device)
         reset = flags.scatter_add(1, segment_index, episode_starts.long()) > 0
-        complete = flags.scatter_add(1, segment_index, (slot == k - 1).long()) > 0
-        return _SegmentPlan(segment_index, slot, steps, segment_start_step, reset, complete, ~episode_starts[:, 0])
+        complete = flags.scatter_add(1, segment_index, (offset == k - 1).long()) > 0
+        return _SegmentPlan(segment_index, offset, steps, segment_start_step, reset, complete, ~episode_starts[:, 0])
 
     def forward(
         self, x: torch.Tensor, state: ElmurState, episode_starts: Optional[torch.Tensor] = None
@@ -626,16 +626,16 @@ class ElmurModel(nn.Module):
         episode_starts = episode_starts.to(dtype=torch.bool)
         reset = episode_starts if bool(episode_starts.any()) else None
         step = state.step if reset is None else state.step.masked_fill(reset, 0)
-        slot = step % self.config.context_length
-        complete = slot == self.config.context_length - 1
-        return step, slot, reset, complete if bool(complete.any()) else None
+        offset = step % self.config.context_length
+        complete = offset == self.config.context_length - 1
+        return step, offset, reset, complete if bool(complete.any()) else None
 
     def step_core(
         self,
         x: torch.Tensor,
         state: ElmurState,
         step: torch.Tensor,
-        slot: torch.Tensor,
+        offset: torch.Tensor,
         reset: Optional[torch.Tensor],
         complete: Optional[torch.Tensor],
         outputs: Optional[torch.Tensor] = None,
@@ -645,15 +645,15 @@ class ElmurModel(nn.Module):
         it whole (one graph per combination of None / tensor ``reset`` and ``complete``)."""
         n, k, d = x.shape[0], self.config.context_length, self.config.d_model
         segment = state.segment if reset is None else state.segment.masked_fill(reset.view(n, 1, 1), 0.0)
-        # The state's segment holds the valid tokens before ``slot`` and zeros after: put the new token at ``slot``.
+        # The state's segment holds the valid tokens before ``offset`` and zeros after: put the new token at ``offset``.
         tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
-        tokens = tokens.scatter(1, slot.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
-        token_steps = (step - slot).unsqueeze(1) + torch.arange(k, device=x.device)
+        tokens = tokens.scatter(1, offset.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
+        token_steps = (step - offset).unsqueeze(1) + torch.arange(k, device=x.device)
         out, memory, positions, outputs = self._segment(
-            tokens, token_steps, state.memory, state.positions, reset, complete, slot, outputs, return_outputs
+            tokens, token_steps, state.memory, state.positions, reset, complete, offset, outputs, return_outputs
         )
         if out.shape[1] == k:  # computed at every position
-            out = out[torch.arange(n, device=x.device), slot]
+            out = out[torch.arange(n, device=x.device), offset]
         else:
             out = out[:, 0]
         if complete is not None:  # the next segment starts empty
@@ -669,7 +669,7 @@ class ElmurModel(nn.Module):
         positions: torch.Tensor,
         reset: Optional[torch.Tensor],
         complete: Optional[torch.Tensor],
-        query_slots: Optional[torch.Tensor] = None,
+        query_offsets: Optional[torch.Tensor] = None,
         outputs: Optional[torch.Tensor] = None,
         return_outputs: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -680,29 +680,29 @@ class ElmurModel(nn.Module):
         :param reset: [N] the episode starts in this segment: memory restarts from its initial content
             (None: no row resets)
         :param complete: [N] the segment holds its last position: write to memory (None: no row completes)
-        :param query_slots: [N] acting: the one position per row whose output is needed
-        :param outputs: [N, L, K, D] acting: every layer's outputs at the positions before ``query_slots``;
-            each layer then computes the ``query_slots`` position only
+        :param query_offsets: [N] acting: the one position per row whose output is needed
+        :param outputs: [N, L, K, D] acting: every layer's outputs at the positions before ``query_offsets``;
+            each layer then computes the ``query_offsets`` position only
         :param return_outputs: also return every layer's outputs [N, L, K, D]
-        :return: output tokens [N, K, D], or [N, 1, D] at ``query_slots`` when only those were computed;
+        :return: output tokens [N, K, D], or [N, 1, D] at ``query_offsets`` when only those were computed;
             memory and positions after the segment; every layer's outputs (None unless ``return_outputs``)
         """
         n, k, d = tokens.shape
         memory = self._restart(memory, reset, self.memory_init)
         positions, write_weights, written_positions = self._slot_schedule(positions, token_steps, reset, complete)
-        # Without cached outputs, the positions before ``query_slots`` are recomputed where a later layer, the
+        # Without cached outputs, the positions before ``query_offsets`` are recomputed where a later layer, the
         # write or the caller needs them; the last layer computes only the queried one if none of them does.
-        full_last = query_slots is None or write_weights is not None or return_outputs
+        full_last = query_offsets is None or write_weights is not None or return_outputs
         written_memory, layer_outputs = [], []
         h = tokens
         for i, layer in enumerate(self.layers):
             mem, pos = memory[:, i], positions[:, i]
             if outputs is not None:
-                out = layer(h, token_steps, mem, pos, query_slots)
-                h = outputs[:, i].scatter(1, query_slots.view(n, 1, 1).expand(n, 1, d), out)
+                out = layer(h, token_steps, mem, pos, query_offsets)
+                h = outputs[:, i].scatter(1, query_offsets.view(n, 1, 1).expand(n, 1, d), out)
             else:
                 last = i == len(self.layers) - 1
-                h = out = layer(h, token_steps, mem, pos, None if full_last or not last else query_slots)
+                h = out = layer(h, token_steps, mem, pos, None if full_last or not last else query_offsets)
             layer_outputs.append(h)
             if write_weights is not None:
                 candidates = layer.candidates(h, mem, layer.memory_bias(token_steps, pos, slots_query=True))
