@@ -74,6 +74,19 @@ def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> 
         def _on_rollout_end(self) -> None:
             self.marks.append(("end", time.perf_counter()))
 
+    # The shape of every segment-parallel training pass (rows x segments of the grid, see ElmurModel._plan): the
+    # segments run one after another, so they, more than the rows, set a pass's cost.
+    grids: List[tuple] = []
+
+    def record_grid(module, args) -> None:
+        x, state, starts = args
+        if torch.is_grad_enabled() and x.shape[1] > 1:
+            grids.append((x.shape[0], module._plan(state.step, starts.bool()).reset.shape[1]))
+
+    elmur = getattr(getattr(model.policy, "lstm_actor", None), "model", None)
+    if elmur is not None:
+        elmur.register_forward_pre_hook(record_grid)
+
     clock = Clock()
     steps_per_rollout = model.n_steps * n_envs
     model.learn((rollouts + 1) * steps_per_rollout, callback=clock)
@@ -95,6 +108,8 @@ def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> 
         "state_bytes_per_step": state_bytes / steps_per_rollout,
         "parameters": sum(p.numel() for p in model.policy.parameters()),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "grid_rows": statistics.mean(r for r, _ in grids) if grids else None,
+        "grid_segments": statistics.mean(s for _, s in grids) if grids else None,
     }
 
 
@@ -145,21 +160,24 @@ def main() -> None:
         "ElmurPPO: its defaults, sequences of 32 steps, memory horizon 16). Env steps/s: median over rounds; x LSTM: ratio to "
         f"`{LSTM}` (256 units) in the same run. State bytes: recurrent state stored per env step (ElmurPPO: "
         "anchors, their index and the history's observations; RecurrentPPO: the packed (hidden, cell) pairs of "
-        "actor and critic). Peak RSS: the whole process, torch included.",
+        "actor and critic). Peak RSS: the whole process, torch included. Training grid: mean rows x segments of "
+        "ELMUR's segment-parallel training passes (segments run one after another; rows side by side).",
         "",
     ]
     for env_id in args.envs:
-        median = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs[env_id].items()}
+        median = {c: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None for k in rs[0]}
+                  for c, rs in runs[env_id].items()}
         lines += [f"## {env_id}" + (" (corridor 100)" if "TMaze" in env_id else ""), "",
                   "| configuration | parameters | rollout steps/s | train steps/s | total steps/s | total x LSTM | "
-                  "rollout x LSTM | state bytes/step | peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "rollout x LSTM | state bytes/step | peak RSS MiB | training grid |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for config, m in median.items():
+            grid = "-" if m.get("grid_rows") is None else f"{m['grid_rows']:.1f} x {m['grid_segments']:.1f}"
             lines.append(
                 f"| {config} | {m['parameters']:,.0f} | {m['rollout_steps_per_s']:,.0f} | {m['train_steps_per_s']:,.0f} | "
                 f"{m['total_steps_per_s']:,.0f} | {m['total_steps_per_s'] / median[LSTM]['total_steps_per_s']:.2f} | "
                 f"{m['rollout_steps_per_s'] / median[LSTM]['rollout_steps_per_s']:.2f} | "
-                f"{m['state_bytes_per_step']:,.0f} | {m['peak_rss_mib']:,.0f} |"
+                f"{m['state_bytes_per_step']:,.0f} | {m['peak_rss_mib']:,.0f} | {grid} |"
             )
         lines.append("")
     text = "\n".join(lines)
