@@ -32,6 +32,8 @@ ELMUR = dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10
 LONG = dict(length=(30, 100), sections=10)
 # The paper's T-Maze protocol (corridors of 1-28): episodes of 2-30 steps, windows of 3 segments
 SHORT = dict(length=(2, 30), sections=3)
+# Both: episodes of 2-100 steps, so that short ones teach the cue and long ones teach it to survive evictions
+MIXED = dict(length=(2, 100), sections=10)
 # name: (policy, policy kwargs, RecurrentBC kwargs, training episodes)
 CONFIGS: Dict[str, Any] = {
     "ElmurPolicy": ("ElmurPolicy", ELMUR, dict(burn_in=True), LONG),
@@ -40,6 +42,11 @@ CONFIGS: Dict[str, Any] = {
     # The paper's protocol: episodes of at most 30 steps, 3 segments of 10 (at most 2 writes into 2 slots)
     "ElmurPolicy-paper-protocol": ("ElmurPolicy", ELMUR, dict(burn_in=True), SHORT),
     "MlpLstmPolicy-paper-protocol": ("MlpLstmPolicy", dict(lstm_hidden_size=128), dict(burn_in=True), SHORT),
+    "ElmurPolicy-2-100": ("ElmurPolicy", ELMUR, dict(burn_in=True), MIXED),
+    "ElmurPolicy-2-50": ("ElmurPolicy", ELMUR, dict(burn_in=True), dict(length=(2, 50), sections=5)),
+    # The paper's protocol with one slot: the second write evicts the first, so training needs the cue to survive it
+    "ElmurPolicy-paper-protocol-1-slot": ("ElmurPolicy", {**ELMUR, "memory_size": 1}, dict(burn_in=True), SHORT),
+    "MlpLstmPolicy-2-100": ("MlpLstmPolicy", dict(lstm_hidden_size=128), dict(burn_in=True), MIXED),
 }
 
 

@@ -5,7 +5,8 @@ range, with windows of a given number of segments and memory slots, evaluated at
 
 Each config is LOW-HIGH/SECTIONS/SLOTS: training episodes of LOW..HIGH steps, windows of SECTIONS segments of 10
 steps, SLOTS memory slots per layer (1 layer, d_model 32, 500 oracle episodes, 300 gradient steps at lr 3e-3).
-Writes a markdown table and its JSON (refusing to replace them without --overwrite).
+``--wait`` runs the task's waiting form (the expert names the cue only at the query: one supervised memory use
+per episode). Writes a markdown table and its JSON (refusing to replace them without --overwrite).
 """
 
 import argparse
@@ -21,15 +22,15 @@ from sb3_elmur.evaluation import evaluate_success
 from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
 
 
-def run(config: str, seed: int, gradient_steps: int, lengths: List[int]) -> Dict[str, float]:
+def run(config: str, seed: int, gradient_steps: int, lengths: List[int], wait: bool) -> Dict[str, float]:
     span, sections, slots = config.split("/")
     low, high = (int(v) for v in span.split("-"))
-    dataset = make_recall_dataset(500, length=(low, high), seed=0)
-    model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(), dataset, sections=int(sections), context_length=10,
+    dataset = make_recall_dataset(500, length=(low, high), wait=wait, seed=0)
+    model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(wait=wait), dataset, sections=int(sections), context_length=10,
                         batch_size=32, learning_rate=3e-3, seed=seed,
                         policy_kwargs=dict(d_model=32, n_layers=1, memory_size=int(slots), context_length=10))
     model.learn(gradient_steps)
-    return {str(n): evaluate_success(model, NoisyRecallVecEnv(60, length=n, seed=1), n) for n in lengths}
+    return {str(n): evaluate_success(model, NoisyRecallVecEnv(60, length=n, wait=wait, seed=1), n) for n in lengths}
 
 
 def main() -> None:
@@ -37,6 +38,7 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["10-30/3/2", "10-40/4/2", "10-40/4/3", "10-40/4/4", "10-30/3/1"],
                         help="LOW-HIGH/SECTIONS/SLOTS settings.")
+    parser.add_argument("--wait", action="store_true", help="The task's waiting form (see above).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
     parser.add_argument("--gradient-steps", type=int, default=300, help="Gradient steps of behaviour cloning.")
     parser.add_argument("--lengths", type=int, nargs="+", default=[200, 2000], help="Evaluation lengths (60 episodes).")
@@ -50,13 +52,15 @@ def main() -> None:
     for config in args.configs:
         for seed in args.seeds:
             start = time.perf_counter()
-            results.setdefault(config, []).append(run(config, seed, args.gradient_steps, args.lengths))
+            results.setdefault(config, []).append(run(config, seed, args.gradient_steps, args.lengths, args.wait))
             print(f"{config} seed {seed}: {results[config][-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
     lines = [
-        "# Noisy recall: training length, window and slots against success far past the training length",
+        "# Noisy recall" + (" (waiting expert)" if args.wait else "") + ": training length, window and slots "
+        "against success far past the training length",
         "",
-        f"`python benchmarks/recall_protocol.py --configs {' '.join(args.configs)} --seeds "
-        f"{' '.join(map(str, args.seeds))} --gradient-steps {args.gradient_steps}`: config LOW-HIGH/SECTIONS/SLOTS, "
+        f"`python benchmarks/recall_protocol.py{' --wait' if args.wait else ''} --configs {' '.join(args.configs)} --seeds "
+        f"{' '.join(map(str, args.seeds))} --gradient-steps {args.gradient_steps} "
+        f"--lengths {' '.join(map(str, args.lengths))}`: config LOW-HIGH/SECTIONS/SLOTS, "
         "success over 60 greedy episodes per seed (3 cues: chance 0.33).",
         "",
         "| config | " + " | ".join(f"success at {n:,} (per seed; mean)" for n in args.lengths) + " |",
