@@ -43,7 +43,7 @@ def _assert_states_close(a: ElmurState, b: ElmurState, atol: float = 1e-5) -> No
     "kwargs",
     [
         {},
-        {"norm": "post"},
+        {"norm": "pre"},
         {"distance_bias": "clamped", "max_distance": 7},
         {"empty_slot_write": "blend", "alpha": 0.3},
         {"context_length": 1, "memory_size": 1},
@@ -94,7 +94,6 @@ def test_memory_carries_information_across_segments():
 def test_episode_start_resets_only_its_row():
     model = _model()
     x = torch.randn(3, 20, 5)
-    fresh = torch.randn(3, 9, 5)
     _, state = model(torch.randn(3, 9, 5), model.initial_state(3))
     starts = torch.zeros(3, 20, dtype=torch.bool)
     starts[1, 0] = True
@@ -105,7 +104,6 @@ def test_episode_start_resets_only_its_row():
     # Rows 0 and 2 are unaffected by row 1's reset.
     untouched, _ = model(x, state)
     torch.testing.assert_close(out[[0, 2]], untouched[[0, 2]], atol=1e-6, rtol=0)
-    del fresh
 
 
 def test_state_size_independent_of_episode_length():

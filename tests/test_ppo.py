@@ -78,6 +78,10 @@ def test_rollout_matches_training_dict_and_image_observations():
     _assert_rollouts_match_training(model, rollouts=2)
 
 
+def test_rollout_matches_training_pre_norm():
+    _assert_rollouts_match_training(_model(policy_kwargs=dict(norm="pre")), rollouts=2)
+
+
 def test_sequence_longer_than_the_rollout_and_long_horizon():
     """One sequence per env per rollout, and a horizon reaching back more than a whole rollout."""
     _assert_rollouts_match_training(_model(sequence_length=30, memory_horizon=70, batch_size=60), rollouts=4)
