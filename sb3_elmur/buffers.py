@@ -13,6 +13,8 @@ and rebuilds the state anywhere by running the model from the anchor before it. 
 ``sequence_length`` steps of one env; each starts from the last anchor at least ``memory_horizon`` steps before
 its first step and runs the steps in between with gradients (no loss on them), so a memory write made up to
 ``memory_horizon`` steps earlier, in this rollout or the one before, learns from the losses that depend on it.
+Memory restarts with every episode, so training cuts sequences where episodes start into independent rows (and
+drops the pieces that hold no loss step).
 """
 
 from typing import Dict, Generator, NamedTuple, Optional, Union
@@ -299,7 +301,7 @@ class ElmurRolloutBuffer:
 
     def get(self, batch_size: Optional[int] = None) -> Generator[ElmurRolloutBufferSamples, None, None]:
         """Minibatches of whole sequences, in random order: ``batch_size // sequence_length`` sequences each
-        (at least one; None: all in one)."""
+        (at least one; None: all in one), each cut into rows at episode starts."""
         assert self.full, "get() needs a complete rollout"
         table = self.sequences()
         n_sequences = len(table["env"])
@@ -312,7 +314,30 @@ class ElmurRolloutBuffer:
     def _flat(x: th.Tensor) -> th.Tensor:
         return x.flatten(0, 1)
 
+    def _split_at_episode_starts(self, table: Dict[str, th.Tensor]) -> Dict[str, th.Tensor]:
+        """The sequences of ``table`` cut where episodes start: memory restarts there, so each piece is an
+        independent row. Rows get shorter (a pass costs one sequential step per segment of its longest row) and the
+        pieces that end before their sequence's first loss step, burn-in only, are dropped."""
+        envs, anchor, first, end = table["env"], table["anchor"], table["first"], table["end"]
+        times = anchor.unsqueeze(1) + th.arange(int((end - anchor).max()), device=self.device)
+        inside = times < end.unsqueeze(1)
+        starts = self.episode_starts[times.clamp(max=self.timeline_length - 1), envs.unsqueeze(1)] & inside
+        starts[:, 0] = True
+        row, offset = starts.nonzero(as_tuple=True)  # row-major: a row's pieces in order
+        piece_start = anchor[row] + offset
+        next_in_row = th.cat([row[1:] == row[:-1], row.new_zeros(1, dtype=th.bool)])
+        piece_end = th.where(next_in_row, th.cat([piece_start[1:], piece_start[-1:]]), end[row])
+        keep = piece_end > first[row]
+        row = row[keep]
+        return {
+            "env": envs[row],
+            "anchor": piece_start[keep],
+            "first": th.maximum(first[row], piece_start[keep]),
+            "end": piece_end[keep],
+        }
+
     def _samples(self, table: Dict[str, th.Tensor]) -> ElmurRolloutBufferSamples:
+        table = self._split_at_episode_starts(table)
         envs, anchor, first, end = table["env"], table["anchor"], table["first"], table["end"]
         length = int((end - anchor).max())
         times = anchor.unsqueeze(1) + th.arange(length, device=self.device)

@@ -128,6 +128,27 @@ def test_gradient_reaches_a_write_of_the_previous_rollout_only_within_the_horizo
         assert all(float(obs.grad[j].abs().sum()) > 0 for j in earlier)
 
 
+def test_training_rows_are_cut_at_episode_starts():
+    """Memory restarts with an episode, so a training row never runs on past one: every row holds loss steps, and
+    an episode starts, if at all, only at its first step (padding after the last loss step aside)."""
+    model = _model(n_steps=30, sequence_length=30, memory_horizon=20, batch_size=90)
+    _, callback = model._setup_learn(180, None)
+    for _ in range(2):
+        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    buffer = model.rollout_buffer
+    assert int(buffer.episode_starts[buffer.history_length + 1:].sum()) >= 2
+    rows = 0
+    for data in buffer.get(model.batch_size):
+        n = data.lstm_states.step.shape[0]
+        mask, starts = data.mask.view(n, -1) > 0.5, data.episode_starts.view(n, -1) > 0.5
+        assert mask.any(dim=1).all()
+        last = mask.shape[1] - 1 - mask.flip(1).float().argmax(dim=1)  # last loss step of each row
+        inside = torch.arange(mask.shape[1]).unsqueeze(0) <= last.unsqueeze(1)
+        assert not (starts[:, 1:] & inside[:, 1:]).any()
+        rows += n
+    assert rows > model.n_envs  # the 3 sequences were cut into more rows
+
+
 def test_stores_a_tenth_of_the_packed_state_per_step_at_the_default_config():
     """State bytes per env step, from the buffers' own arrays: ElmurPPO's anchors and history against the
     packed (hidden, cell) pairs of pi and vf that RecurrentPPO's buffer stores at every step."""
