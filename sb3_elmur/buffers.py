@@ -341,8 +341,10 @@ class ElmurRolloutBuffer:
         envs, anchor, first, end = table["env"], table["anchor"], table["first"], table["end"]
         length = int((end - anchor).max())
         times = anchor.unsqueeze(1) + th.arange(length, device=self.device)
-        mask = (times >= first.unsqueeze(1)) & (times < end.unsqueeze(1))
-        # Padding repeats the last step: it comes after every step that counts, so it changes none of them.
+        inside = times < end.unsqueeze(1)
+        mask = (times >= first.unsqueeze(1)) & inside
+        # Padding repeats the last step: it comes after every step that counts, so it changes none of them. Its
+        # episode-start flags are cleared: repeated, each would open a segment of its own and lengthen the pass.
         times = th.minimum(times, end.unsqueeze(1) - 1)
         rows = envs.unsqueeze(1).expand_as(times)
         steps = (times - self.history_length).clamp(min=0)  # rollout step (only read where ``mask``)
@@ -355,7 +357,7 @@ class ElmurRolloutBuffer:
             advantages=self._flat(self.advantages[steps, rows]),
             returns=self._flat(self.lambda_returns[steps, rows]),
             lstm_states=self.anchor_states(anchor, envs),
-            episode_starts=self._flat(self.episode_starts[times, rows]).float(),
+            episode_starts=self._flat(self.episode_starts[times, rows] & inside).float(),
             mask=self._flat(mask).float(),
         )
 

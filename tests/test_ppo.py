@@ -130,7 +130,8 @@ def test_gradient_reaches_a_write_of_the_previous_rollout_only_within_the_horizo
 
 def test_training_rows_are_cut_at_episode_starts():
     """Memory restarts with an episode, so a training row never runs on past one: every row holds loss steps, and
-    an episode starts, if at all, only at its first step (padding after the last loss step aside)."""
+    an episode starts, if at all, only at its first step (padding, which repeats a row's last step, repeats no
+    episode start: each would open a segment and lengthen the segment-parallel pass)."""
     model = _model(n_steps=30, sequence_length=30, memory_horizon=20, batch_size=90)
     _, callback = model._setup_learn(180, None)
     for _ in range(2):
@@ -142,11 +143,17 @@ def test_training_rows_are_cut_at_episode_starts():
         n = data.lstm_states.step.shape[0]
         mask, starts = data.mask.view(n, -1) > 0.5, data.episode_starts.view(n, -1) > 0.5
         assert mask.any(dim=1).all()
-        last = mask.shape[1] - 1 - mask.flip(1).float().argmax(dim=1)  # last loss step of each row
-        inside = torch.arange(mask.shape[1]).unsqueeze(0) <= last.unsqueeze(1)
-        assert not (starts[:, 1:] & inside[:, 1:]).any()
+        assert not starts[:, 1:].any()
         rows += n
     assert rows > model.n_envs  # the 3 sequences were cut into more rows
+    # A one-step row that starts an episode, padded beside a longer one of the same episode.
+    time, env = buffer.episode_starts[buffer.history_length:-3].nonzero()[0].tolist()
+    start = buffer.history_length + time
+    table = {"env": torch.tensor([env, env]), "anchor": torch.tensor([start, start]),
+             "first": torch.tensor([start, start]), "end": torch.tensor([start + 1, start + 3])}
+    data = buffer._samples(table)
+    starts = data.episode_starts.view(2, -1) > 0.5
+    assert starts.shape[1] >= 3 and starts[:, 0].all() and not starts[:, 1:].any()
 
 
 def test_stores_a_tenth_of_the_packed_state_per_step_at_the_default_config():
