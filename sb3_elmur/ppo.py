@@ -41,8 +41,8 @@ class ElmurPPO(RecurrentPPO):
         ``batch_size // sequence_length`` sequences (at least one), cut where episodes start (memory restarts
         there) and run segment-parallel side by side. Training costs about as many sequential segment passes per
         minibatch as its longest row (burn-in included) has segments, which favours short sequences, but more rows
-        side by side cost more per segment: at the default config 16 against 32 trained 0.85x as fast on T-Maze
-        and 1.21-1.36x on two POPGym tasks (``benchmarks/results/elmur_ppo_speed_run5.md``, one round)
+        side by side cost more per segment: at the default config 16 against 32 ran 0.87x as fast in total on
+        T-Maze and 1.19-1.37x on two POPGym tasks (``benchmarks/results/elmur_ppo_speed_run5.md``, one round)
     :param memory_horizon: steps before each sequence recomputed with gradients but without loss, so that
         memory writes up to that far back (in the previous rollout too) learn from the sequence's losses. Each
         sequence then recomputes up to ``memory_horizon + context_length - 1`` steps before it, which costs
