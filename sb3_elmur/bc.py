@@ -25,7 +25,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import obs_as_tensor
 
 from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
-from sb3_elmur.model import ElmurState
+from sb3_elmur.model import ElmurState, check_int
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
@@ -119,11 +119,9 @@ class RecurrentBC(BaseAlgorithm):
         )
         if continuous_loss not in ("mse", "nll"):
             raise ValueError(f"continuous_loss must be 'mse' or 'nll', got {continuous_loss!r}")
-        if batch_size < 1 or sections < 1 or (context_length is not None and context_length < 1):
-            raise ValueError("batch_size, sections and context_length must be positive")
-        self.batch_size = batch_size
-        self.sections = sections
-        self.context_length = context_length
+        self.batch_size = check_int("batch_size", batch_size)
+        self.sections = check_int("sections", sections)
+        self.context_length = None if context_length is None else check_int("context_length", context_length)
         self.detach_between_sections = detach_between_sections
         self.burn_in = burn_in
         self.label_smoothing = label_smoothing

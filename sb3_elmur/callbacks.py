@@ -10,7 +10,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
 from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import ElmurModel, ElmurState
+from sb3_elmur.model import ElmurModel, ElmurState, check_int
 from sb3_elmur.policies import ElmurBackbone
 
 
@@ -65,12 +65,8 @@ class ElmurTensorboardCallback(BaseCallback):
 
     def __init__(self, sample_freq: int = 1, attention_freq: int = 1, verbose: int = 0) -> None:
         super().__init__(verbose)
-        if isinstance(sample_freq, bool) or not isinstance(sample_freq, int) or sample_freq < 1:
-            raise ValueError(f"sample_freq must be a positive integer, got {sample_freq!r}")
-        if isinstance(attention_freq, bool) or not isinstance(attention_freq, int) or attention_freq < 0:
-            raise ValueError(f"attention_freq must be a non-negative integer, got {attention_freq!r}")
-        self.sample_freq = sample_freq
-        self.attention_freq = attention_freq
+        self.sample_freq = check_int("sample_freq", sample_freq)
+        self.attention_freq = check_int("attention_freq", attention_freq, minimum=0)
         self._sums: Optional[Dict[str, np.ndarray]] = None
         self._n_rollouts = 0
 

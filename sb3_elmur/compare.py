@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
+from sb3_elmur.model import check_int
 from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
 from sb3_elmur.utils import (
     algorithm_class,
@@ -200,12 +201,6 @@ CONFIG_KEYS = (
 )
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def parse_policy_labels(policies: Sequence[str]) -> Dict[str, str]:
     """``["ElmurPolicy", "big=ElmurPolicy"]`` -> ``{"ElmurPolicy": "ElmurPolicy", "big": "ElmurPolicy"}``."""
     labels: Dict[str, str] = {}
@@ -241,10 +236,10 @@ def build_specs(settings: Dict[str, Any]) -> List[Dict[str, Any]]:
             raise ValueError(f"seeds must be non-negative integers, got {seed!r}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds are given twice: {seeds}")
-    timesteps = _positive_int(settings.get("timesteps", 100_000), "timesteps")
-    n_envs = _positive_int(settings.get("n_envs", 8), "n_envs")
-    eval_freq = _positive_int(settings.get("eval_freq") or max(1, timesteps // 10), "eval_freq")
-    eval_episodes = _positive_int(settings.get("eval_episodes", 20), "eval_episodes")
+    timesteps = check_int("timesteps", settings.get("timesteps", 100_000))
+    n_envs = check_int("n_envs", settings.get("n_envs", 8))
+    eval_freq = check_int("eval_freq", settings.get("eval_freq") or max(1, timesteps // 10))
+    eval_episodes = check_int("eval_episodes", settings.get("eval_episodes", 20))
 
     ppo_kwargs = {**DEFAULT_PPO_KWARGS, **(settings.get("ppo_kwargs") or {})}
     policy_kwargs = dict(settings.get("policy_kwargs") or {})
@@ -1200,9 +1195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = settings_from_args(args)
         out = Path(settings.get("out") or "compare_runs")
-        jobs = _positive_int(settings.get("jobs", 1), "jobs")
+        jobs = check_int("jobs", settings.get("jobs", 1))
         options = dict(
-            threads=_positive_int(settings.get("threads", 1), "threads"),
+            threads=check_int("threads", settings.get("threads", 1)),
             device=settings.get("device") or "cpu",
             elmur_scalars=bool(settings.get("elmur_scalars", True)),
         )

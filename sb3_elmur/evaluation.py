@@ -15,6 +15,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import _check_corridor_length, _check_variant
+from sb3_elmur.model import check_int
 from sb3_elmur.policies import ElmurActor, ElmurPolicy
 
 # Seconds a stopped worker gets to exit after SIGTERM before it is killed.
@@ -115,9 +116,8 @@ def check_tmaze_evaluation(corridor_lengths: Sequence[int], n_episodes: int, n_w
 
     :raise ValueError: naming the argument that is not a positive integer (or an empty ``corridor_lengths``)
     """
-    for name, value in (("n_episodes", n_episodes), ("n_workers", n_workers)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("n_episodes", n_episodes)
+    check_int("n_workers", n_workers)
     if isinstance(corridor_lengths, (int, np.integer)) or len(corridor_lengths) == 0:
         raise ValueError(f"corridor_lengths must be a non-empty sequence of ints >= 1, got {corridor_lengths!r}")
     return [_check_corridor_length(length) for length in corridor_lengths]

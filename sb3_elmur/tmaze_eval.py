@@ -17,22 +17,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from sb3_elmur.evaluation import EvaluationWorkerError, TMazeResult, evaluate_tmaze_corridors
-from sb3_elmur.utils import load_algorithm, write_json_atomically
+from sb3_elmur.utils import load_algorithm, positive_int_argument, write_json_atomically
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the help, and the description's example kept as written."""
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a clear error before anything loads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def check_out(path: Path, overwrite: bool) -> None:
@@ -80,16 +69,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     parser.add_argument("model", help="path of the saved model (.zip)")
     parser.add_argument("--algo", default="RecurrentPPO", help="class whose load reads the model: RecurrentPPO, "
                         "RecurrentBC, PPO, ... (sb3_elmur, sb3-contrib or stable-baselines3)")
-    parser.add_argument("--corridors", type=_positive_int, nargs="+", default=[9, 30, 90, 300, 1000, 9600, 100_000,
+    parser.add_argument("--corridors", type=positive_int_argument, nargs="+", default=[9, 30, 90, 300, 1000, 9600, 100_000,
                         1_000_000], metavar="L", help="corridor lengths, evaluated in this order")
-    parser.add_argument("--episodes", type=_positive_int, default=100, help="episodes per corridor length")
+    parser.add_argument("--episodes", type=positive_int_argument, default=100, help="episodes per corridor length")
     parser.add_argument("--variant", default="reference", choices=["reference", "passive"],
                         help="T-Maze variant (success is the same in both: reaching the cued goal)")
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of acting greedily")
     parser.add_argument("--seed", type=int, default=0, help="seed of the observation noise (worker i: seed + i)")
     parser.add_argument("--out", default=None, help="JSON file for the results (not written if not given)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
-    parser.add_argument("--workers", type=_positive_int, default=1,
+    parser.add_argument("--workers", type=positive_int_argument, default=1,
                         help="processes to split the episodes over (one core each)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--compile", action="store_true", help="ElmurPolicy: act through torch.compile (about 2x "

@@ -1,5 +1,6 @@
 """Small helpers shared by the command-line tools."""
 
+import argparse
 import json
 import os
 import secrets
@@ -9,10 +10,20 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from sb3_elmur.model import check_int
+
 # Attributes only a RecurrentBC save holds: how a zip (which names no algorithm) is told to be one.
 _RECURRENT_BC_KEYS = {"sections", "continuous_loss", "detach_between_sections"}
 # Tag of the temporary files of atomic writes (".seed0.json.<random>.tmp.json").
 TMP_TAG = ".tmp"
+
+
+def positive_int_argument(text: str) -> int:
+    """argparse type: an integer >= 1, so that a bad count stops a command before anything loads."""
+    try:
+        return check_int("value", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
 
 
 def algorithm_class(name: str) -> type:

@@ -85,6 +85,16 @@ def test_dataset_errors_are_clear():
         RecurrentBC("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR).learn(1)
 
 
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(sections=2.5), "sections must be a positive integer, got 2.5"),
+    (dict(context_length=True), "context_length must be a positive integer, got True"),
+])
+def test_bad_sizes_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RecurrentBC("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR, **kwargs)
+
 def test_minari_roundtrip_and_dataset_id(tmp_path):
     dataset = make_tmaze_dataset(20, seed=1)
     dataset.to_minari("tmaze/oracle-test-v0", env=_tmaze_env())

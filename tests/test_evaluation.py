@@ -168,9 +168,9 @@ def test_cli_help(cli):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
-        (["--episodes", "0"], "argument --episodes: must be an integer >= 1, got '0'"),
-        (["--corridors", "5", "-1"], "argument --corridors: must be an integer >= 1, got '-1'"),
+        (["--workers", "0"], "argument --workers: must be a positive integer, got '0'"),
+        (["--episodes", "0"], "argument --episodes: must be a positive integer, got '0'"),
+        (["--corridors", "5", "-1"], "argument --corridors: must be a positive integer, got '-1'"),
         (["--out", "{tmp}/old.json"], "old.json already exists: pass --overwrite to replace it"),
         (["--out", "{tmp}/old.json/results.json"], "cannot write --out .*old.json/results.json"),
         (["--out", "{tmp}"], "is a folder: give a file name"),

@@ -16,15 +16,9 @@ from typing import Optional, Sequence
 import gymnasium as gym
 
 from sb3_elmur.datasets import EpisodeDataset, check_minari_id, collect_episodes, make_tmaze_dataset
+from sb3_elmur.utils import positive_int_argument
 
 PROG = "python -m sb3_elmur.datasets"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,13 +31,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--dataset-id", required=True, help="Minari id to write, (namespace/)name-vN: tmaze/oracle-v0")
         command.add_argument("--overwrite", action="store_true", help="replace a dataset with this id (default: refuse)")
         command.add_argument("--seed", type=int, default=0, help="random seed" + default)
-    tmaze.add_argument("--episodes", type=_positive_int, default=2000, help="number of episodes" + default)
-    tmaze.add_argument("--max-corridor", type=_positive_int, default=28, help="corridor lengths are drawn in 1..max" + default)
+    tmaze.add_argument("--episodes", type=positive_int_argument, default=2000, help="number of episodes" + default)
+    tmaze.add_argument("--max-corridor", type=positive_int_argument, default=28,
+                       help="corridor lengths are drawn in 1..max" + default)
     collect.add_argument("--algo", default="RecurrentPPO", help="class in sb3_elmur, sb3_contrib, stable_baselines3" + default)
     collect.add_argument("--model", required=True, help="path of the saved model (.zip)")
     collect.add_argument("--env", required=True, help="gymnasium env id")
     collect.add_argument("--env-kwargs", default="{}", help="JSON dict of env keyword arguments" + default)
-    collect.add_argument("--episodes", type=_positive_int, default=100, help="number of episodes" + default)
+    collect.add_argument("--episodes", type=positive_int_argument, default=100, help="number of episodes" + default)
     collect.add_argument("--stochastic", action="store_true", help="sample actions, not the greedy ones (default: greedy)")
     return parser
 
