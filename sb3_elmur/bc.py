@@ -26,7 +26,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 
 from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
 from sb3_elmur.model import ElmurState, check_int
-from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
+from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy, fresh_recurrent_state
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
 
@@ -237,9 +237,7 @@ class RecurrentBC(BaseAlgorithm):
         return loss * mask, correct * mask
 
     def _fresh_state(self, n: int) -> Tuple[th.Tensor, th.Tensor]:
-        # An all-zero state is a fresh episode for ELMUR and the LSTM alike: no reset flags needed.
-        shape = (self.policy.lstm_hidden_state_shape[0], n, self.policy.lstm_hidden_state_shape[2])
-        return th.zeros(shape, device=self.device), th.zeros(shape, device=self.device)
+        return fresh_recurrent_state(self.policy, n, self.device)
 
     def _sections(self, observations: Any, state: Tuple[th.Tensor, th.Tensor]) -> Iterator[Tuple[th.Tensor, Any]]:
         """The policy over a batch of sequences [B, S * K, ...], one section (segment) of K steps at a time with

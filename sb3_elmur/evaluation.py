@@ -16,7 +16,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import _check_corridor_length, _check_variant
 from sb3_elmur.model import check_int
-from sb3_elmur.policies import ElmurActor, ElmurPolicy
+from sb3_elmur.policies import ElmurActor, ElmurPolicy, fresh_recurrent_state
 
 # Seconds a stopped worker gets to exit after SIGTERM before it is killed.
 _STOP_TIMEOUT = 5.0
@@ -379,8 +379,7 @@ def _actor(
         with th.no_grad():
             obs_tensor = th.as_tensor(obs, device=device)
             if states is None:
-                shape = (policy.lstm_hidden_state_shape[0], len(obs), policy.lstm_hidden_state_shape[2])
-                states = (th.zeros(shape, device=device), th.zeros(shape, device=device))
+                states = fresh_recurrent_state(policy, len(obs), device)
             starts = th.as_tensor(episode_start, dtype=th.float32, device=device)
             actions, states = policy._predict(obs_tensor, states, starts, deterministic=deterministic)
         return actions.cpu().numpy()

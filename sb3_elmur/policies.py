@@ -53,6 +53,13 @@ def layout_tag(config: ElmurConfig) -> int:
     return zlib.crc32(key.encode()) % (2**23 - 1) + 1
 
 
+def fresh_recurrent_state(policy: RecurrentActorCriticPolicy, n: int, device: th.device) -> Tuple[th.Tensor, th.Tensor]:
+    """The packed (hidden, cell) state of ``n`` fresh episodes for any RecurrentPPO policy: all zeros is a fresh
+    episode for ELMUR and the LSTM alike, so no reset flags are needed."""
+    shape = (policy.lstm_hidden_state_shape[0], n, policy.lstm_hidden_state_shape[2])
+    return th.zeros(shape, device=device), th.zeros(shape, device=device)
+
+
 class ElmurBackbone(nn.Module):
     """ELMUR model with its state packed as an LSTM-shaped (hidden, cell) pair.
 
