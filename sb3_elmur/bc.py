@@ -23,9 +23,10 @@ from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
+from torch import nn
 
 from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
-from sb3_elmur.model import ElmurState, check_int
+from sb3_elmur.model import ElmurState, check_float, check_int
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy, fresh_recurrent_state
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
@@ -62,6 +63,10 @@ class RecurrentBC(BaseAlgorithm):
         reference code does, which costs nothing but trains windows on a memory they never have when acting
     :param label_smoothing: label smoothing of the cross-entropy for discrete actions
     :param continuous_loss: "mse" (mean action against the target) or "nll" (Gaussian log-likelihood), Box actions
+    :param final_action_coef: weight of an auxiliary loss (Discrete actions) that predicts, at every step, the action
+        its episode ends with, through a linear head on the actor's latent that only training uses (0: off). On tasks
+        whose decisive action comes at the end (T-Maze, noisy recall with a waiting expert) it asks memory to hold
+        what decides it at every step, as an expert that names the cue at every step does
     :param max_grad_norm: gradient clipping
     :param policy_kwargs: keyword arguments of the policy
     :param tensorboard_log: tensorboard log folder
@@ -94,6 +99,7 @@ class RecurrentBC(BaseAlgorithm):
         burn_in: bool = True,
         label_smoothing: float = 0.0,
         continuous_loss: str = "mse",
+        final_action_coef: float = 0.0,
         max_grad_norm: float = 1.0,
         policy_kwargs: Optional[Dict[str, Any]] = None,
         tensorboard_log: Optional[str] = None,
@@ -126,6 +132,11 @@ class RecurrentBC(BaseAlgorithm):
         self.burn_in = burn_in
         self.label_smoothing = label_smoothing
         self.continuous_loss = continuous_loss
+        self.final_action_coef = check_float("final_action_coef", final_action_coef)
+        if self.final_action_coef < 0.0:
+            raise ValueError(f"final_action_coef must be >= 0, got {final_action_coef!r}")
+        if self.final_action_coef > 0.0 and not isinstance(self.action_space, spaces.Discrete):
+            raise ValueError(f"final_action_coef needs a Discrete action space, got {self.action_space}")
         self.max_grad_norm = max_grad_norm
         self.dataset: Optional[EpisodeDataset] = None
         if dataset is not None:
@@ -158,6 +169,12 @@ class RecurrentBC(BaseAlgorithm):
         if not isinstance(self.policy, RecurrentActorCriticPolicy):
             raise ValueError("RecurrentBC needs a recurrent policy (ElmurPolicy, MlpLstmPolicy, ...)")
         self.policy = self.policy.to(self.device)
+        # Trained with the policy (one optimizer, so one learning rate schedule and one saved state), never acts.
+        self.final_action_head: Optional[nn.Linear] = None
+        if getattr(self, "final_action_coef", 0.0) > 0.0:
+            latent_dim = self.policy.mlp_extractor.latent_dim_pi
+            self.final_action_head = nn.Linear(latent_dim, int(self.action_space.n)).to(self.device)
+            self.policy.optimizer.add_param_group({"params": list(self.final_action_head.parameters())})
         if self.context_length is None:
             config = getattr(self.policy, "elmur_config", None)
             self.context_length = config.context_length if config is not None else 10
@@ -168,7 +185,8 @@ class RecurrentBC(BaseAlgorithm):
 
     def _get_torch_save_params(self) -> Tuple[List[str], List[str]]:
         # As RecurrentPPO: a resumed run continues Adam, and either algorithm loads the other's zip.
-        return ["policy", "policy.optimizer"], []
+        heads = [] if getattr(self, "final_action_head", None) is None else ["final_action_head"]
+        return ["policy", "policy.optimizer", *heads], []
 
     def set_parameters(
         self,
@@ -298,10 +316,11 @@ class RecurrentBC(BaseAlgorithm):
 
     def _window_distributions(
         self, observations: Any, state: Optional[Tuple[th.Tensor, th.Tensor]] = None
-    ) -> Iterator[Tuple[slice, Distribution]]:
+    ) -> Iterator[Tuple[slice, th.Tensor, Distribution]]:
         """Action distributions over a batch of windows [B, sections * K, ...] from ``state`` (None: a fresh
-        episode): each with the steps it covers (flat B * its steps), all at once for ELMUR (see
-        :meth:`_whole_windows`), else one section at a time with the state carried across sections.
+        episode): each with the steps it covers and the actor latent it comes from (flat B * its steps), all at
+        once for ELMUR (see :meth:`_whole_windows`), else one section at a time with the state carried across
+        sections.
 
         A generator: SB3 policies reuse one distribution object, so each must be used before the next."""
         policy = self.policy
@@ -314,28 +333,40 @@ class RecurrentBC(BaseAlgorithm):
             latents = ((slice(s * k, (s + 1) * k), latent)
                        for s, (latent, _) in enumerate(self._sections(observations, state)))
         for cut, latent in latents:
+            latent = policy.mlp_extractor.forward_actor(latent)
             try:
-                distribution = policy._get_action_dist_from_latent(policy.mlp_extractor.forward_actor(latent))
+                distribution = policy._get_action_dist_from_latent(latent)
             except ValueError as error:
                 if "invalid values" not in str(error):  # torch's argument validation: NaN / inf logits or means
                     raise
                 raise self._non_finite("the action distribution's parameters are NaN or inf") from error
-            yield cut, distribution
+            yield cut, latent, distribution
 
-    def _window_loss(self, windows: Windows) -> Tuple[th.Tensor, float]:
-        """Mean loss over the real steps of a batch of windows, and the greedy accuracy."""
+    def _window_loss(self, windows: Windows) -> Tuple[th.Tensor, Dict[str, float]]:
+        """Mean loss over the real steps of a batch of windows, and the metrics to log (greedy accuracy, and the
+        final-action loss and accuracy with ``final_action_coef``)."""
         actions, mask = windows.actions, windows.mask
         state = self._burn_in_state(windows.prefixes, windows.prefix_segments)
-        total_loss, total_correct = th.zeros((), device=self.device), 0.0
-        for cut, distribution in self._window_distributions(windows.observations, state):
+        final_actions = th.as_tensor(windows.final_actions, device=self.device).long().view(-1, 1).expand(mask.shape)
+        total_loss, final_loss = th.zeros((), device=self.device), th.zeros((), device=self.device)
+        total_correct = final_correct = 0.0
+        for cut, latent, distribution in self._window_distributions(windows.observations, state):
             part_actions = actions[:, cut]
             part_actions = th.as_tensor(part_actions.reshape(-1, *actions.shape[2:]), device=self.device)
             part_mask = th.as_tensor(mask[:, cut].reshape(-1), device=self.device)
             loss, correct = self._action_loss(distribution, part_actions, part_mask)
             total_loss = total_loss + loss.sum()
             total_correct += float(correct.sum())
+            if self.final_action_head is not None:
+                logits, target = self.final_action_head(latent), final_actions[:, cut].reshape(-1)
+                final_loss = final_loss + (F.cross_entropy(logits, target, reduction="none") * part_mask).sum()
+                final_correct += float(((logits.argmax(-1) == target).float() * part_mask).sum())
         n_real = float(mask.sum())
-        return total_loss / n_real, total_correct / n_real
+        metrics = {"accuracy": total_correct / n_real}
+        if self.final_action_head is None:
+            return total_loss / n_real, metrics
+        metrics.update(final_action_loss=final_loss.item() / n_real, final_action_accuracy=final_correct / n_real)
+        return (total_loss + self.final_action_coef * final_loss) / n_real, metrics
 
     def _non_finite(self, what: str) -> NonFiniteLossError:
         return NonFiniteLossError(
@@ -352,16 +383,17 @@ class RecurrentBC(BaseAlgorithm):
         self._update_learning_rate(self.policy.optimizer)
         window = self.sections * self.context_length
         windows = self.dataset.sample_windows(self._rng, self.batch_size, window, self.context_length)
-        loss, accuracy = self._window_loss(windows)
+        loss, metrics = self._window_loss(windows)
         if not th.isfinite(loss):
             # Before backward and step: the parameters and Adam's moments stay as they were.
             raise self._non_finite(f"the loss is {loss.item()}")
         self.policy.optimizer.zero_grad()
         loss.backward()
-        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        self.policy.optimizer.step()
+        optimizer = self.policy.optimizer  # the policy's parameters, and the final-action head's if any
+        th.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], self.max_grad_norm)
+        optimizer.step()
         self._n_updates += 1
-        return {"loss": loss.item(), "accuracy": accuracy}
+        return {"loss": loss.item(), **metrics}
 
     def learn(
         self: SelfRecurrentBC,

@@ -50,9 +50,15 @@ def test_tmaze_dataset_follows_the_reference_protocol(tmaze_dataset):
 
 
 def test_windows_start_at_segment_boundaries_as_early_as_possible():
-    episodes = [Episode(np.arange(n, dtype=np.float32)[:, None], np.zeros(n, dtype=np.int64)) for n in (3, 12, 40)]
+    # actions: the episode's length at its last step, zeros before
+    episodes = [Episode(np.arange(n, dtype=np.float32)[:, None], (np.arange(n) == n - 1) * n) for n in (3, 12, 40)]
     dataset = EpisodeDataset(episodes)
-    obs, actions, mask, prefixes, prefix_segments = dataset.sample_windows(np.random.default_rng(0), 300, 12, 4)
+    obs, actions, mask, prefixes, prefix_segments, final = dataset.sample_windows(np.random.default_rng(0), 300, 12, 4)
+    # whatever part of the episode a window covers, it comes with the action its episode ends with
+    last = actions[np.arange(300), mask.sum(axis=1).astype(int) - 1]
+    reaches_end = last > 0
+    np.testing.assert_array_equal(final[reaches_end], last[reaches_end])
+    assert (~reaches_end).any() and (final[~reaches_end] == 40).all() and set(final) == {3, 12, 40}
     # each window comes with its episode's steps before it (for the burn-in), left-aligned
     np.testing.assert_array_equal(prefix_segments * 4, obs[:, 0, 0])
     for row, start in zip(prefixes, obs[:, 0, 0].astype(int)):
@@ -85,15 +91,16 @@ def test_dataset_errors_are_clear():
         RecurrentBC("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR).learn(1)
 
 
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
     (dict(sections=2.5), "sections must be a positive integer, got 2.5"),
     (dict(context_length=True), "context_length must be a positive integer, got True"),
+    (dict(final_action_coef=-1.0), "final_action_coef must be >= 0, got -1.0"),
 ])
 def test_bad_sizes_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RecurrentBC("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR, **kwargs)
+
 
 def test_minari_roundtrip_and_dataset_id(tmp_path):
     dataset = make_tmaze_dataset(20, seed=1)
@@ -113,11 +120,11 @@ def test_training_windows_compute_what_the_policy_computes_step_by_step(policy, 
     """The section-by-section training pass equals acting step by step with predict's state."""
     dataset = make_tmaze_dataset(30, max_corridor=20, seed=2)
     model = RecurrentBC(policy, _tmaze_env(), dataset, policy_kwargs=kwargs, sections=3, context_length=4, seed=0)
-    obs, _, mask, _, _ = dataset.sample_windows(np.random.default_rng(1), 5, 12, 4)
+    obs, _, mask, _, _, _ = dataset.sample_windows(np.random.default_rng(1), 5, 12, 4)
     with torch.no_grad():
         windows = model._window_distributions(obs)
         window_logits = torch.cat([d.distribution.logits.view(5, -1, d.distribution.logits.shape[-1]).clone()
-                                   for _, d in windows], dim=1)  # [B, 12, A]
+                                   for _, _, d in windows], dim=1)  # [B, 12, A]
     state = None
     for t in range(12):
         obs_t = torch.as_tensor(obs[:, t])
@@ -307,6 +314,37 @@ def test_save_load_keeps_the_optimizer_and_cross_loads_with_recurrent_ppo(tmp_pa
         load_algorithm("RecurrentPPO", tmp_path / "old")
 
 
+def test_final_action_head_trains_saves_and_stays_out_of_acting(tmp_path):
+    from sb3_elmur.envs import NoisyRecallEnv, make_recall_dataset
+
+    dataset = make_recall_dataset(40, length=(5, 20), wait=True, seed=0)
+    model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(wait=True), dataset, policy_kwargs=SMALL_ELMUR, batch_size=8,
+                        sections=5, final_action_coef=0.5, seed=0)
+    initial = [p.detach().clone() for p in model.final_action_head.parameters()]
+    model.learn(1)
+    metrics = model.train()
+    assert 0.0 <= metrics["final_action_accuracy"] <= 1.0 and metrics["final_action_loss"] > 0.0
+    # trained through the policy's optimizer
+    assert all(not torch.equal(p, q) for p, q in zip(model.final_action_head.parameters(), initial))
+    assert len(model.policy.optimizer.param_groups) == 2
+    model.save(tmp_path / "bc")
+    loaded = RecurrentBC.load(tmp_path / "bc", env=NoisyRecallEnv(wait=True))
+    for p, q in zip(model.final_action_head.parameters(), loaded.final_action_head.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    saved, restored = model.policy.optimizer.state_dict(), loaded.policy.optimizer.state_dict()
+    assert saved["state"].keys() == restored["state"].keys() and len(restored["param_groups"]) == 2
+    loaded.set_dataset(dataset)
+    loaded.learn(1)
+    # Acting needs no head: the policy alone goes to RecurrentPPO, and RecurrentPPO.load is told the way there.
+    obs = np.stack([dataset.episodes[0].observations[0]] * 2)
+    ppo = model.to_recurrent_ppo(NoisyRecallEnv(wait=True))
+    np.testing.assert_array_equal(ppo.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    with pytest.raises(ValueError, match=r"holds a RecurrentBC model, which RecurrentPPO.load cannot read .* to_recurrent_ppo"):
+        load_algorithm("RecurrentPPO", tmp_path / "bc")
+    with pytest.raises(ValueError, match="final_action_coef needs a Discrete action space"):
+        RecurrentBC("MlpLstmPolicy", "Pendulum-v1", final_action_coef=1.0)
+
+
 @pytest.mark.parametrize(
     "bias, error",
     [(3e38, "the loss is inf at gradient step 2"), (float("inf"), "the action distribution's parameters are NaN or inf at gradient step 2")],
@@ -364,7 +402,7 @@ def test_elmur_windows_in_one_call_equal_the_section_loop():
         with torch.no_grad():
             state = model._burn_in_state(windows.prefixes, windows.prefix_segments)
             parts = [d.distribution.logits.view(8, -1, 4).clone()
-                     for _, d in model._window_distributions(windows.observations, state)]
+                     for _, _, d in model._window_distributions(windows.observations, state)]
         assert len(parts) == (2 if detach else 1)
         results[detach] = (state, torch.cat(parts, dim=1))
     for whole, looped in zip(results[False][0], results[True][0]):

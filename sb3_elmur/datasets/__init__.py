@@ -57,6 +57,7 @@ class Windows(NamedTuple):
     mask: np.ndarray  # [B, window]: 1 on real steps
     prefixes: Observations  # [B, P, ...]: each episode's steps before its window, zero-padded at the end
     prefix_segments: np.ndarray  # [B]: segments in each prefix (windows start at segment boundaries)
+    final_actions: np.ndarray  # [B, ...]: the last action of each window's episode (RecurrentBC's final_action_coef)
 
 
 def map_observations(observations: Observations, fn: Any) -> Observations:
@@ -222,7 +223,8 @@ class EpisodeDataset:
             obs_batch.append(_pad(_take(ep.observations, slice(start, stop)), window))
             act_batch.append(_pad(ep.actions[start:stop], window))
             prefixes.append(_pad(_take(ep.observations, slice(0, start)), longest_prefix))
-        return Windows(_stack(obs_batch), np.stack(act_batch), mask, _stack(prefixes), starts // segment)
+        final_actions = np.stack([self.episodes[i].actions[-1] for i in episode_index])
+        return Windows(_stack(obs_batch), np.stack(act_batch), mask, _stack(prefixes), starts // segment, final_actions)
 
     def to_minari(self, dataset_id: str, env: Union[str, gym.Env], overwrite: bool = False, **metadata: Any) -> Any:
         """Write the episodes as a Minari dataset (needs ``minari[hdf5]``); the final observation of each
