@@ -47,6 +47,12 @@ CONFIGS: Dict[str, Any] = {
     # The paper's protocol with one slot: the second write evicts the first, so training needs the cue to survive it
     "ElmurPolicy-paper-protocol-1-slot": ("ElmurPolicy", {**ELMUR, "memory_size": 1}, dict(burn_in=True), SHORT),
     "MlpLstmPolicy-2-100": ("MlpLstmPolicy", dict(lstm_hidden_size=128), dict(burn_in=True), MIXED),
+    # An auxiliary loss that predicts the episode's last action (the answer) at every step: with a waiting expert,
+    # it supervises what memory must keep at every step, as the every-step expert does
+    "ElmurPolicy-final-action": ("ElmurPolicy", ELMUR, dict(burn_in=True, final_action_coef=1.0), LONG),
+    "MlpLstmPolicy-final-action": ("MlpLstmPolicy", dict(lstm_hidden_size=128), dict(burn_in=True, final_action_coef=1.0),
+                                   LONG),
+    "ElmurPolicy-paper-protocol-final-action": ("ElmurPolicy", ELMUR, dict(burn_in=True, final_action_coef=1.0), SHORT),
 }
 
 

@@ -106,3 +106,22 @@ def test_bc_elmur_trained_on_short_episodes_recalls_at_2000_steps():
     model.learn(150)
     assert evaluate_success(model, NoisyRecallVecEnv(60, length=40, seed=1), 40) >= 0.9
     assert evaluate_success(model, NoisyRecallVecEnv(60, length=2000, seed=2), 2000) >= 0.9
+
+
+def test_bc_elmur_with_final_action_loss_learns_the_waiting_form_and_recalls_at_2000_steps():
+    """The waiting expert supervises the cue once per episode, at the query: without help, BC learns nothing (0.36 at the
+    training length, benchmarks/results/recall_offline_wait.md). With the final-action loss, trained on 10-100-step
+    episodes (up to 9 writes into 2 slots), right at 2,000 steps (the long runs: recall_offline_wait_final_action.md)."""
+    import torch
+
+    from sb3_elmur import RecurrentBC
+    from sb3_elmur.evaluation import evaluate_success
+
+    torch.set_num_threads(1)
+    dataset = make_recall_dataset(500, length=(10, 100), wait=True, seed=0)
+    model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(wait=True), dataset, sections=10, context_length=10, batch_size=32,
+                        learning_rate=3e-3, final_action_coef=1.0, seed=0,
+                        policy_kwargs=dict(d_model=32, n_layers=1, memory_size=2, context_length=10))
+    model.learn(300)
+    assert evaluate_success(model, NoisyRecallVecEnv(60, length=100, wait=True, seed=1), 100) >= 0.9
+    assert evaluate_success(model, NoisyRecallVecEnv(60, length=2000, wait=True, seed=2), 2000) >= 0.9
