@@ -1,0 +1,118 @@
+"""Why ELMUR's eager rollout step is slower than the LSTM's on CPU: time and torch operator count of one acting step
+(backbone, heads, action sampling and log-prob, value), ElmurPPO's acting path against RecurrentPPO's LSTM policy, at
+their default configs and 8 envs, in one process.
+
+    python benchmarks/acting_ops.py --out benchmarks/results/acting_ops.md
+
+Operators: the aten calls made from Python (an op that calls others counts once), from ``torch.profiler``. At a
+few microseconds of dispatch each, on tensors of 8 x 64 values, their count rather than their arithmetic sets the
+step time of a small model.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.env_util import make_vec_env
+from torch.profiler import ProfilerActivity, profile
+
+import sb3_elmur  # noqa: F401
+from sb3_elmur import ElmurPPO
+from sb3_elmur.policies import ElmurActor
+from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+
+
+def elmur_step(n_envs: int, compile: bool) -> Callable[[], None]:
+    env = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+    policy = ElmurPPO("ElmurPolicy", env, seed=0).policy
+    actor = ElmurActor(policy, n_envs, compile=compile)
+    obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs, dtype=torch.bool)
+
+    def step() -> None:
+        with torch.no_grad():
+            latent_pi, latent_vf = actor.step(obs, starts)
+            distribution = policy._get_action_dist_from_latent(latent_pi)
+            actions = distribution.get_actions()
+            distribution.log_prob(actions), policy.value_net(latent_vf)
+
+    return step
+
+
+def lstm_step(n_envs: int) -> Callable[[], None]:
+    env = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+    model = RecurrentPPO("MlpLstmPolicy", env, seed=0)
+    model._setup_learn(1, None)
+    obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs)
+    state = model._last_lstm_states
+
+    def step() -> None:
+        nonlocal state
+        with torch.no_grad():
+            _, _, _, state = model.policy.forward(obs, state, starts)  # actions, values and log-probs included
+
+    return step
+
+
+def measure(step: Callable[[], None], steps: int, rounds: int) -> Dict[str, float]:
+    for _ in range(100):  # warm-up (and compilation)
+        step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            step()
+    top_level = [e for e in prof.events() if e.name.startswith("aten::")
+                 and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return {"ms_per_step": statistics.median(times), "aten_ops_per_step": len(top_level) / 20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python benchmarks/acting_ops.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=300, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/acting_ops.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    args = parser.parse_args()
+    out = new_report_path(parser, args.out, args.overwrite)
+    torch.set_num_threads(1)
+    cases = {
+        "ElmurPPO acting step (ElmurActor), ElmurPolicy defaults": lambda: elmur_step(args.n_envs, compile=False),
+        "ElmurPPO acting step, compiled (compile_acting=True)": lambda: elmur_step(args.n_envs, compile=True),
+        "RecurrentPPO + MlpLstmPolicy step (sb3-contrib defaults)": lambda: lstm_step(args.n_envs),
+    }
+    results = {name: measure(make(), args.steps, args.rounds) for name, make in cases.items()}
+    lstm = results["RecurrentPPO + MlpLstmPolicy step (sb3-contrib defaults)"]["ms_per_step"]
+    lines = [
+        "# Acting step: time and operator count, ELMUR against the LSTM",
+        "",
+        f"Command: `python benchmarks/acting_ops.py {' '.join(sys.argv[1:])}` ({platform.machine()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, one thread). {args.n_envs} envs; ms per step: median "
+        f"of {args.rounds} rounds of {args.steps} steps; aten ops: calls from Python per step (compiled: the kernels "
+        "the graph runs are not aten calls, so its count is not comparable).",
+        "",
+        "| case | ms per step | x LSTM time | aten ops per step |",
+        "|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        lines.append(f"| {name} | {result['ms_per_step']:.3f} | {result['ms_per_step'] / lstm:.2f} | "
+                     f"{result['aten_ops_per_step']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    write_json_atomically(out.with_suffix(".json"), results)
+    write_text_atomically(out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
