@@ -10,12 +10,10 @@ step time of a small model.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict
 
 import torch
