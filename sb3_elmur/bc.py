@@ -171,7 +171,7 @@ class RecurrentBC(BaseAlgorithm):
         self.policy = self.policy.to(self.device)
         # Trained with the policy (one optimizer, so one learning rate schedule and one saved state), never acts.
         self.final_action_head: Optional[nn.Linear] = None
-        if getattr(self, "final_action_coef", 0.0) > 0.0:
+        if self.final_action_coef > 0.0:
             latent_dim = self.policy.mlp_extractor.latent_dim_pi
             self.final_action_head = nn.Linear(latent_dim, int(self.action_space.n)).to(self.device)
             self.policy.optimizer.add_param_group({"params": list(self.final_action_head.parameters())})
@@ -347,7 +347,8 @@ class RecurrentBC(BaseAlgorithm):
         final-action loss and accuracy with ``final_action_coef``)."""
         actions, mask = windows.actions, windows.mask
         state = self._burn_in_state(windows.prefixes, windows.prefix_segments)
-        final_actions = th.as_tensor(windows.final_actions, device=self.device).long().view(-1, 1).expand(mask.shape)
+        if self.final_action_head is not None:  # Discrete actions: one per window
+            final_actions = th.as_tensor(windows.final_actions, device=self.device).long().view(-1, 1).expand(mask.shape)
         total_loss, final_loss = th.zeros((), device=self.device), th.zeros((), device=self.device)
         total_correct = final_correct = 0.0
         for cut, latent, distribution in self._window_distributions(windows.observations, state):
