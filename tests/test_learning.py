@@ -1,5 +1,6 @@
-"""Learning on the passive T-Maze with a 10-step corridor: the decision at the junction (step 10) is the first
-step of the second segment, so it can only be right if the cue (step 0) came through ELMUR's memory."""
+"""Long learning runs. Online: the passive T-Maze with a 10-step corridor, where the decision at the junction (step
+10) is the first step of the second segment, so it can only be right if the cue (step 0) came through ELMUR's memory.
+Offline: noisy recall far past the training length."""
 
 import pytest
 import torch
@@ -69,3 +70,20 @@ def test_elmur_ppo_learns_memory_across_rollouts():
         model.learn(8192, reset_num_timesteps=False)
         success = evaluate_tmaze(model, 24, n_episodes=100)
     assert success >= 0.95, f"ElmurPPO reached only {success:.2f} after {model.num_timesteps} steps"
+
+
+def test_bc_final_action_loss_teaches_the_waiting_form_to_hold_past_the_training_length():
+    """Offline, noisy recall with a waiting expert (the cue supervised at the query only): the benchmark's config
+    (benchmarks/recall_offline.py, ElmurPolicy-final-action, seed 0): trained on 30-100-step episodes, right at
+    10,000 steps (100x the longest)."""
+    from sb3_elmur import RecurrentBC
+    from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
+    from sb3_elmur.evaluation import evaluate_success
+
+    dataset = make_recall_dataset(2000, length=(30, 100), wait=True, seed=0)
+    model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(wait=True), dataset, learning_rate=1e-3, batch_size=64,
+                        sections=10, context_length=10, final_action_coef=1.0, seed=0,
+                        policy_kwargs=dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10))
+    model.learn(1000)
+    success = evaluate_success(model, NoisyRecallVecEnv(100, length=10_000, wait=True, seed=1000), 10_000)
+    assert success >= 0.95, f"success {success:.2f} at 10,000 steps"
