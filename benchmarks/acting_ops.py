@@ -58,21 +58,27 @@ def lstm_step(n_envs: int) -> Callable[[], None]:
     return step
 
 
-def measure(step: Callable[[], None], steps: int, rounds: int) -> Dict[str, float]:
-    for _ in range(100):  # warm-up (and compilation)
-        step()
-    times = []
+def measure(steps: Dict[str, Callable[[], None]], n_steps: int, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Rounds alternate between the cases, so that load from other jobs weighs on all of them alike."""
+    for step in steps.values():
+        for _ in range(100):  # warm-up (and compilation)
+            step()
+    times: Dict[str, list] = {name: [] for name in steps}
     for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - start) / steps * 1e3)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
-            step()
-    top_level = [e for e in prof.events() if e.name.startswith("aten::")
-                 and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    return {"ms_per_step": statistics.median(times), "aten_ops_per_step": len(top_level) / 20}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(n_steps):
+                step()
+            times[name].append((time.perf_counter() - start) / n_steps * 1e3)
+    results = {}
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                step()
+        top_level = [e for e in prof.events() if e.name.startswith("aten::")
+                     and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+        results[name] = {"ms_per_step": statistics.median(times[name]), "aten_ops_per_step": len(top_level) / 20}
+    return results
 
 
 def main() -> None:
@@ -90,15 +96,15 @@ def main() -> None:
         "ElmurPPO acting step, compiled (compile_acting=True)": lambda: elmur_step(args.n_envs, compile=True),
         "RecurrentPPO + MlpLstmPolicy step (sb3-contrib defaults)": lambda: lstm_step(args.n_envs),
     }
-    results = {name: measure(make(), args.steps, args.rounds) for name, make in cases.items()}
+    results = measure({name: make() for name, make in cases.items()}, args.steps, args.rounds)
     lstm = results["RecurrentPPO + MlpLstmPolicy step (sb3-contrib defaults)"]["ms_per_step"]
     lines = [
         "# Acting step: time and operator count, ELMUR against the LSTM",
         "",
         f"Command: `python benchmarks/acting_ops.py {' '.join(sys.argv[1:])}` ({platform.machine()}, Python "
         f"{platform.python_version()}, torch {torch.__version__}, one thread). {args.n_envs} envs; ms per step: median "
-        f"of {args.rounds} rounds of {args.steps} steps; aten ops: calls from Python per step (compiled: the kernels "
-        "the graph runs are not aten calls, so its count is not comparable).",
+        f"of {args.rounds} alternating rounds of {args.steps} steps; aten ops: calls from Python per step (compiled: "
+        "the kernels the graph runs are not aten calls, so its count is not comparable).",
         "",
         "| case | ms per step | x LSTM time | aten ops per step |",
         "|---|---|---|---|",
