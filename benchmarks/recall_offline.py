@@ -25,7 +25,13 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
 from sb3_elmur.evaluation import evaluate_success
-from sb3_elmur.utils import refuse_record_problems, success_table_rows, train_and_evaluate_once, write_text_atomically
+from sb3_elmur.utils import (
+    plot_success_by_length,
+    refuse_record_problems,
+    success_table_rows,
+    train_and_evaluate_once,
+    write_text_atomically,
+)
 
 ELMUR = dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
 # Windows of 10 segments of 10 steps: a whole episode of up to 100 steps, more segments than slots
@@ -119,7 +125,10 @@ def main() -> None:
     for config, seed, record, cells in rows:
         lines.append(f"| {config} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
                      + " | ".join(cells) + " |")
+    lines += ["", f"Plot: `{out.name}.png` (success against the evaluation length, mean and seeds)."]
     text = "\n".join(lines) + "\n"
+    plot_success_by_length(out, out.parent / f"{out.name}.png",
+                           f"Noisy recall{' (waiting expert)' if args.wait else ''}: success far past the training length")
     write_text_atomically(out.parent / f"{out.name}.md", text)
     print(text)
 

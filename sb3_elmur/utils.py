@@ -201,6 +201,34 @@ def success_table_rows(out: Path) -> Tuple[List[int], List[Tuple[str, str, Dict[
     return points, rows
 
 
+def plot_success_by_length(out: Path, path: Path, title: str) -> None:
+    """Plot the records of :func:`train_and_evaluate_once` in ``out``: success against the evaluation length (log
+    scale), one line per configuration (the mean over its seeds, at the lengths all of them reached) over each
+    seed's own points; written atomically to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, rows = success_table_rows(out)
+    runs: Dict[str, List[Dict[int, float]]] = {}
+    for name, _, record, _ in rows:
+        runs.setdefault(name, []).append({p: record["evaluations"][str(p)]["success"]
+                                          for p in points if str(p) in record["evaluations"]})
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (name, seeds) in enumerate(sorted(runs.items())):
+        for seed in seeds:
+            ax.plot(list(seed), list(seed.values()), color=f"C{i}", alpha=0.3, marker=".", linewidth=1)
+        common = sorted(set.intersection(*(set(seed) for seed in seeds)))
+        mean = [sum(seed[p] for seed in seeds) / len(seeds) for p in common]
+        ax.plot(common, mean, color=f"C{i}", marker="o", linewidth=2, label=f"{name} (mean of {len(seeds)} seeds)")
+    ax.set(xscale="log", ylim=(0.0, 1.05), xlabel="episode length at evaluation (steps)", ylabel="success", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
 def new_report_path(parser: Any, out: Union[str, Path], overwrite: bool) -> Path:
     """The path of a benchmark's report, refused (``parser.error``: exit 2, before any work) if it exists and
     ``overwrite`` is not set, so that earlier results are never erased by accident."""
