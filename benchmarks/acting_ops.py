@@ -82,12 +82,13 @@ def measure(steps: Dict[str, Callable[[], None]], n_steps: int, rounds: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python benchmarks/acting_ops.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-envs", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=300, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/acting_ops.md")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser = argparse.ArgumentParser(prog="python benchmarks/acting_ops.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--n-envs", type=int, default=8, help="Envs acted for at once.")
+    parser.add_argument("--steps", type=int, default=300, help="Steps per timed round.")
+    parser.add_argument("--rounds", type=int, default=5, help="Timed rounds per case, alternating between the cases.")
+    parser.add_argument("--out", default="benchmarks/results/acting_ops.md", help="Report (Markdown; JSON beside it).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report.")
     args = parser.parse_args()
     out = new_report_path(parser, args.out, args.overwrite)
     torch.set_num_threads(1)
