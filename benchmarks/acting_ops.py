@@ -19,16 +19,21 @@ from typing import Callable, Dict
 import torch
 from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
 from torch.profiler import ProfilerActivity, profile
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
 from sb3_elmur.policies import ElmurActor
-from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.utils import new_report_path, positive_int_argument, write_json_atomically, write_text_atomically
+
+
+def tmaze_env(n_envs: int) -> VecEnv:
+    return make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
 
 
 def elmur_step(n_envs: int, compile: bool) -> Callable[[], None]:
-    env = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+    env = tmaze_env(n_envs)
     policy = ElmurPPO("ElmurPolicy", env, seed=0).policy
     actor = ElmurActor(policy, n_envs, compile=compile)
     obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs, dtype=torch.bool)
@@ -44,7 +49,7 @@ def elmur_step(n_envs: int, compile: bool) -> Callable[[], None]:
 
 
 def lstm_step(n_envs: int) -> Callable[[], None]:
-    env = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+    env = tmaze_env(n_envs)
     model = RecurrentPPO("MlpLstmPolicy", env, seed=0)
     model._setup_learn(1, None)
     obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs)
@@ -84,9 +89,10 @@ def measure(steps: Dict[str, Callable[[], None]], n_steps: int, rounds: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/acting_ops.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--n-envs", type=int, default=8, help="Envs acted for at once.")
-    parser.add_argument("--steps", type=int, default=300, help="Steps per timed round.")
-    parser.add_argument("--rounds", type=int, default=5, help="Timed rounds per case, alternating between the cases.")
+    parser.add_argument("--n-envs", type=positive_int_argument, default=8, help="Envs acted for at once.")
+    parser.add_argument("--steps", type=positive_int_argument, default=300, help="Steps per timed round.")
+    parser.add_argument("--rounds", type=positive_int_argument, default=5,
+                        help="Timed rounds per case, alternating between the cases.")
     parser.add_argument("--out", default="benchmarks/results/acting_ops.md", help="Report (Markdown; JSON beside it).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing report.")
     args = parser.parse_args()
