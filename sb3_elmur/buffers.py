@@ -287,16 +287,20 @@ class ElmurRolloutBuffer:
 
     def sequences(self) -> Dict[str, th.Tensor]:
         """The training sequences of the rollout: env, anchor step, first and end step of the losses (timeline
-        steps), one entry per env and chunk of ``sequence_length`` rollout steps."""
-        h, s = self.history_length, self.sequence_length
-        starts = th.arange(h, h + self.pos, s, device=self.device)
-        envs = th.arange(self.n_envs, device=self.device).repeat(len(starts))
-        first = starts.repeat_interleave(self.n_envs)
+        steps), one entry per env and chunk of the rollout (``ceil(n_steps / sequence_length)`` chunks per env,
+        as even as can be)."""
+        h = self.history_length
+        # The fewest sequences of at most ``sequence_length`` steps, of lengths that differ by one at most: a
+        # remainder never makes a sequence (and a minibatch) of a step or two, whose advantage std is undefined.
+        n_chunks = -(-self.pos // self.sequence_length)
+        bounds = h + th.arange(n_chunks + 1, device=self.device) * self.pos // n_chunks
+        envs = th.arange(self.n_envs, device=self.device).repeat(n_chunks)
+        first = bounds[:-1].repeat_interleave(self.n_envs)
         return {
             "env": envs,
             "anchor": self._anchor_times(first, envs),
             "first": first,
-            "end": (first + s).clamp(max=h + self.pos),
+            "end": bounds[1:].repeat_interleave(self.n_envs),
         }
 
     def get(self, batch_size: Optional[int] = None) -> Generator[ElmurRolloutBufferSamples, None, None]:

@@ -229,3 +229,12 @@ def test_compiled_acting_matches_training():
     model = _model(compile_acting=True, n_envs=2)
     assert model._actor.compiled is not None
     _assert_rollouts_match_training(model, rollouts=2)
+
+
+def test_a_rollout_remainder_makes_no_one_step_minibatch():
+    """n_steps=33 in sequences of 32: the rollout is cut into 17 + 16 steps per env, not 32 + 1 (a one-step
+    minibatch has no advantage std: its normalization gave NaN and the update stopped with NonFiniteError)."""
+    model = _model(n_envs=1, n_steps=33, sequence_length=32, batch_size=32, memory_horizon=0)
+    model.learn(2 * 33)
+    table = model.rollout_buffer.sequences()
+    assert sorted((table["end"] - table["first"]).tolist()) == [16, 17]
