@@ -37,16 +37,19 @@ class ElmurPPO(RecurrentPPO):
     writes up to that far back, in the previous rollout too, get gradients. A model saved by either algorithm
     loads into the other.
 
-    :param sequence_length: rollout steps per training sequence (at most ``n_steps``); a minibatch holds
-        ``batch_size // sequence_length`` sequences (at least one), cut where episodes start (memory restarts
-        there) and run segment-parallel side by side. Training costs about as many sequential segment passes per
-        minibatch as its longest row (burn-in included) has segments, which favours short sequences, but more rows
-        side by side cost more per segment: at the default config 16 against 32 ran 0.87x as fast in total on
-        T-Maze and 1.19-1.37x on two POPGym tasks (``benchmarks/results/elmur_ppo_speed_run5.md``, one round)
+    :param sequence_length: rollout steps per training sequence (at most ``n_steps``; default None: ``n_steps``,
+        one sequence per env and rollout, like the rows of RecurrentPPO's buffer). A rollout is cut into the fewest
+        sequences of at most this many steps, of even lengths; a minibatch holds ``batch_size // sequence_length``
+        of them (at least one), cut where episodes start (memory restarts there) and run segment-parallel side by
+        side. Training costs about as many sequential segment passes per minibatch as its longest row (burn-in
+        included) has segments
     :param memory_horizon: steps before each sequence recomputed with gradients but without loss, so that
-        memory writes up to that far back (in the previous rollout too) learn from the sequence's losses. Each
-        sequence then recomputes up to ``memory_horizon + context_length - 1`` steps before it, which costs
-        training time (``benchmarks/results/elmur_ppo_speed.md``)
+        memory writes up to that far back (in the previous rollout too) learn from the sequence's losses (default
+        None: ``n_steps``). A query's loss reaches the write of a cue ``D`` steps before it only when its row holds
+        both: at delay 60 on noisy recall, for 2% of the queries with sequences of 32 and a horizon of 16 (the
+        defaults before), 100% with the defaults (``benchmarks/results/credit_reach.md``; RecurrentPPO's
+        buffer: 27-42%). Each sequence recomputes up to ``memory_horizon + context_length - 1`` steps before it,
+        which costs training time
     :param compile_acting: act through ``torch.compile`` (see :class:`~sb3_elmur.policies.ElmurActor`: same
         actions, about 2x faster rollout steps on CPU after tens of seconds of compiling; needs a C++ compiler)
     (other parameters: see sb3-contrib's ``RecurrentPPO``; gSDE is not supported)
@@ -77,8 +80,8 @@ class ElmurPPO(RecurrentPPO):
         vf_coef: float = 0.5,
         max_grad_norm: float = 0.5,
         target_kl: Optional[float] = None,
-        sequence_length: int = 32,
-        memory_horizon: int = 16,
+        sequence_length: Optional[int] = None,
+        memory_horizon: Optional[int] = None,
         compile_acting: bool = False,
         stats_window_size: int = 100,
         tensorboard_log: Optional[str] = None,
@@ -116,6 +119,12 @@ class ElmurPPO(RecurrentPPO):
             raise ValueError("ElmurPPO needs shared_backbone=True (one ELMUR for actor and critic); use "
                              "RecurrentPPO for separate backbones")
         n_steps = check_int("n_steps", self.n_steps)
+        # Defaults: one sequence per env and rollout, and a horizon of one more rollout, so a query's loss reaches
+        # a write up to n_steps + its position in the rollout back (benchmarks/results/credit_reach.md).
+        if self.sequence_length is None:
+            self.sequence_length = n_steps
+        if self.memory_horizon is None:
+            self.memory_horizon = n_steps
         self.sequence_length = check_int("sequence_length", self.sequence_length)
         self.memory_horizon = check_int("memory_horizon", self.memory_horizon, minimum=0)
         self.rollout_buffer = ElmurRolloutBuffer(

@@ -238,3 +238,11 @@ def test_a_rollout_remainder_makes_no_one_step_minibatch():
     model.learn(2 * 33)
     table = model.rollout_buffer.sequences()
     assert sorted((table["end"] - table["first"]).tolist()) == [16, 17]
+
+
+def test_default_sequences_are_whole_rollouts_with_a_rollout_of_horizon():
+    """The defaults (sequence_length and memory_horizon None): one sequence per env and rollout and a horizon of
+    n_steps, which keep rollout == training (the configuration a user gets without setting them)."""
+    model = _model(sequence_length=None, memory_horizon=None, batch_size=30)
+    assert (model.sequence_length, model.memory_horizon) == (30, 30)
+    _assert_rollouts_match_training(model)

@@ -1,0 +1,282 @@
+"""Online memory benchmark: what PPO learns at each algorithm's defaults on tasks where memory decides success.
+
+Tasks (chance in brackets):
+
+- ``recall-D``: noisy recall online (``sb3_elmur.envs.recall``): one of 3 cues at the first step, 2 Gaussian noise
+  entries at every step, the query at step D +- 5, reward 1 only for naming the cue there (0.33);
+- ``tmaze-100``: the passive T-Maze at a fixed corridor of 100, ``n_steps=64`` (0.50);
+- ``RepeatFirstMedium``, ``CountRecallMedium``: POPGym (greedy mean episode return, not a success rate).
+
+Policies, each at its algorithm's defaults (only the env, 8 envs and the budget given; ``--ppo-kwargs`` and
+``--policy-kwargs`` add settings under a ``--label`` of their own, for diagnosis runs): ElmurPPO + ElmurPolicy,
+RecurrentPPO + ElmurPolicy, RecurrentPPO + MlpLstmPolicy. Runs alternate between policies (seed, task, policy order)
+so that policies sharing the cores share them alike. Every ``--eval-every`` env steps: greedy success over 200
+episodes of evaluation seeds the training never saw (T-Maze: 100; POPGym: mean return over 50 episodes).
+
+Every finished run is recorded at once in ``OUT.json`` (atomically, under a lock: runs in parallel processes
+share it), and ``OUT.md`` / ``OUT.png`` are redrawn from it; a re-run skips the runs already recorded, so an
+interrupted benchmark resumes where it stopped (a run cut off midway starts over). Example:
+
+    python benchmarks/online_memory.py --tasks recall-60 --seeds 0 1 2 --jobs 2
+"""
+
+import argparse
+import fcntl
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sb3_elmur.utils import positive_int_argument, write_json_atomically, write_text_atomically  # noqa: E402
+
+TASKS: Dict[str, Dict[str, Any]] = {
+    "recall-30": dict(kind="recall", delay=30, budget=150_000),
+    "recall-60": dict(kind="recall", delay=60, budget=150_000),
+    "recall-120": dict(kind="recall", delay=120, budget=300_000),
+    "recall-250": dict(kind="recall", delay=250, budget=500_000),
+    "tmaze-100": dict(kind="tmaze", corridor=100, budget=500_000, ppo=dict(n_steps=64)),
+    "RepeatFirstMedium": dict(kind="popgym", env_id="popgym-RepeatFirstMedium-v0", budget=300_000),
+    "CountRecallMedium": dict(kind="popgym", env_id="popgym-CountRecallMedium-v0", budget=300_000),
+}
+POLICIES = {
+    "ElmurPPO": ("ElmurPPO", "ElmurPolicy"),
+    "RecurrentPPO+ElmurPolicy": ("RecurrentPPO", "ElmurPolicy"),
+    "RecurrentPPO+MlpLstmPolicy": ("RecurrentPPO", "MlpLstmPolicy"),
+}
+LSTM = "RecurrentPPO+MlpLstmPolicy"
+TARGET = 0.9
+N_ENVS = 8
+EVAL_SEED = 10_000  # evaluation episodes come from seeds EVAL_SEED + seed, never used in training
+
+
+def make_env(task: Dict[str, Any], n_envs: int, seed: int):
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    if task["kind"] == "recall":
+        from sb3_elmur.envs.recall import NoisyRecallVecEnv
+
+        delay = task["delay"]
+        return VecMonitor(NoisyRecallVecEnv(n_envs, n_cues=3, length=(delay - 5, delay + 5), noise_dims=2, seed=seed))
+    if task["kind"] == "tmaze":
+        from sb3_elmur.envs import TMazeVecEnv
+
+        return VecMonitor(TMazeVecEnv(n_envs, corridor_length=task["corridor"], variant="passive", seed=seed))
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from sb3_elmur.wrappers import make_popgym_env
+
+    return make_vec_env(make_popgym_env, n_envs=n_envs, seed=seed, env_kwargs=dict(env_id=task["env_id"]))
+
+
+def evaluate(model: Any, task: Dict[str, Any], seed: int) -> float:
+    """Greedy success (recall, T-Maze) or mean episode return (POPGym) on evaluation seeds."""
+    from sb3_elmur.evaluation import evaluate_success, evaluate_tmaze
+
+    if task["kind"] == "recall":
+        return evaluate_success(model, make_env(task, 200, EVAL_SEED + seed).venv, task["delay"] + 10)
+    if task["kind"] == "tmaze":
+        return evaluate_tmaze(model, task["corridor"], n_episodes=100, seed=EVAL_SEED + seed)
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    env = make_env(task, 10, EVAL_SEED + seed)
+    mean, _ = evaluate_policy(model, env, n_eval_episodes=50, deterministic=True)
+    env.close()
+    return float(mean)
+
+
+def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Train and evaluate one (task, label, seed); returns its record."""
+    import torch as th
+
+    th.set_num_threads(1)
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from sb3_elmur import ElmurPPO
+
+    task = TASKS[job["task"]]
+    algo, policy = POLICIES[job["policy"]]
+    ppo = {**task.get("ppo", {}), **job["ppo_kwargs"]}
+    env = make_env(task, N_ENVS, job["seed"])
+    cls = ElmurPPO if algo == "ElmurPPO" else RecurrentPPO
+    model = cls(policy, env, seed=job["seed"], policy_kwargs=job["policy_kwargs"] or None, **ppo)
+    curve: List[List[float]] = []
+    clock = {"eval": 0.0}
+
+    class Evaluate(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.next = job["eval_every"]
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= self.next:
+                self.next += job["eval_every"]
+                began = time.perf_counter()
+                curve.append([self.num_timesteps, evaluate(model, task, job["seed"])])
+                clock["eval"] += time.perf_counter() - began
+                print(f"{job['task']} {job['label']} seed {job['seed']}: {self.num_timesteps} steps, "
+                      f"{curve[-1][1]:.3f}", flush=True)
+            return True
+
+    began = time.perf_counter()
+    model.learn(job["budget"], callback=Evaluate())
+    wall = time.perf_counter() - began
+    reached = [steps for steps, value in curve if value >= TARGET]
+    return {
+        "task": job["task"], "label": job["label"], "policy": job["policy"], "seed": job["seed"],
+        "ppo_kwargs": job["ppo_kwargs"], "policy_kwargs": job["policy_kwargs"], "budget": job["budget"],
+        "curve": curve, "final": curve[-1][1] if curve else None, "steps_to_target": reached[0] if reached else None,
+        "train_steps_per_s": model.num_timesteps / max(wall - clock["eval"], 1e-9), "wall_s": wall,
+    }
+
+
+def record(out: Path, result: Dict[str, Any], header: Dict[str, Any]) -> None:
+    """Add ``result`` to ``OUT.json`` under a lock and redraw the report."""
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(out)
+        data["runs"] = [r for r in data["runs"] if key(r) != key(result)] + [{**result, **header}]
+        write_json_atomically(out.with_suffix(".json"), data)
+        report(out, data)
+
+
+def load(out: Path) -> Dict[str, Any]:
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def key(run: Dict[str, Any]) -> tuple:
+    return run["task"], run["label"], run["seed"], run["budget"]
+
+
+def _stats(values: List[float]) -> str:
+    return f"{np.mean(values):.2f} +- {np.std(values):.2f}" if values else "-"
+
+
+def report(out: Path, data: Dict[str, Any]) -> None:
+    runs = data["runs"]
+    lines = ["# Online memory at the defaults (benchmarks/online_memory.py)", "",
+             f"Each row: {N_ENVS} envs, mean +- std over seeds. Success: greedy, on evaluation seeds the training never "
+             f"saw (POPGym: mean return). Steps to {TARGET}: the first evaluation at or above it (runs that reached it "
+             "/ runs). Env steps/s: training wall time without the evaluations, runs sharing 2 cores.", ""]
+    for task in TASKS:
+        task_runs = [r for r in runs if r["task"] == task]
+        if not task_runs:
+            continue
+        budgets = ", ".join(f"{b:,}" for b in sorted({r["budget"] for r in task_runs}))
+        lines += [f"## {task} (budget {budgets} env steps)", "",
+                  "| policy | seeds | final | best | steps to 0.9 | env steps/s | x LSTM |", "|---|---|---|---|---|---|---|"]
+        lstm_speed = [r["train_steps_per_s"] for r in task_runs if r["label"] == LSTM]
+        for label in dict.fromkeys(r["label"] for r in task_runs):
+            rs = sorted((r for r in task_runs if r["label"] == label), key=lambda r: r["seed"])
+            reached = [r["steps_to_target"] for r in rs if r["steps_to_target"] is not None]
+            speed = [r["train_steps_per_s"] for r in rs]
+            ratio = f"{np.mean(speed) / np.mean(lstm_speed):.2f}" if lstm_speed else "-"
+            best = [max(v for _, v in r["curve"]) for r in rs if r["curve"]]
+            lines.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {_stats([r['final'] for r in rs])} | "
+                         f"{_stats(best)} | {(f'{np.mean(reached):,.0f}' if reached else 'never')} "
+                         f"({len(reached)}/{len(rs)}) | {np.mean(speed):,.0f} | {ratio} |")
+        lines.append("")
+    lines += ["Runs by label: settings beyond the defaults, then each command with the code's commit and the date.", ""]
+    for label in dict.fromkeys(r["label"] for r in runs):
+        rs = [r for r in runs if r["label"] == label]
+        lines.append(f"- {label}: ppo {rs[0]['ppo_kwargs'] or '{}'}, policy {rs[0]['policy_kwargs'] or '{}'}")
+        for command, commit, day in dict.fromkeys((r["command"], r["commit"], r["date"]) for r in rs):
+            lines.append(f"  - `{command}` ({commit}, {day})")
+    write_text_atomically(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    plot(out, runs)
+
+
+def plot(out: Path, runs: List[Dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for label in dict.fromkeys(r["label"] for r in runs if r["task"] == task):
+            curves = [r["curve"] for r in runs if r["task"] == task and r["label"] == label and r["curve"]]
+            n = min(len(c) for c in curves)
+            steps = np.array([s for s, _ in curves[0][:n]])
+            values = np.array([[v for _, v in c[:n]] for c in curves])
+            ax.plot(steps, values.mean(0), label=f"{label} ({len(curves)})")
+            ax.fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
+        ax.set_title(task)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("greedy success" if TASKS[task]["kind"] != "popgym" else "mean return")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=90)
+    os.replace(path.with_suffix(".tmp.png"), path)
+    plt.close(fig)
+
+
+def _run_and_record(args: tuple) -> Optional[str]:
+    job, out, header = args
+    try:
+        record(out, run_one(job), header)
+    except Exception as error:  # one failed run must not stop the others; it is reported and not recorded
+        return f"{key(job)}: {type(error).__name__}: {error}"
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
+                        help="tasks to run (default: all)")
+    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
+                        help="algorithm + policy pairs (default: all three)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    parser.add_argument("--label", default=None, help="name of these runs in the report (default: the policy's "
+                        "name; required with --ppo-kwargs or --policy-kwargs, which must go under a label of their own)")
+    parser.add_argument("--ppo-kwargs", type=json.loads, default={}, help="JSON of algorithm settings (default: none)")
+    parser.add_argument("--policy-kwargs", type=json.loads, default={}, help="JSON of policy settings (default: none)")
+    parser.add_argument("--eval-every", type=positive_int_argument, default=25_000,
+                        help="env steps between evaluations (default: 25000)")
+    parser.add_argument("--budget", type=positive_int_argument, default=None,
+                        help="env steps per run, for every task (default: each task's own budget)")
+    parser.add_argument("--jobs", type=positive_int_argument, default=2, help="runs in parallel (default: 2)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "online_memory",
+                        help="results, without suffix (default: benchmarks/results/online_memory)")
+    args = parser.parse_args(argv)
+    if (args.ppo_kwargs or args.policy_kwargs) and not args.label:
+        parser.error("--ppo-kwargs and --policy-kwargs need a --label (runs at the defaults keep the policy's name)")
+    if args.label and len(args.policies) != 1:
+        parser.error("--label names the runs of one policy: give one --policies")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = {key(r) for r in load(args.out)["runs"]}
+    jobs = [dict(task=task, policy=policy, label=args.label or policy, seed=seed, ppo_kwargs=args.ppo_kwargs,
+                 policy_kwargs=args.policy_kwargs, eval_every=args.eval_every,
+                 budget=args.budget or TASKS[task]["budget"])
+            for seed in args.seeds for task in args.tasks for policy in args.policies]
+    todo = [job for job in jobs if key(job) not in done]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already recorded in {args.out.with_suffix('.json')}; "
+          f"running {len(todo)}, {args.jobs} at a time", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    header = {"commit": commit, "date": date.today().isoformat(),
+              "command": "python benchmarks/online_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        failures = [f for f in pool.imap_unordered(_run_and_record, [(j, args.out, header) for j in todo]) if f]
+    for failure in failures:
+        print("failed (not recorded):", failure, file=sys.stderr)
+    print(f"report: {args.out.with_suffix('.md')}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
