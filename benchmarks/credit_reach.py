@@ -4,8 +4,8 @@ On noisy recall (``sb3_elmur.envs.recall``: the cue at an episode's first step, 
 memory write learns to keep the cue only from a training row that holds both the cue and the query: the query's
 loss then reaches the write through the memory. This script fills real rollout buffers (an untrained policy
 acting; the rows depend only on where episodes and rollouts start, not on the actions) and counts, over every
-minibatch of one epoch of rollouts 5-16, the query steps that count in the losses and the share of them whose row also holds their
-episode's cue step. Nothing is trained: the figure is a property of the buffer's sequence layout.
+minibatch of one epoch of rollouts 5-16, the query steps that count in the losses and the share of them whose row
+also holds their episode's cue step. Nothing is trained: the figure is a property of the buffer's sequence layout.
 
 - RecurrentPPO (sb3-contrib's buffer): rows are runs of one env inside a minibatch of ``batch_size`` consecutive
   steps of the flattened rollout (split at a random index), cut at episode starts; a row's state comes from the
