@@ -265,6 +265,7 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         loss trains the backbone (sb3-contrib's ``shared_lstm``). Default False: the value loss trains it too,
         which on POPGym and T-Maze learned much faster (the policy gradient alone shapes memory slowly).
     :param elmur_kwargs: Fields of :class:`~sb3_elmur.model.ElmurConfig`
+    :raises InsufficientMemoryError: the config's sizes ask for more memory than the machine has (named)
     """
 
     def __init__(
@@ -298,6 +299,9 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         if unknown:
             raise ValueError(f"unknown ElmurPolicy keyword argument(s) {sorted(unknown)}")
         self.elmur_config = ElmurConfig(**elmur_kwargs)
+        # Before anything is allocated: the backbone(s) with gradients and Adam's two moments (4 copies of the
+        # weights), and the few recurrent states that acting holds (fresh, packed, unpacked).
+        self.elmur_config.check_memory(n_states=3, copies=4 if shared_backbone else 8, what="ElmurPolicy")
         if optimizer_kwargs is None and optimizer_class in (th.optim.Adam, th.optim.AdamW):
             # ELMUR has many small parameter tensors: on CPU, torch's default per-tensor loop made the Adam step
             # a sixth of PPO's training time; the multi-tensor form cuts that to a few percent (as on GPU).

@@ -56,3 +56,47 @@ def test_non_finite_observations_are_named_in_predict():
     )
     with pytest.raises(NonFiniteError, match=r"observation\['a'\] holds 1 NaN or inf value\(s\), the first -?inf"):
         dict_policy.predict({"a": np.array([0.0, -np.inf], dtype=np.float32), "b": 1})
+
+
+@pytest.fixture
+def eight_gb(monkeypatch):
+    """The machine has 8 GB available, whatever this one has: the refusals below do not depend on it."""
+    monkeypatch.setattr(sb3_elmur.model, "available_memory_bytes", lambda device=None: 8 * 10**9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (dict(memory_size=10**8), r"mostly memory_size=100000000: the initial memory"),
+        (dict(d_model=2**20), r"mostly d_model=1048576: 2 layers of about 32 x d_model\*\*2 weights"),
+        (dict(context_length=10**7), r"mostly context_length=10000000: per layer, context_length\*\*2"),
+        (dict(distance_bias="clamped", max_distance=10**10), r"mostly max_distance=10000000000"),
+    ],
+)
+def test_huge_sizes_are_refused_before_allocating(eight_gb, kwargs, named):
+    config = sb3_elmur.ElmurConfig(**kwargs)  # a config alone allocates nothing
+    with pytest.raises(sb3_elmur.InsufficientMemoryError, match=rf"ElmurModel with .*\({named}.*\) needs about "
+                                                               r"[\d.]+ [TGP]B, more than the 8.0 GB of RAM available"):
+        sb3_elmur.ElmurModel(4, config)
+    argument = named.split()[1].split("=")[0]
+    with pytest.raises(ValueError, match=rf"ElmurPolicy with .*\(mostly {argument}=.*reduce {argument}"):  # both
+        ElmurPolicy(spaces.Box(-1.0, 1.0, (3,), dtype=np.float32), spaces.Discrete(3), lambda _: 3e-4, **kwargs)
+
+
+def test_policy_counts_its_recurrent_states(eight_gb):
+    # 4.1 GB of model (initial memory and its temporary), three states of 2.1 GB: more than 8 GB.
+    with pytest.raises(sb3_elmur.InsufficientMemoryError, match=r"memory_size=4000000 and context_length=10: 3 "
+                                                               r"recurrent state\(s\) of 2.1 GB each"):
+        ElmurPolicy(spaces.Box(-1.0, 1.0, (3,), dtype=np.float32), spaces.Discrete(3), lambda _: 3e-4,
+                    memory_size=4_000_000)
+
+
+def test_huge_memory_horizon_is_refused_before_allocating(eight_gb):
+    env = RandomLengthEnv(spaces.Discrete(2))
+    with pytest.raises(ValueError, match=r"memory_horizon must be a non-negative integer, got 2000000.0"):
+        ElmurPPO("ElmurPolicy", env, memory_horizon=2e6, policy_kwargs=SMALL)
+    with pytest.raises(sb3_elmur.InsufficientMemoryError, match=r"ElmurPPO with memory_horizon=2000000, n_steps=128, "
+                                                               r"n_envs=1 .*training activations of 4 row\(s\) of up to "
+                                                               r"2000035 steps.*reduce memory_horizon"):
+        ElmurPPO("ElmurPolicy", env, memory_horizon=2 * 10**6, policy_kwargs=SMALL)
+    ElmurPPO("ElmurPolicy", env, memory_horizon=1000, policy_kwargs=SMALL)  # a sensible one still fits
