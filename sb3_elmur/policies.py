@@ -16,6 +16,7 @@ from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.policies import ActorCriticPolicy, BaseModel
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
 from stable_baselines3.common.torch_layers import (
     BaseFeaturesExtractor,
     CombinedExtractor,
@@ -89,6 +90,69 @@ def fresh_recurrent_state(policy: RecurrentActorCriticPolicy, n: int, device: th
     episode for ELMUR and the LSTM alike, so no reset flags are needed."""
     shape = (policy.lstm_hidden_state_shape[0], n, policy.lstm_hidden_state_shape[2])
     return th.zeros(shape, device=device), th.zeros(shape, device=device)
+
+
+# Smallest image side NatureCNN takes: its 8/4, 4/2 and 3/1 convolutions leave at least one pixel from 36.
+NATURE_CNN_MIN_SIZE = 36
+
+
+def check_net_arch(net_arch: Any) -> None:
+    """Check ``net_arch`` (the actor and critic heads on top of the ELMUR output) before SB3 builds them: a wrong
+    type otherwise fails in torch (``empty(): argument 'size' ... found element of type str``).
+
+    :param net_arch: None, a list of layer widths (both heads), or a dict with lists ``pi`` and ``vf``
+    :raises ValueError: anything else
+    """
+    expected = "None, a list of positive layer widths such as [64, 64], or dict(pi=[64, 64], vf=[64, 64])"
+
+    def widths_ok(widths: Any) -> bool:
+        return isinstance(widths, (list, tuple)) and all(
+            isinstance(width, (int, np.integer)) and not isinstance(width, bool) and width > 0 for width in widths
+        )
+
+    if net_arch is None or widths_ok(net_arch):
+        return
+    if isinstance(net_arch, dict) and set(net_arch) <= {"pi", "vf"} and all(map(widths_ok, net_arch.values())):
+        return
+    raise ValueError(f"ElmurPolicy net_arch must be {expected}, got {net_arch!r}")
+
+
+def check_image_sizes(
+    observation_space: spaces.Space,
+    features_extractor_class: Type[BaseFeaturesExtractor],
+    features_extractor_kwargs: Optional[Dict[str, Any]],
+) -> None:
+    """Check that every image NatureCNN would read is large enough, before it is built: a smaller one otherwise
+    fails at its first forward pass, in torch ("Kernel size can't be greater than actual input size").
+
+    :param observation_space: the policy's observation space
+    :param features_extractor_class: the features extractor (only NatureCNN and CombinedExtractor are checked)
+    :param features_extractor_kwargs: its keyword arguments
+    :raises ValueError: an image smaller than ``NATURE_CNN_MIN_SIZE`` on a side, named
+    """
+    kwargs = features_extractor_kwargs or {}
+    normalized = bool(kwargs.get("normalized_image", False))
+    if issubclass(features_extractor_class, NatureCNN):
+        images = {None: observation_space}
+    elif issubclass(features_extractor_class, CombinedExtractor) and isinstance(observation_space, spaces.Dict):
+        images = {key: space for key, space in observation_space.spaces.items()
+                  if is_image_space(space, normalized_image=normalized)}
+    else:
+        return
+    for key, space in images.items():
+        if not isinstance(space, spaces.Box) or len(space.shape) != 3:
+            continue  # NatureCNN names what it refuses itself
+        # SB3's algorithms transpose channel-last images to channel-first before the policy sees them.
+        height, width = space.shape[1:] if is_image_space_channels_first(space) else space.shape[:2]
+        if min(height, width) < NATURE_CNN_MIN_SIZE:
+            name = "observation" if key is None else f"observation[{key!r}]"
+            raise ValueError(
+                f"{name} is an image of {height}x{width} pixels (shape {space.shape}), smaller than NatureCNN, the "
+                f"default features extractor of {features_extractor_class.__name__}, takes: at least "
+                f"{NATURE_CNN_MIN_SIZE}x{NATURE_CNN_MIN_SIZE}. Resize the images (e.g. "
+                "gymnasium.wrappers.ResizeObservation), or pass policy_kwargs=dict(features_extractor_class=...) "
+                "with an extractor for small images"
+            )
 
 
 class ElmurBackbone(nn.Module):
@@ -295,6 +359,8 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
             raise ValueError("ElmurPolicy does not support gSDE (use_sde=True): use the default Gaussian noise")
         if shared_backbone and not share_features_extractor:
             raise ValueError("shared_backbone=True needs share_features_extractor=True")
+        check_net_arch(net_arch)
+        check_image_sizes(observation_space, features_extractor_class, features_extractor_kwargs)
         unknown = set(elmur_kwargs) - set(ElmurConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown ElmurPolicy keyword argument(s) {sorted(unknown)}")

@@ -103,6 +103,22 @@ class ElmurPPO(RecurrentPPO):
         if _init_setup_model:
             self._setup_model()
 
+    def _get_policy_from_name(self, policy_name: str) -> Type[BasePolicy]:
+        """The ELMUR policy of this name; any other name is refused, naming the algorithm that takes it.
+
+        :param policy_name: "ElmurPolicy", "CnnElmurPolicy" or "MultiInputElmurPolicy"
+        :raises ValueError: another name (SB3 says only "Policy X unknown")
+        """
+        if policy_name in self.policy_aliases:
+            return self.policy_aliases[policy_name]
+        if policy_name in RecurrentPPO.policy_aliases:
+            advice = f"{policy_name!r} is a policy of sb3-contrib's RecurrentPPO: use RecurrentPPO({policy_name!r}, env)"
+        else:
+            advice = "or an ElmurPolicy subclass"
+        raise ValueError(
+            f"ElmurPPO trains ELMUR policies, one of {sorted(self.policy_aliases)}, got policy={policy_name!r}: {advice}"
+        )
+
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)

@@ -100,3 +100,36 @@ def test_huge_memory_horizon_is_refused_before_allocating(eight_gb):
                                                                r"2000035 steps.*reduce memory_horizon"):
         ElmurPPO("ElmurPolicy", env, memory_horizon=2 * 10**6, policy_kwargs=SMALL)
     ElmurPPO("ElmurPolicy", env, memory_horizon=1000, policy_kwargs=SMALL)  # a sensible one still fits
+
+
+def test_elmur_ppo_names_the_algorithm_of_other_policies():
+    env = RandomLengthEnv(spaces.Discrete(2))
+    with pytest.raises(ValueError, match=r"got policy='MlpLstmPolicy': 'MlpLstmPolicy' is a policy of sb3-contrib's "
+                                         r"RecurrentPPO: use RecurrentPPO\('MlpLstmPolicy', env\)"):
+        ElmurPPO("MlpLstmPolicy", env)
+    with pytest.raises(ValueError, match=r"one of \['CnnElmurPolicy', 'ElmurPolicy', 'MultiInputElmurPolicy'\], "
+                                         r"got policy='Big'"):
+        ElmurPPO("Big", env)
+
+
+@pytest.mark.parametrize("net_arch", ["big", [64, "64"], [0], dict(pi=[64], qf=[64]), dict(pi="big")])
+def test_bad_net_arch_is_named(net_arch):
+    env = RandomLengthEnv(spaces.Discrete(2))
+    for algorithm in (RecurrentPPO, ElmurPPO):
+        with pytest.raises(ValueError, match=r"net_arch must be None, a list of positive layer widths .*, got "):
+            algorithm("ElmurPolicy", env, policy_kwargs=dict(net_arch=net_arch, **SMALL))
+    ElmurPPO("ElmurPolicy", env, policy_kwargs=dict(net_arch=dict(pi=[8], vf=[]), **SMALL))  # good ones still work
+
+
+def test_images_smaller_than_nature_cnn_takes_are_named():
+    small = spaces.Box(0, 255, (32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"observation is an image of 32x32 pixels .* at least 36x36. Resize"):
+        ElmurPPO("CnnElmurPolicy", RandomLengthEnv(spaces.Discrete(2), small), policy_kwargs=SMALL)
+    dict_space = spaces.Dict({"camera": small, "state": spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)})
+    with pytest.raises(ValueError, match=r"observation\['camera'\] is an image of 32x32 pixels"):
+        RecurrentPPO("MultiInputElmurPolicy", RandomLengthEnv(spaces.Discrete(2), dict_space), policy_kwargs=SMALL)
+    # 36 x 36 is the smallest that works, channel-first or channel-last.
+    for shape in ((36, 36, 1), (1, 36, 40)):
+        model = ElmurPPO("CnnElmurPolicy", RandomLengthEnv(spaces.Discrete(2), spaces.Box(0, 255, shape, np.uint8)),
+                         n_steps=8, batch_size=8, n_epochs=1, policy_kwargs=SMALL)
+        model.learn(8)
