@@ -9,6 +9,7 @@ from sb3_contrib import RecurrentPPO
 
 import sb3_elmur  # noqa: F401  (registers the policy names)
 from sb3_elmur import ElmurPPO
+from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.policies import ElmurPolicy, NonFiniteError
 from tests.dummy_envs import RandomLengthEnv
 
@@ -133,3 +134,25 @@ def test_images_smaller_than_nature_cnn_takes_are_named():
         model = ElmurPPO("CnnElmurPolicy", RandomLengthEnv(spaces.Discrete(2), spaces.Box(0, 255, shape, np.uint8)),
                          n_steps=8, batch_size=8, n_epochs=1, policy_kwargs=SMALL)
         model.learn(8)
+
+
+@pytest.mark.parametrize("actions", [[0, 1, 2], [[0, 1], [2, 3], [0, 0]], 1])
+def test_tmaze_step_names_a_wrong_number_of_actions(actions):
+    env = TMazeVecEnv(4, seed=0)
+    env.reset()
+    with pytest.raises(ValueError, match=r"TMazeVecEnv.step expects one action per env, 4 actions, got \d"):
+        env.step(np.array(actions))
+    env.step(np.array([2, 2, 2, 2]))  # the env is still usable
+
+
+@pytest.mark.parametrize("seed", ["abc", -1, 1.5, True])
+def test_maniskill_seed_is_checked_before_any_work(monkeypatch, seed):
+    import sb3_elmur.envs.maniskill as maniskill
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the seed must be refused before the task is looked up or a worker starts")
+
+    monkeypatch.setattr(maniskill, "check_task", no_work)
+    monkeypatch.setattr(maniskill, "_check_observation_settings", no_work)
+    with pytest.raises(ValueError, match=rf"ManiSkillVecEnv seed must be a non-negative integer, got {seed!r}"):
+        maniskill.ManiSkillVecEnv("PickCube-v1", seed=seed, sim_backend="cpu")
