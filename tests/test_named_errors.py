@@ -1,6 +1,8 @@
 """Bad inputs that used to fail deep inside torch, SB3 or a worker: each is refused early, by a named error that
 names the argument, the bad value and what is expected (issue 25, "Obscure errors")."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,148 @@ def test_maniskill_seed_is_checked_before_any_work(monkeypatch, seed):
     monkeypatch.setattr(maniskill, "_check_observation_settings", no_work)
     with pytest.raises(ValueError, match=rf"ManiSkillVecEnv seed must be a non-negative integer, got {seed!r}"):
         maniskill.ManiSkillVecEnv("PickCube-v1", seed=seed, sim_backend="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# python -m sb3_elmur.compare: refused before any worker starts
+# ------------------------------------------------------------------------------------------------------------
+
+TMAZE = "sb3_elmur/PassiveTMaze-v0"
+
+
+def _compare_error(capsys, argv) -> str:
+    from sb3_elmur import compare
+
+    launched = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare, "launch_runs", lambda *args, **kwargs: launched.append(args) or [])
+        with pytest.raises(SystemExit) as error:
+            compare.main(argv)
+    assert error.value.code == 2 and not launched
+    return capsys.readouterr().err
+
+
+def test_compare_refuses_a_recurrent_policy_for_ppo(capsys, tmp_path):
+    err = _compare_error(capsys, ["--envs", TMAZE, "--policies", "PPO:ElmurPolicy", "--out", str(tmp_path)])
+    assert "PPO does not take the recurrent policy 'ElmurPolicy' (in 'PPO:ElmurPolicy'): use RecurrentPPO:ElmurPolicy" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--envs", "NoSuchEnv-v0"], "cannot make the env 'NoSuchEnv-v0'"),
+        (["--envs", TMAZE, "--env-kwargs", f'{TMAZE}={{"corridor_length": -3}}'], r"corridor_length.*must be an int >= 1"),
+        (["--envs", TMAZE, "--ppo-kwargs", '{"n_steps": "abc"}'], r"cannot set up RecurrentPPO with the policy ElmurPolicy"),
+        (["--envs", TMAZE, "--policy-kwargs", 'ElmurPolicy={"d_model": "x"}'], r"d_model must be a positive integer, got 'x'"),
+    ],
+)
+def test_compare_sets_up_every_run_before_launching(capsys, tmp_path, argv, message):
+    err = _compare_error(capsys, argv + ["--policies", "ElmurPolicy", "--timesteps", "64", "--out", str(tmp_path)])
+    assert __import__("re").search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("missing.yml", None, r"--config .*missing.yml: cannot read it \(No such file or directory\)"),
+        ("bad.yml", "envs: [a\nseeds: 3\n", r"--config .*bad.yml: invalid YAML"),
+        ("bad.json", '{"envs": ', r"--config .*bad.json: invalid JSON"),
+        ("seeds.yml", f"envs: [{TMAZE}]\nseeds: 3\n", r"seeds must be a list, e.g. seeds: \[3\], got 3"),
+        ("envs.yml", f"envs: {TMAZE}\n", r"envs must be a list, e.g. envs: \[sb3_elmur/PassiveTMaze-v0\]"),
+        ("kwargs.yml", f"envs: [{TMAZE}]\nppo_kwargs: 3\n", r"ppo_kwargs must be a mapping, got 3"),
+    ],
+)
+def test_compare_names_a_malformed_config_file(capsys, tmp_path, name, text, message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    err = _compare_error(capsys, ["--config", str(path), "--out", str(tmp_path / "out")])
+    assert __import__("re").search(message, err), err
+
+
+def test_report_only_names_a_record_without_evaluations(capsys, tmp_path):
+    from sb3_elmur import compare
+
+    (spec,) = compare.build_specs({"envs": [TMAZE], "policies": ["MlpPolicy"], "timesteps": 64})
+    path = compare.RunPaths(tmp_path, spec).record
+    path.parent.mkdir(parents=True)
+    record = compare.new_record(spec, {})
+    record.update(status=compare.FINISHED, final_mean_return=1.0, mmer=1.0, mmer_normalised=1.0)
+    del record["evaluations"]
+    path.write_text(__import__("json").dumps(record))
+    err = _compare_error(capsys, ["--report-only", "--out", str(tmp_path)])
+    assert f"left out of the report: the run record {path} lacks timesteps, mean_return" in err
+    assert "--report-only: no readable run records" in err
+
+
+@pytest.mark.parametrize("data", [b"{not json", None, b"[1, 2]"])
+def test_checkpoint_with_unreadable_data_is_named(tmp_path, data):
+    import zipfile
+
+    from sb3_elmur import compare
+
+    path = tmp_path / "checkpoint.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("policy.pth", b"weights")
+        if data is not None:
+            archive.writestr("data", data)
+    problem = compare._zip_problem(path)
+    assert problem is not None and "'data'" in problem
+    record = {"num_timesteps": 128}
+    assert compare.load_checkpoint(ElmurPPO, path, record, None, "cpu") is None  # kept as .broken, run restarted
+    assert path.with_name("checkpoint.zip.broken").exists() and not path.exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# python -m sb3_elmur.envs.vulkan install (nothing is downloaded: the tools are "missing" after the checks)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _fake_install(folder, library):
+    """An install of lavapipe in ``folder`` as install() lays it out, with ``library`` (an ELF file) as driver."""
+    import json
+    import shutil
+
+    from sb3_elmur.envs import vulkan
+
+    lib = folder / vulkan._LIB
+    lib.mkdir(parents=True)
+    shutil.copyfile(library, lib / vulkan._DRIVER)
+    icd = {"file_format_version": "1.0.0", "ICD": {"library_path": str(lib / vulkan._DRIVER), "api_version": "1.3.0"}}
+    (folder / vulkan._ICD).write_text(json.dumps(icd))
+    (folder / vulkan._MANIFEST).write_text(json.dumps({"codename": "x", "packages": {}, "preload": []}))
+    return lib / vulkan._DRIVER
+
+
+def test_vulkan_install_reinstalls_a_truncated_driver(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from sb3_elmur.envs import vulkan
+
+    library = Path(torch.__file__).parent / "lib" / "libc10.so"  # a real ELF shared library wherever torch is
+    if not library.is_file():
+        pytest.skip("torch ships no libc10.so here")
+    driver = _fake_install(tmp_path / "lavapipe", library)
+    assert vulkan.is_installed(tmp_path / "lavapipe")
+    assert vulkan.install(tmp_path / "lavapipe", verbose=True) == tmp_path / "lavapipe"  # whole: nothing to do
+    assert "already installed" in capsys.readouterr().err
+    with open(driver, "r+b") as f:  # cut short, as by a killed copy
+        f.truncate(driver.stat().st_size // 2)
+    assert "truncated" in vulkan._elf_problem(driver)
+    assert not vulkan.is_installed(tmp_path / "lavapipe")
+    monkeypatch.setattr(shutil, "which", lambda tool: None)  # stop before any download
+    with pytest.raises(RuntimeError, match="`apt-get` not found"):
+        vulkan.install(tmp_path / "lavapipe", verbose=True)
+    err = capsys.readouterr().err
+    assert "already installed" not in err
+    assert f"the lavapipe install in {tmp_path / 'lavapipe'} is damaged ({driver}: truncated" in err
+
+
+def test_vulkan_install_names_an_unwritable_folder(tmp_path, capsys):
+    from sb3_elmur.envs import vulkan
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    # (A file where a folder is needed: root ignores permission bits, so a read-only folder would not do.)
+    assert vulkan.main(["install", "--dir", str(blocker / "lavapipe")]) == 1
+    assert f"install failed: cannot write the install folder {blocker / 'lavapipe'}" in capsys.readouterr().err
