@@ -39,6 +39,7 @@ from sb3_elmur.model import check_int
 from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
 from sb3_elmur.utils import (
     algorithm_class,
+    check_device,
     remove_leftover_temp_files,
     write_atomically,
     write_json_atomically,
@@ -1290,6 +1291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device=settings.get("device") or "cpu",
             elmur_scalars=bool(settings.get("elmur_scalars", True)),
         )
+        check_device(options["device"], "--device")
         if args.time_budget is not None and args.time_budget <= 0:
             raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
         if args.report_only:

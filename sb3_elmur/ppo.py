@@ -15,6 +15,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.buffers import ElmurRolloutBuffer
 from sb3_elmur.model import check_int, check_memory, format_bytes
+from sb3_elmur.utils import check_device
 from sb3_elmur.policies import CnnElmurPolicy, ElmurActor, ElmurPolicy, MultiInputElmurPolicy
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
@@ -89,6 +90,7 @@ class ElmurPPO(RecurrentPPO):
         device: Union[th.device, str] = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        check_device(device)  # SB3 would fall back to the CPU silently
         self.sequence_length = sequence_length
         self.memory_horizon = memory_horizon
         self.compile_acting = compile_acting

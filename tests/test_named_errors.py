@@ -303,3 +303,14 @@ def test_vulkan_install_names_an_unwritable_folder(tmp_path, capsys):
     # (A file where a folder is needed: root ignores permission bits, so a read-only folder would not do.)
     assert vulkan.main(["install", "--dir", str(blocker / "lavapipe")]) == 1
     assert f"install failed: cannot write the install folder {blocker / 'lavapipe'}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() > 7, reason="this machine has cuda:7")
+def test_a_missing_cuda_device_is_refused_not_replaced_by_the_cpu(capsys, tmp_path):
+    with pytest.raises(ValueError, match=r"device 'cuda:7' (asks for CUDA, which is not available|: this machine has)"):
+        ElmurPPO("ElmurPolicy", RandomLengthEnv(spaces.Discrete(2)), device="cuda:7", policy_kwargs=SMALL)
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a torch device"):
+        ElmurPPO("ElmurPolicy", RandomLengthEnv(spaces.Discrete(2)), device="gpu", policy_kwargs=SMALL)
+    err = _compare_error(capsys, ["--envs", TMAZE, "--device", "cuda:7", "--out", str(tmp_path)])
+    assert "--device 'cuda:7'" in err
+    assert ElmurPPO("ElmurPolicy", RandomLengthEnv(spaces.Discrete(2)), device="cpu", policy_kwargs=SMALL).device.type == "cpu"
