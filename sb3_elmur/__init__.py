@@ -8,7 +8,7 @@ from sb3_contrib import RecurrentPPO
 
 from sb3_elmur.bc import NonFiniteLossError, RecurrentBC
 from sb3_elmur.envs import register_envs
-from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
+from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, InsufficientMemoryError
 from sb3_elmur.ppo import ElmurPPO
 from sb3_elmur.policies import (
     CnnElmurPolicy,
@@ -32,6 +32,7 @@ __all__ = [
     "ElmurPPO",
     "ElmurPolicy",
     "ElmurState",
+    "InsufficientMemoryError",
     "MultiInputElmurPolicy",
     "NonFiniteError",
     "NonFiniteLossError",

@@ -39,6 +39,7 @@ from sb3_elmur.model import check_int
 from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
 from sb3_elmur.utils import (
     algorithm_class,
+    check_device,
     remove_leftover_temp_files,
     write_atomically,
     write_json_atomically,
@@ -94,6 +95,13 @@ def resolve_policy(policy: str) -> Tuple[str, type]:
         aliases = algorithm_class(algo).policy_aliases
         if name not in aliases and not issubclass(policy_class, tuple(aliases.values())):
             raise ValueError(f"{algo} does not take the policy {name!r}: it takes {sorted(aliases)}")
+        if algo == "PPO" and issubclass(policy_class, RecurrentActorCriticPolicy):
+            # A recurrent policy is an ActorCriticPolicy too, but PPO's rollouts keep no recurrent state: it would
+            # fail only in the worker, at its first step.
+            raise ValueError(
+                f"PPO does not take the recurrent policy {name!r} (in {policy!r}): use RecurrentPPO:{name} or "
+                f"ElmurPPO:{name}, or just {name}"
+            )
         return algo, policy_class
     if policy in RecurrentPPO.policy_aliases:
         return "RecurrentPPO", RecurrentPPO.policy_aliases[policy]
@@ -162,20 +170,36 @@ def parse_wrapper_list(text: str, what: str) -> List[Any]:
 
 def load_config_file(path: str) -> Dict[str, Any]:
     """Read a JSON or YAML comparison file (keys: the long options with ``_`` for ``-``)."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--config {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from error
     if path.endswith((".yml", ".yaml")):
         try:
             import yaml
         except ImportError as error:
             raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml), or give a JSON file") from error
-        config = yaml.safe_load(text)
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: invalid YAML ({error})") from error
     else:
-        config = json.loads(text)
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config {path}: invalid JSON ({error}; a .yml or .yaml file is read as YAML)") from error
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values")
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known keys: {sorted(CONFIG_KEYS)}")
+    for key in LIST_KEYS:
+        # A scalar would be iterated (``envs: CartPole-v1`` as its letters) or fail in list() (``seeds: 3``).
+        if config.get(key) is not None and not isinstance(config[key], list):
+            raise ValueError(f"{path}: {key} must be a list, e.g. {key}: [{config[key]}], got {config[key]!r}")
+    for key in DICT_KEYS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ValueError(f"{path}: {key} must be a mapping, got {config[key]!r}")
     return config
 
 
@@ -199,6 +223,11 @@ CONFIG_KEYS = (
     "device",
     "elmur_scalars",
 )
+
+
+# Config keys whose value is a list (the options of nargs="+"), and those whose value is a mapping.
+LIST_KEYS = ("envs", "policies", "seeds", "gym_packages")
+DICT_KEYS = ("ppo_kwargs", "policy_kwargs", "env_kwargs", "wrappers")
 
 
 def parse_policy_labels(policies: Sequence[str]) -> Dict[str, str]:
@@ -341,6 +370,19 @@ def read_record(path: Path) -> Dict[str, Any]:
         raise ValueError(f"cannot read the run record {path} ({error}); delete it to redo the run") from error
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "status" not in record:
         raise ValueError(f"{path} is not a run record of sb3_elmur.compare; delete it to redo the run")
+    # The report reads these: a record without them (edited, or cut by hand) is named, not a KeyError there.
+    evaluations = record.get("evaluations")
+    missing = [key for key in ("timesteps", "mean_return") if not isinstance(evaluations, dict)
+               or not isinstance(evaluations.get(key), list)]
+    missing += [key for key in ("env_id", "label", "policy", "algo", "seed", "timesteps", "eval_freq")
+                if key not in record["spec"]]
+    if record["status"] == FINISHED:
+        missing += [key for key in ("final_mean_return", "mmer", "mmer_normalised", "wall_time_s") if key not in record]
+    if missing:
+        raise ValueError(
+            f"the run record {path} lacks {', '.join(missing)} (evaluations.timesteps and evaluations.mean_return are "
+            "lists in every record); delete it to redo the run"
+        )
     return record
 
 
@@ -659,6 +701,43 @@ def _train_run(record_path: Path, deadline: Optional[float]) -> int:
         return 1
 
 
+def check_runs(specs: List[Dict[str, Any]]) -> None:
+    """Set up every env and algorithm of ``specs`` once, in this process, before any worker starts: an unknown env
+    id, a bad env kwarg or a bad PPO or policy kwarg value would otherwise fail each run in its worker, named only
+    in the run's log. MIKASA-Robo and ManiSkill ids are left to their workers (each starts a simulator).
+
+    :param specs: the specs of the runs about to be launched
+    :raises ValueError: the first that cannot be set up, naming the env, the label and the error
+    """
+    checked = set()
+    for spec in specs:
+        key = json.dumps([spec["env_id"], spec["label"], spec["env_kwargs"], spec["wrappers"], spec["policy_kwargs"],
+                          spec["ppo_kwargs"], spec["n_envs"]], sort_keys=True)
+        if key in checked or mikasa_family(spec["env_id"]) is not None:
+            continue
+        checked.add(key)
+        try:
+            env = make_env(spec, spec["n_envs"], spec["seed"])
+        except Exception as error:
+            raise ValueError(
+                f"cannot make the env {spec['env_id']!r} with env kwargs {spec['env_kwargs']} and wrappers "
+                f"{spec['wrappers']} ({type(error).__name__}: {error}); check --envs, --env-kwargs, --wrappers and "
+                "--gym-packages"
+            ) from error
+        try:
+            _, policy_class = resolve_policy(spec["policy"])
+            algorithm_class(spec["algo"])(policy_class, env, policy_kwargs=resolve_classes(spec["policy_kwargs"]),
+                                          device="cpu", **spec["ppo_kwargs"])
+        except Exception as error:
+            raise ValueError(
+                f"cannot set up {spec['algo']} with the policy {spec['label']}={spec['policy']} on {spec['env_id']!r} "
+                f"(PPO kwargs {spec['ppo_kwargs']}, policy kwargs {spec['policy_kwargs']}): "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        finally:
+            env.close()
+
+
 def load_checkpoint(algo: type, checkpoint: Path, record: Dict[str, Any], env: Any, device: str) -> Optional[Any]:
     """The run's model from its checkpoint, or None (with a log line saying why) to start the run from step 0.
 
@@ -695,9 +774,20 @@ def _zip_problem(path: Path) -> Optional[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             corrupt = archive.testzip()
+            # SB3's load reads the JSON member "data" first: one it cannot parse fails deep in json or SB3.
+            data = archive.read("data") if corrupt is None else None
+    except KeyError:
+        return "no member 'data': not a model saved by Stable-Baselines3"
     except (zipfile.BadZipFile, EOFError, OSError) as error:
         return f"{type(error).__name__}: {error}"
-    return None if corrupt is None else f"corrupt member {corrupt}"
+    if corrupt is not None:
+        return f"corrupt member {corrupt}"
+    try:
+        if not isinstance(json.loads(data), dict):
+            return "its member 'data' is not a JSON object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its member 'data' is not readable JSON ({error})"
+    return None
 
 
 def _has_module(name: str) -> bool:
@@ -1201,6 +1291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device=settings.get("device") or "cpu",
             elmur_scalars=bool(settings.get("elmur_scalars", True)),
         )
+        check_device(options["device"], "--device")
         if args.time_budget is not None and args.time_budget <= 0:
             raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
         if args.report_only:
@@ -1216,6 +1307,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             prepared = prepare_runs(out, specs, options)
         except ValueError as error:
+            parser.error(str(error))
+        try:
+            check_runs([read_record(path)["spec"] for path in prepared.to_run])
+        except ValueError as error:
+            prepared.release()
             parser.error(str(error))
         try:
             busy = f"{len(prepared.busy)} running elsewhere (skipped), " if prepared.busy else ""

@@ -13,6 +13,7 @@ This module has no dependency on Stable-Baselines3.
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, List, NamedTuple, Optional, Tuple
 
@@ -51,6 +52,66 @@ def check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """A size argument asks for more memory than the machine has: refused before allocating, where the allocation
+    would end in an out-of-memory kill or a bare allocator error. A ValueError too (the argument is the cause)."""
+
+
+def format_bytes(n_bytes: float) -> str:
+    """``n_bytes`` in decimal units (kB, MB, GB, ...), for messages."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n_bytes < 1000 or unit == "PB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def available_memory_bytes(device: Optional[torch.device] = None) -> Optional[int]:
+    """Memory available for new tensors on ``device``: the free memory of a CUDA device; on CPU, the kernel's
+    estimate of available RAM (``MemAvailable`` of /proc/meminfo, Linux), else the physical RAM (``os.sysconf``).
+
+    :param device: where the tensors go (None: CPU)
+    :return: bytes, or None where it cannot be told
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError, ValueError):  # no CUDA, or no such device: the move fails by itself
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(n_bytes: int, what: str, advice: str, device: Optional[torch.device] = None) -> None:
+    """Refuse an allocation of about ``n_bytes`` that cannot fit, before it is tried.
+
+    :param n_bytes: the estimated need
+    :param what: what needs it and why, for the message (names the arguments that set the size)
+    :param advice: what to change, for the message
+    :param device: where it would be allocated (None: CPU)
+    :raises InsufficientMemoryError: ``n_bytes`` is more than :func:`available_memory_bytes` of ``device``
+    """
+    available = available_memory_bytes(device)
+    if available is not None and n_bytes > available:
+        where = "RAM" if device is None or torch.device(device).type == "cpu" else f"free memory on {device}"
+        raise InsufficientMemoryError(
+            f"{what} needs about {format_bytes(n_bytes)}, more than the {format_bytes(available)} of {where} "
+            f"available: {advice}"
+        )
 
 
 @dataclass
@@ -142,6 +203,68 @@ class ElmurConfig:
             raise ValueError(
                 f"ElmurConfig.distance_buckets must be in [8, max_distance], got {self.distance_buckets!r}"
             )
+
+    @property
+    def n_distance_buckets(self) -> int:
+        """Entries of each distance-bias table (see :class:`DistanceBias`)."""
+        return self.max_distance + 1 if self.distance_bias == "clamped" else self.distance_buckets
+
+    def model_bytes(self, input_dim: int = 0) -> List[Tuple[int, str]]:
+        """Bytes an :class:`ElmurModel` of this config allocates (parameters, buffers and the temporary of the
+        initial memory), in parts, each with the argument that sets it, largest first.
+
+        :param input_dim: size of each step's input vector
+        :return: ``[(bytes, "argument=value: what"), ...]``
+        """
+        d, k, h, r = self.d_model, self.context_length, self.n_heads, self.mlp_ratio
+        n, m = self.n_layers, self.memory_size
+        # Per layer: four attentions (q, kv, proj: 4 D^2 + 4 D each), two MLPs, layer norms; float32.
+        weights = n * (4 * (4 * d * d + 4 * d) + 2 * (2 * r * d * d + r * d + d) + 12 * d) * 4
+        # Per layer: the relative bias and the [K, K] offsets (int64) and causal mask (float32).
+        segment = n * (h * k * 4 + k * k * 12)
+        parts = [
+            (weights, f"d_model={d}: {n} layers of about {4 * (4 + r)} x d_model**2 weights"),
+            (2 * n * m * d * 4, f"memory_size={m}: the initial memory, n_layers x memory_size x d_model floats"),
+            (segment, f"context_length={k}: per layer, context_length**2 attention offsets and mask"),
+            (input_dim * d * 4 + d * 4, f"input_dim={input_dim}: the input embedding, input_dim x d_model weights"),
+        ]
+        if self.distance_bias == "clamped":
+            parts.append((n * 2 * self.n_distance_buckets * h * 4, f"max_distance={self.max_distance}: per layer, "
+                                                                   "two distance-bias tables of max_distance + 1 rows"))
+        else:
+            parts.append((n * 2 * self.n_distance_buckets * (h * 4 + 8), f"distance_buckets={self.distance_buckets}"))
+        return sorted(parts, reverse=True)
+
+    def state_bytes(self) -> int:
+        """Bytes of one row of :class:`ElmurState` (memory, slot positions, segment tokens, step)."""
+        n, m, d = self.n_layers, self.memory_size, self.d_model
+        return n * m * d * 4 + n * m * 8 + (self.context_length - 1) * self.d_model * 4 + 8
+
+    def describe(self) -> str:
+        """The size fields, for messages."""
+        return (f"ElmurConfig(d_model={self.d_model}, n_layers={self.n_layers}, memory_size={self.memory_size}, "
+                f"context_length={self.context_length})")
+
+    def check_memory(self, input_dim: int = 0, n_states: int = 0, copies: int = 1, what: str = "ElmurModel") -> None:
+        """Refuse a config whose model (and states) cannot fit in RAM, naming the argument that asks the most.
+
+        :param input_dim: size of each step's input vector
+        :param n_states: rows of :class:`ElmurState` to count besides the model
+        :param copies: copies of the parameters to count (e.g. 4 for training: parameters, gradients and Adam's
+            two moments)
+        :param what: who allocates, for the message
+        :raises InsufficientMemoryError: it does not fit
+        """
+        parts = self.model_bytes(input_dim)
+        weights = next(size for size, name in parts if name.startswith("d_model="))
+        state = n_states * self.state_bytes()
+        total = sum(size for size, _ in parts) + (copies - 1) * weights + state
+        largest = parts[0][1]
+        if state > parts[0][0]:
+            largest = (f"memory_size={self.memory_size} and context_length={self.context_length}: {n_states} "
+                       f"recurrent state(s) of {format_bytes(self.state_bytes())} each")
+        check_memory(total, f"{what} with {self.describe()} (mostly {largest})",
+                     f"reduce {largest.split('=')[0]}")
 
 
 class ElmurState(NamedTuple):
@@ -451,6 +574,9 @@ class ElmurModel(nn.Module):
         super().__init__()
         self.input_dim = input_dim = check_int("input_dim", input_dim)
         self.config = config = config if config is not None else ElmurConfig()
+        # A huge size (memory_size=10**8, d_model=2**20, context_length=10**7) would otherwise end in an
+        # out-of-memory kill or a bare allocator error, with no word of which argument asked for it.
+        config.check_memory(input_dim)
         self.embed = nn.Linear(input_dim, config.d_model)
         self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.n_layers))
         self.ln_out = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()

@@ -16,6 +16,7 @@ from gymnasium import spaces
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from stable_baselines3.common.policies import ActorCriticPolicy, BaseModel
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
 from stable_baselines3.common.torch_layers import (
     BaseFeaturesExtractor,
     CombinedExtractor,
@@ -41,7 +42,38 @@ class RecurrentStateError(ValueError):
 
 
 class NonFiniteError(FloatingPointError):
-    """A NaN or inf gradient reached the optimizer: the update was skipped, the parameters are unchanged."""
+    """NaN or inf values where the policy needs finite ones: a gradient that reached the optimizer (the update was
+    skipped, the parameters are unchanged), or an observation (refused before the policy reads it)."""
+
+
+def check_finite_observation(observation: Any, context: str) -> None:
+    """Refuse an observation that holds NaN or inf, naming where: otherwise it only shows up deep in torch, as
+    "Expected parameter logits ... to satisfy the constraint" from the action distribution.
+
+    :param observation: a batch of observations (numpy arrays or tensors, or a dict of them); integer ones pass
+    :param context: who read it, for the message (e.g. "ElmurPolicy.predict")
+    :raises NonFiniteError: some entry is NaN or inf
+    """
+    parts = observation.items() if isinstance(observation, dict) else [(None, observation)]
+    for key, value in parts:
+        if isinstance(value, th.Tensor):
+            # One reduction (and, on GPU, one sync) per call: an acting step costs much more (measured 0.4%).
+            if not th.is_floating_point(value) or bool(th.isfinite(value).all()):
+                continue
+            value = value.detach().cpu().numpy()
+        else:
+            value = np.asarray(value)
+            if not np.issubdtype(value.dtype, np.floating) or np.isfinite(value).all():
+                continue
+        bad = np.argwhere(~np.isfinite(value))
+        index = tuple(int(i) for i in bad[0])
+        name = "observation" if key is None else f"observation[{key!r}]"
+        raise NonFiniteError(
+            f"{context}: {name} holds {len(bad)} NaN or inf value(s), the first {float(value[index])!r} at index "
+            f"{list(index)} (of shape {list(value.shape)}; for a batch the first index is the env). A policy cannot "
+            "act on it: fix the env, or wrap it in stable_baselines3.common.vec_env.VecCheckNan(env, "
+            "raise_exception=True) to find the step that produces it."
+        )
 
 
 def layout_tag(config: ElmurConfig) -> int:
@@ -58,6 +90,69 @@ def fresh_recurrent_state(policy: RecurrentActorCriticPolicy, n: int, device: th
     episode for ELMUR and the LSTM alike, so no reset flags are needed."""
     shape = (policy.lstm_hidden_state_shape[0], n, policy.lstm_hidden_state_shape[2])
     return th.zeros(shape, device=device), th.zeros(shape, device=device)
+
+
+# Smallest image side NatureCNN takes: its 8/4, 4/2 and 3/1 convolutions leave at least one pixel from 36.
+NATURE_CNN_MIN_SIZE = 36
+
+
+def check_net_arch(net_arch: Any) -> None:
+    """Check ``net_arch`` (the actor and critic heads on top of the ELMUR output) before SB3 builds them: a wrong
+    type otherwise fails in torch (``empty(): argument 'size' ... found element of type str``).
+
+    :param net_arch: None, a list of layer widths (both heads), or a dict with lists ``pi`` and ``vf``
+    :raises ValueError: anything else
+    """
+    expected = "None, a list of positive layer widths such as [64, 64], or dict(pi=[64, 64], vf=[64, 64])"
+
+    def widths_ok(widths: Any) -> bool:
+        return isinstance(widths, (list, tuple)) and all(
+            isinstance(width, (int, np.integer)) and not isinstance(width, bool) and width > 0 for width in widths
+        )
+
+    if net_arch is None or widths_ok(net_arch):
+        return
+    if isinstance(net_arch, dict) and set(net_arch) <= {"pi", "vf"} and all(map(widths_ok, net_arch.values())):
+        return
+    raise ValueError(f"ElmurPolicy net_arch must be {expected}, got {net_arch!r}")
+
+
+def check_image_sizes(
+    observation_space: spaces.Space,
+    features_extractor_class: Type[BaseFeaturesExtractor],
+    features_extractor_kwargs: Optional[Dict[str, Any]],
+) -> None:
+    """Check that every image NatureCNN would read is large enough, before it is built: a smaller one otherwise
+    fails at its first forward pass, in torch ("Kernel size can't be greater than actual input size").
+
+    :param observation_space: the policy's observation space
+    :param features_extractor_class: the features extractor (only NatureCNN and CombinedExtractor are checked)
+    :param features_extractor_kwargs: its keyword arguments
+    :raises ValueError: an image smaller than ``NATURE_CNN_MIN_SIZE`` on a side, named
+    """
+    kwargs = features_extractor_kwargs or {}
+    normalized = bool(kwargs.get("normalized_image", False))
+    if issubclass(features_extractor_class, NatureCNN):
+        images = {None: observation_space}
+    elif issubclass(features_extractor_class, CombinedExtractor) and isinstance(observation_space, spaces.Dict):
+        images = {key: space for key, space in observation_space.spaces.items()
+                  if is_image_space(space, normalized_image=normalized)}
+    else:
+        return
+    for key, space in images.items():
+        if not isinstance(space, spaces.Box) or len(space.shape) != 3:
+            continue  # NatureCNN names what it refuses itself
+        # SB3's algorithms transpose channel-last images to channel-first before the policy sees them.
+        height, width = space.shape[1:] if is_image_space_channels_first(space) else space.shape[:2]
+        if min(height, width) < NATURE_CNN_MIN_SIZE:
+            name = "observation" if key is None else f"observation[{key!r}]"
+            raise ValueError(
+                f"{name} is an image of {height}x{width} pixels (shape {space.shape}), smaller than NatureCNN, the "
+                f"default features extractor of {features_extractor_class.__name__}, takes: at least "
+                f"{NATURE_CNN_MIN_SIZE}x{NATURE_CNN_MIN_SIZE}. Resize the images (e.g. "
+                "gymnasium.wrappers.ResizeObservation), or pass policy_kwargs=dict(features_extractor_class=...) "
+                "with an extractor for small images"
+            )
 
 
 class ElmurBackbone(nn.Module):
@@ -234,6 +329,7 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         loss trains the backbone (sb3-contrib's ``shared_lstm``). Default False: the value loss trains it too,
         which on POPGym and T-Maze learned much faster (the policy gradient alone shapes memory slowly).
     :param elmur_kwargs: Fields of :class:`~sb3_elmur.model.ElmurConfig`
+    :raises InsufficientMemoryError: the config's sizes ask for more memory than the machine has (named)
     """
 
     def __init__(
@@ -263,10 +359,15 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
             raise ValueError("ElmurPolicy does not support gSDE (use_sde=True): use the default Gaussian noise")
         if shared_backbone and not share_features_extractor:
             raise ValueError("shared_backbone=True needs share_features_extractor=True")
+        check_net_arch(net_arch)
+        check_image_sizes(observation_space, features_extractor_class, features_extractor_kwargs)
         unknown = set(elmur_kwargs) - set(ElmurConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown ElmurPolicy keyword argument(s) {sorted(unknown)}")
         self.elmur_config = ElmurConfig(**elmur_kwargs)
+        # Before anything is allocated: the backbone(s) with gradients and Adam's two moments (4 copies of the
+        # weights), and the few recurrent states that acting holds (fresh, packed, unpacked).
+        self.elmur_config.check_memory(n_states=3, copies=4 if shared_backbone else 8, what="ElmurPolicy")
         if optimizer_kwargs is None and optimizer_class in (th.optim.Adam, th.optim.AdamW):
             # ELMUR has many small parameter tensors: on CPU, torch's default per-tensor loop made the Adam step
             # a sixth of PPO's training time; the multi-tensor form cuts that to a few percent (as on GPU).
@@ -358,9 +459,11 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
 
         :raises RecurrentStateError: ``state`` is not a (hidden, cell) pair of this policy's packed shape, or its
             batch differs from the observations' or ``episode_start``'s
+        :raises NonFiniteError: an observation holds NaN or inf
         """
         if state is not None:
             self.lstm_actor.check_packed_shape(state)
+        check_finite_observation(observation, "ElmurPolicy.predict")
         return super().predict(observation, state, episode_start, deterministic)
 
     def _predict(
@@ -400,6 +503,8 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
     def forward(
         self, obs: th.Tensor, lstm_states: RNNStates, episode_starts: th.Tensor, deterministic: bool = False
     ) -> Tuple[th.Tensor, th.Tensor, th.Tensor, RNNStates]:
+        # RecurrentPPO's rollouts act through here: name a NaN observation before it becomes NaN logits.
+        check_finite_observation(obs, "ElmurPolicy.forward (acting)")
         latent_pi, latent_vf, states = self._latents(obs, lstm_states, episode_starts)
         distribution = self._get_action_dist_from_latent(latent_pi)
         actions = distribution.get_actions(deterministic=deterministic)
@@ -508,7 +613,9 @@ class ElmurActor:
         :param episode_starts: [n] bool, True where the observation starts an episode
         :param rows: the envs these observations belong to (None: all); only with ``commit=False``
         :param commit: keep the new state (False: look ahead, e.g. the value of a terminal observation)
+        :raises NonFiniteError: an observation holds NaN or inf
         """
+        check_finite_observation(obs, "ElmurActor.step (acting)")
         state, outputs = self.state, self.outputs
         if rows is not None:
             state = ElmurState(*(part[rows] for part in state))

@@ -8,12 +8,14 @@ from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import FloatSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import check_int
+from sb3_elmur.model import check_int, check_memory, format_bytes
+from sb3_elmur.utils import check_device
 from sb3_elmur.policies import CnnElmurPolicy, ElmurActor, ElmurPolicy, MultiInputElmurPolicy
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
@@ -91,6 +93,7 @@ class ElmurPPO(RecurrentPPO):
         device: Union[th.device, str] = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        check_device(device)  # SB3 would fall back to the CPU silently
         self.sequence_length = sequence_length
         self.memory_horizon = memory_horizon
         self.compile_acting = compile_acting
@@ -105,6 +108,22 @@ class ElmurPPO(RecurrentPPO):
         if _init_setup_model:
             self._setup_model()
 
+    def _get_policy_from_name(self, policy_name: str) -> Type[BasePolicy]:
+        """The ELMUR policy of this name; any other name is refused, naming the algorithm that takes it.
+
+        :param policy_name: "ElmurPolicy", "CnnElmurPolicy" or "MultiInputElmurPolicy"
+        :raises ValueError: another name (SB3 says only "Policy X unknown")
+        """
+        if policy_name in self.policy_aliases:
+            return self.policy_aliases[policy_name]
+        if policy_name in RecurrentPPO.policy_aliases:
+            advice = f"{policy_name!r} is a policy of sb3-contrib's RecurrentPPO: use RecurrentPPO({policy_name!r}, env)"
+        else:
+            advice = "or an ElmurPolicy subclass"
+        raise ValueError(
+            f"ElmurPPO trains ELMUR policies, one of {sorted(self.policy_aliases)}, got policy={policy_name!r}: {advice}"
+        )
+
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
@@ -113,11 +132,6 @@ class ElmurPPO(RecurrentPPO):
                 f"ElmurPPO trains ELMUR policies (ElmurPolicy, CnnElmurPolicy, MultiInputElmurPolicy), got "
                 f"{self.policy_class.__name__}: use sb3-contrib's RecurrentPPO for it"
             )
-        self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule,
-                                        **self.policy_kwargs).to(self.device)
-        if not self.policy.shared_backbone:
-            raise ValueError("ElmurPPO needs shared_backbone=True (one ELMUR for actor and critic); use "
-                             "RecurrentPPO for separate backbones")
         n_steps = check_int("n_steps", self.n_steps)
         # Defaults: one sequence per env and rollout, and a horizon of one more rollout, so a query's loss reaches
         # a write up to n_steps + its position in the rollout back (benchmarks/results/credit_reach.md).
@@ -127,6 +141,12 @@ class ElmurPPO(RecurrentPPO):
             self.memory_horizon = n_steps
         self.sequence_length = check_int("sequence_length", self.sequence_length)
         self.memory_horizon = check_int("memory_horizon", self.memory_horizon, minimum=0)
+        self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule,
+                                        **self.policy_kwargs).to(self.device)
+        if not self.policy.shared_backbone:
+            raise ValueError("ElmurPPO needs shared_backbone=True (one ELMUR for actor and critic); use "
+                             "RecurrentPPO for separate backbones")
+        self._check_memory(n_steps)
         self.rollout_buffer = ElmurRolloutBuffer(
             n_steps, self.observation_space, self.action_space, self.policy.elmur_config, self.device,
             gamma=self.gamma, gae_lambda=self.gae_lambda, n_envs=self.n_envs,
@@ -138,6 +158,38 @@ class ElmurPPO(RecurrentPPO):
             if isinstance(self.clip_range_vf, (float, int)) and self.clip_range_vf <= 0:
                 raise ValueError("clip_range_vf must be positive, or None to disable value clipping")
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    def _check_memory(self, n_steps: int) -> None:
+        """Refuse a rollout buffer and training pass that cannot fit on the device, naming the arguments that size
+        them (a huge ``memory_horizon`` would otherwise end in an out-of-memory kill or a bare allocator error).
+
+        :param n_steps: rollout steps per env
+        :raises InsufficientMemoryError: they do not fit
+        """
+        config = self.policy.elmur_config
+        k, n_envs = config.context_length, self.n_envs
+        timeline = self.memory_horizon + k - 1 + n_steps  # as ElmurRolloutBuffer lays it out
+        obs_spaces = (self.observation_space.spaces.values() if isinstance(self.observation_space, spaces.Dict)
+                      else [self.observation_space])
+        obs_bytes = sum(int(np.prod(get_obs_shape(space))) * np.dtype(space.dtype).itemsize for space in obs_spaces)
+        anchor_bytes = config.n_layers * config.memory_size * (config.d_model + 1) * 4 + 4
+        buffer = (timeline * n_envs * (obs_bytes + 5) + (timeline // k + 2) * n_envs * anchor_bytes
+                  + n_steps * n_envs * (get_action_dim(self.action_space) + 5) * 4)
+        # A training row recomputes up to memory_horizon + context_length - 1 steps before its sequence (fewer
+        # where an episode starts), with gradients: at least 24 floats per step, layer and d_model were saved for
+        # the backward pass (measured 28-56 at the default config).
+        rows = max(1, (self.batch_size or n_steps * n_envs) // self.sequence_length)
+        activations = rows * (timeline - n_steps + self.sequence_length) * config.n_layers * config.d_model * 24 * 4
+        largest = "memory_horizon" if self.memory_horizon >= n_steps else "n_steps (or n_envs)"
+        check_memory(
+            buffer + activations,
+            f"ElmurPPO with memory_horizon={self.memory_horizon}, n_steps={n_steps}, n_envs={n_envs} and "
+            f"{config.describe()} (rollout buffer of memory_horizon + context_length - 1 + n_steps = {timeline} "
+            f"steps per env: {format_bytes(buffer)}; training activations of {rows} row(s) of up to "
+            f"{timeline - n_steps + self.sequence_length} steps: {format_bytes(activations)})",
+            f"reduce {largest} (memory_horizon need not exceed the episode length)",
+            self.device,
+        )
 
     def collect_rollouts(
         self,

@@ -656,6 +656,10 @@ class ManiSkillVecEnv(VecEnv):
         start_method: Optional[str] = None,
         **env_kwargs: Any,
     ) -> None:
+        # Every argument is checked before any work (task lookup, simulator, workers): a bad seed would otherwise
+        # fail only at the first reset, inside a worker.
+        if seed is not None:
+            seed = check_int("ManiSkillVecEnv seed", seed, minimum=0)
         _check_observation_settings(env_id, obs_mode, image_size, privileged)
         n_envs = check_int("n_envs", n_envs)
         if sim_backend not in ("auto", "gpu", "cpu"):

@@ -391,6 +391,12 @@ class TMazeVecEnv(VecEnv):
 
     def step_async(self, actions: np.ndarray) -> None:
         actions = np.asarray(actions)
+        if actions.size != self.num_envs:
+            # numpy's reshape would say only "cannot reshape array of size 3 into shape (4,)"
+            raise ValueError(
+                f"TMazeVecEnv.step expects one action per env, {self.num_envs} actions, got {actions.size} "
+                f"(actions of shape {actions.shape}: {actions!r})"
+            )
         if actions.dtype.kind not in "iu":
             actions = actions.astype(np.int64)
         actions = actions.reshape(self.num_envs)

@@ -331,6 +331,43 @@ def _elf_dynamic(path: Path) -> tuple[Optional[str], list[str]]:
     return soname, needed
 
 
+def _elf_problem(path: Path) -> Optional[str]:
+    """What is wrong with the ELF file ``path``, or None if it is whole: a file cut short (a killed copy, a full
+    disk) still opens, and the loader then dies by SIGBUS with nothing printed.
+
+    :param path: ELF file
+    :return: a description of the problem, or None
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            ident = f.read(16)
+            if len(ident) < 16 or ident[:4] != b"\x7fELF" or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+                return "not an ELF file"
+            is64, end = ident[4] == 2, "<" if ident[5] == 1 else ">"
+            header_format = end + ("HHIQQQIHHHHHH" if is64 else "HHIIIIIHHHHHH")
+            raw = f.read(struct.calcsize(header_format))
+            if len(raw) < struct.calcsize(header_format):
+                return f"truncated: {size} bytes, shorter than its ELF header"
+            header = struct.unpack(header_format, raw)
+            phoff, shoff, phentsize, phnum, shentsize, shnum = header[4], header[5], *header[8:12]
+            # The file must hold its program headers, every loaded segment and its section headers.
+            needed = max(phoff + phnum * phentsize, shoff + shnum * shentsize if shoff else 0)
+            for i in range(phnum):
+                f.seek(phoff + i * phentsize)
+                entry = f.read(56 if is64 else 32)
+                if len(entry) < (56 if is64 else 32):
+                    break  # reported below: the program headers end past the file
+                if is64:
+                    _, _, p_offset, _, _, p_filesz, _, _ = struct.unpack(end + "IIQQQQQQ", entry)
+                else:
+                    _, p_offset, _, _, p_filesz, _, _, _ = struct.unpack(end + "IIIIIIII", entry)
+                needed = max(needed, p_offset + p_filesz)
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})"
+    return None if size >= needed else f"truncated: {size} bytes, its ELF headers need {needed}"
+
+
 def _preload_order(driver: Path, index: dict[str, Path]) -> list[str]:
     """
     :param driver: the Vulkan driver library
@@ -368,7 +405,16 @@ def _read_manifest(folder: Path) -> Optional[dict]:
         return None
     if not all((lib / name).is_file() for name in manifest.get("preload", [])):
         return None
+    if _damaged_files(folder, manifest):
+        return None
     return manifest
+
+
+def _damaged_files(folder: Path, manifest: dict) -> list[str]:
+    """The libraries of the install in ``folder`` that are not whole ELF files, with what is wrong."""
+    lib = folder / _LIB
+    problems = ((name, _elf_problem(lib / name)) for name in [*manifest.get("preload", []), _DRIVER])
+    return [f"{lib / name}: {problem}" for name, problem in problems if problem is not None]
 
 
 def is_installed(folder: Optional[PathLike] = None) -> bool:
@@ -377,6 +423,15 @@ def is_installed(folder: Optional[PathLike] = None) -> bool:
     :return: whether ``folder`` holds a complete install
     """
     return _read_manifest(_resolve_dir(folder)) is not None
+
+
+def _installed_but_damaged(folder: Path) -> list[str]:
+    """The damaged libraries of a complete-looking install in ``folder`` (empty if none or no install)."""
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    return _damaged_files(folder, manifest) if isinstance(manifest, dict) else []
 
 
 def _check_replaceable(folder: Path) -> None:
@@ -407,6 +462,18 @@ def install(folder: Optional[PathLike] = None, verbose: bool = False) -> Path:
         return folder
     if folder.exists() or folder.is_symlink():
         _check_replaceable(folder)
+        damaged = _installed_but_damaged(folder)
+        if damaged and verbose:
+            print(f"the lavapipe install in {folder} is damaged ({'; '.join(damaged)}): reinstalling", file=sys.stderr)
+    try:
+        # Before any download: an unwritable folder would otherwise end in a raw PermissionError traceback.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent).cleanup()
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot write the install folder {folder} ({error.strerror or error}): choose a writable one "
+            f"(--dir, or ${DIR_ENV_VAR})"
+        ) from error
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"`{tool}` not found: installing lavapipe needs Debian's apt and dpkg")
