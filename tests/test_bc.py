@@ -74,6 +74,24 @@ def test_windows_start_at_segment_boundaries_as_early_as_possible():
     np.testing.assert_array_equal(obs[lengths == 3][:, 3:], 0.0)
 
 
+@pytest.mark.parametrize("length, sections, segment", [(35, 3, 10), (130, 5, 20), (40, 3, 4), (7, 2, 4)])
+def test_every_step_of_an_episode_is_a_target_even_past_the_last_whole_window(length, sections, segment):
+    """An episode whose length leaves a remainder after the last full window (35 steps, windows of 30; 130 steps,
+    windows of 5 x 20) is still sampled to its end, from windows that start at segment boundaries."""
+    window = sections * segment
+    observations = np.arange(length, dtype=np.float32)[:, None]  # each step's index
+    dataset = EpisodeDataset([Episode(observations, np.zeros(length, dtype=np.int64))])
+    windows = dataset.sample_windows(np.random.default_rng(0), 400, window, segment)
+    targets = windows.observations[..., 0][windows.mask > 0]
+    assert set(targets.astype(int)) == set(range(length))
+    starts = windows.observations[:, 0, 0].astype(int)
+    assert (starts % segment == 0).all()
+    np.testing.assert_array_equal(windows.prefix_segments * segment, starts)
+    # the last start is the first boundary whose window reaches the end: no window is only padding past it
+    assert starts.max() == max(0, -(-(length - window) // segment) * segment)
+    assert (windows.mask.sum(axis=1) == np.minimum(window, length - starts)).all()
+
+
 def test_dataset_errors_are_clear():
     with pytest.raises(ValueError, match="empty"):
         EpisodeDataset([])

@@ -205,11 +205,21 @@ class EpisodeDataset:
         """Sample ``batch_size`` windows of ``window`` steps, zero-padded past the episode's end.
 
         A window starts at a segment boundary of its episode (step 0, ``segment``, 2 * ``segment``, ...) and
-        as early as possible: an episode that fits in a window is always taken from its first step. The steps
-        of its episode before a window come with it (``prefixes``), so that training can start the window from
-        the memory of acting through them.
+        as early as possible: an episode that fits in a window is always taken from its first step. The last
+        start of a longer episode is the first boundary whose window reaches the episode's end (the window is
+        padded past it), so that every step of every episode, the final action included, can be a target. The
+        steps of its episode before a window come with it (``prefixes``), so that training can start the window
+        from the memory of acting through them.
+
+        :param rng: random generator
+        :param batch_size: number of windows
+        :param window: steps per window
+        :param segment: steps per segment (windows start at multiples of it, where the memory state is defined)
+        :return: the batch of windows
         """
-        starts_per_episode = np.array([max(len(ep) - window, 0) // segment + 1 for ep in self.episodes])
+        # Starts 0, segment, ..., up to the first one with start + window >= len: ceil((len - window) / segment)
+        # further starts. Rounding down instead would leave the last (len - window) mod segment steps unsampled.
+        starts_per_episode = np.array([-(-max(len(ep) - window, 0) // segment) + 1 for ep in self.episodes])
         choice = rng.choice(starts_per_episode.sum(), size=batch_size)
         episode_index = np.searchsorted(np.cumsum(starts_per_episode), choice, side="right")
         starts = np.array([segment * int(rng.integers(starts_per_episode[i])) for i in episode_index], dtype=np.int64)
