@@ -382,7 +382,7 @@ def _actor(
                 states = fresh_recurrent_state(policy, len(obs), device)
             starts = th.as_tensor(episode_start, dtype=th.float32, device=device)
             actions, states = policy._predict(obs_tensor, states, starts, deterministic=deterministic)
-        return actions.cpu().numpy()
+        return _env_actions(policy, actions)
 
     return act
 
@@ -406,6 +406,21 @@ def _elmur_actor(
                 actions = policy.action_net(latent_pi).argmax(dim=1)
             else:
                 actions = policy._get_action_dist_from_latent(latent_pi).get_actions(deterministic=deterministic)
-        return actions.cpu().numpy()
+        return _env_actions(policy, actions)
 
     return act
+
+
+def _env_actions(policy: RecurrentActorCriticPolicy, actions: th.Tensor) -> np.ndarray:
+    """The policy's actions as ``predict`` hands them to an env: shaped as the action space, and Box actions
+    unscaled (a squashing policy) or clipped to the bounds (a Gaussian's samples and mean are unbounded).
+
+    :param policy: the policy that chose the actions
+    :param actions: [n_envs, ...] actions from its distribution
+    :return: the actions for ``env.step``
+    """
+    space = policy.action_space
+    array = actions.cpu().numpy().reshape((-1, *space.shape))
+    if isinstance(space, spaces.Box):
+        array = policy.unscale_action(array) if policy.squash_output else np.clip(array, space.low, space.high)
+    return array

@@ -10,13 +10,16 @@ import time
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import policies, tmaze_eval
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import DOWN, RIGHT, UP
 from sb3_elmur.evaluation import EvaluationWorkerError, _actor, evaluate_tmaze, evaluate_tmaze_corridors
+from tests.dummy_envs import RandomLengthEnv
 
 th.set_num_threads(1)
 
@@ -87,6 +90,40 @@ def test_lean_actor_matches_predict(policy, deterministic):
         actions.append(act(obs, starts))
         np.testing.assert_array_equal(actions[-1], expected)
     assert len(np.unique(actions)) > 1
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("policy", ["ElmurPolicy", "MlpLstmPolicy"])
+@pytest.mark.parametrize("action_space", [spaces.Box(-0.5, 0.5, (2,), np.float32), spaces.MultiDiscrete([3, 4])])
+def test_lean_actor_matches_predict_on_box_and_multidiscrete_actions(action_space, policy, deterministic):
+    """Box actions come clipped to the bounds as from ``predict`` (they used to come raw: a Gaussian's mean and
+    samples are unbounded), MultiDiscrete actions as one row of sub-actions per env."""
+    th.manual_seed(0)
+    env = DummyVecEnv([lambda: RandomLengthEnv(action_space) for _ in range(3)])
+    kwargs = dict(d_model=16, n_heads=2, n_layers=1, memory_size=2, context_length=4) if policy == "ElmurPolicy" \
+        else dict(lstm_hidden_size=8)
+    model = RecurrentPPO(policy, env, policy_kwargs=kwargs, n_steps=8, seed=0)
+    with th.no_grad():  # Box: means far outside the bounds, on both sides
+        model.policy.action_net.weight.mul_(100.0)
+        if isinstance(action_space, spaces.Box):
+            model.policy.action_net.bias.copy_(th.tensor([3.0, -3.0]))
+    act = _actor(model, deterministic=deterministic)
+    rng = np.random.default_rng(0)
+    state, actions = None, []
+    for step in range(12):
+        obs = rng.uniform(-1, 1, size=(3, 3)).astype(np.float32)
+        starts = np.full(3, step == 0)
+        th.manual_seed(step)
+        expected, state = model.predict(obs, state=state, episode_start=starts, deterministic=deterministic)
+        th.manual_seed(step)
+        actions.append(act(obs, starts))
+        assert actions[-1].shape == expected.shape == (3, 2)
+        np.testing.assert_allclose(actions[-1], expected, rtol=0, atol=1e-6)
+        assert all(action_space.contains(action.astype(action_space.dtype)) for action in actions[-1])
+    if isinstance(action_space, spaces.Box):  # the clipping was exercised: actions at both bounds
+        assert (np.array(actions) == 0.5).any() and (np.array(actions) == -0.5).any()
+    else:
+        assert len(np.unique(np.array(actions).reshape(-1, 2), axis=0)) > 1
 
 
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
