@@ -285,11 +285,27 @@ class RecurrentBC(BaseAlgorithm):
         return policy.extract_features(obs_as_tensor(flat, self.device), policy.pi_features_extractor).view(n, t, -1)
 
     def _burn_in_state(self, prefixes: Any, prefix_segments: np.ndarray) -> Tuple[th.Tensor, th.Tensor]:
-        """The state after each window's prefix (the episode before it), as acting reaches it; without gradient."""
+        """The state after each window's prefix (the episode before it), as acting reaches it; without gradient.
+
+        In evaluation mode (no dropout) whatever mode training is in: acting runs without dropout, so a burn-in
+        with it would start the windows from states that acting never reaches.
+        """
         n = len(prefix_segments)
         initial = self._fresh_state(n)
         if not self.burn_in or prefix_segments.max() == 0:
             return initial
+        was_training = self.policy.training
+        self.policy.set_training_mode(False)
+        try:
+            return self._burn_in_state_eval(prefixes, prefix_segments, initial)
+        finally:
+            self.policy.set_training_mode(was_training)
+
+    def _burn_in_state_eval(
+        self, prefixes: Any, prefix_segments: np.ndarray, initial: Tuple[th.Tensor, th.Tensor]
+    ) -> Tuple[th.Tensor, th.Tensor]:
+        """:meth:`_burn_in_state` of windows that have prefixes, with the policy in evaluation mode."""
+        n = len(prefix_segments)
         ends = th.as_tensor(prefix_segments, device=self.device)
         with th.no_grad():
             if self._whole_windows():

@@ -92,6 +92,26 @@ def test_every_step_of_an_episode_is_a_target_even_past_the_last_whole_window(le
     assert (windows.mask.sum(axis=1) == np.minimum(window, length - starts)).all()
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_burn_in_runs_without_dropout_as_acting_does(detach):
+    """With dropout, the burn-in in training mode reaches the state acting (evaluation mode) reaches, every time,
+    and leaves the policy in the mode it was in (whole windows at once, and section by section)."""
+    dataset = make_tmaze_dataset(30, min_corridor=12, max_corridor=20, seed=3)
+    kwargs = dict(SMALL_ELMUR, dropout=0.5, attn_dropout=0.5, memory_dropout=0.5)
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), dataset, policy_kwargs=kwargs, sections=2, context_length=4,
+                        detach_between_sections=detach, seed=0)
+    windows = dataset.sample_windows(np.random.default_rng(2), 16, 8, 4)
+    assert windows.prefix_segments.max() >= 2
+    model.policy.set_training_mode(False)
+    acting = model._burn_in_state(windows.prefixes, windows.prefix_segments)
+    model.policy.set_training_mode(True)
+    for _ in range(2):
+        training = model._burn_in_state(windows.prefixes, windows.prefix_segments)
+        for expected, got in zip(acting, training):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert model.policy.training
+
+
 def test_dataset_errors_are_clear():
     with pytest.raises(ValueError, match="empty"):
         EpisodeDataset([])
