@@ -13,7 +13,7 @@ from stable_baselines3.common.utils import FloatSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import check_int
+from sb3_elmur.model import check_bool, check_int, check_max_grad_norm
 from sb3_elmur.policies import CnnElmurPolicy, ElmurActor, ElmurPolicy, MultiInputElmurPolicy
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
@@ -118,6 +118,11 @@ class ElmurPPO(RecurrentPPO):
         n_steps = check_int("n_steps", self.n_steps)
         self.sequence_length = check_int("sequence_length", self.sequence_length)
         self.memory_horizon = check_int("memory_horizon", self.memory_horizon, minimum=0)
+        # None: one minibatch of the whole rollout (the buffer's get); 0 would be taken as that too, silently.
+        if self.batch_size is not None:
+            self.batch_size = check_int("batch_size", self.batch_size)
+        self.max_grad_norm = check_max_grad_norm(self.max_grad_norm)
+        self.compile_acting = check_bool("compile_acting", self.compile_acting)
         self.rollout_buffer = ElmurRolloutBuffer(
             n_steps, self.observation_space, self.action_space, self.policy.elmur_config, self.device,
             gamma=self.gamma, gae_lambda=self.gae_lambda, n_envs=self.n_envs,

@@ -134,10 +134,19 @@ def test_dataset_errors_are_clear():
     (dict(sections=2.5), "sections must be a positive integer, got 2.5"),
     (dict(context_length=True), "context_length must be a positive integer, got True"),
     (dict(final_action_coef=-1.0), "final_action_coef must be >= 0, got -1.0"),
+    (dict(max_grad_norm=-1.0), r"max_grad_norm must be > 0 \(the largest gradient norm kept\), got -1.0"),
+    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
+    (dict(label_smoothing=-0.5), r"label_smoothing must be in \[0, 1\), got -0.5"),
+    (dict(label_smoothing=2.0), r"label_smoothing must be in \[0, 1\), got 2.0"),
+    (dict(label_smoothing=float("nan")), "label_smoothing must be a finite number, got nan"),
+    (dict(burn_in="no"), "burn_in must be True or False, got 'no'"),
+    (dict(detach_between_sections="False"), "detach_between_sections must be True or False, got 'False'"),
+    (dict(policy_kwargs=dict(SMALL_ELMUR, shared_backbone="False")), "shared_backbone must be True or False"),
 ])
 def test_bad_sizes_are_named(kwargs, message):
+    kwargs = {"policy_kwargs": SMALL_ELMUR, **kwargs}
     with pytest.raises(ValueError, match=message):
-        RecurrentBC("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR, **kwargs)
+        RecurrentBC("ElmurPolicy", _tmaze_env(), **kwargs)
 
 
 def test_minari_roundtrip_and_dataset_id(tmp_path):
