@@ -7,7 +7,6 @@ and dataset makers (T-Maze oracle demonstrations; episodes of any SB3 policy on 
 """
 
 import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sb3_elmur.envs import TMazeEnv, TMazeOracle
+from sb3_elmur.utils import LockedError, exclusive_lock
 
 Observations = Union[np.ndarray, Dict[str, np.ndarray]]
 
@@ -347,41 +347,22 @@ class EpisodeDataset:
 @contextlib.contextmanager
 def _exclusive_write(dataset_id: str, root: Path) -> Iterator[None]:
     """Hold an exclusive lock on writing ``dataset_id`` into the datasets folder ``root`` (a hidden lock file there,
-    removed on release), or refuse at once if another process or thread holds it.
+    removed on release), or refuse at once if another process holds it.
 
     :param dataset_id: the Minari id being written
     :param root: Minari's datasets folder
     :raise FileExistsError: if another write of ``dataset_id`` holds the lock
     """
-    # flock, not O_EXCL: the kernel releases it when its holder dies, so a killed write blocks nothing afterwards.
-    # '+' cannot occur in an id, so two ids never share a lock file.
+    # Hidden: Minari lists only the folders that are not. '+' cannot occur in an id: two ids never share a lock.
     path = root / f".sb3_elmur-lock-{dataset_id.replace('/', '+')}"
-    root.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FileExistsError(
-                f"the Minari dataset {dataset_id!r} is being written by another process (it holds {path}): wait for "
-                "it to finish (then pass overwrite=True, command line: --overwrite, to replace its dataset), or write "
-                "another id"
-            ) from None
-        # The holder before us removes the file before it unlocks: a lock on a file no longer at ``path`` locks
-        # nothing that others see, so open the current one again.
-        try:
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
     try:
-        yield
-    finally:
-        os.unlink(path)  # still locked: a writer that opened it meanwhile finds it gone and opens a new one
-        os.close(fd)
+        with exclusive_lock(path):
+            yield  # the write raises no LockedError of its own: one here is the lock's
+    except LockedError as error:
+        raise FileExistsError(
+            f"the Minari dataset {dataset_id!r} is being written by another process ({error}): wait for it to "
+            "finish (then pass overwrite=True, command line: --overwrite, to replace its dataset), or write another id"
+        ) from None
 
 
 def _import_minari() -> Any:
