@@ -15,7 +15,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import _check_corridor_length, _check_variant
-from sb3_elmur.model import check_int
+from sb3_elmur.model import check_bool, check_int
 from sb3_elmur.policies import ElmurActor, ElmurPolicy, fresh_recurrent_state
 
 # Seconds a stopped worker gets to exit after SIGTERM before it is killed.
@@ -102,6 +102,7 @@ def evaluate_tmaze_corridors(
     """
     corridor_lengths = check_tmaze_evaluation(corridor_lengths, n_episodes, n_workers)
     _check_variant(variant)
+    deterministic, compile = check_bool("deterministic", deterministic), check_bool("compile", compile)
     probe = TMazeVecEnv(1, corridor_length=corridor_lengths[0], variant=variant)
     check_model_spaces(model, probe.observation_space, probe.action_space, f"the T-Maze ({variant})")
     probe.close()
@@ -373,6 +374,7 @@ def evaluate_success(
     """
     try:
         check_int("max_steps", max_steps)
+        deterministic, compile = check_bool("deterministic", deterministic), check_bool("compile", compile)
         check_model_spaces(model, env.observation_space, env.action_space, f"the env {type(env).__name__}")
     except ValueError:
         env.close()  # as promised: closed whatever happens

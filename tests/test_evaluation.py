@@ -152,6 +152,8 @@ def test_worker_errors_are_reported():
         (dict(n_episodes=0), "n_episodes must be a positive integer, got 0"),
         (dict(corridor_length=0), "`corridor_length` must be an int >= 1, got 0"),
         (dict(variant="active"), "`variant` must be one of"),
+        (dict(deterministic="False"), "deterministic must be True or False, got 'False'"),
+        (dict(compile="no"), "compile must be True or False, got 'no'"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
