@@ -26,7 +26,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
 from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
-from sb3_elmur.model import ElmurState, check_float, check_int
+from sb3_elmur.model import ElmurState, check_bool, check_float, check_int, check_max_grad_norm
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy, fresh_recurrent_state
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
@@ -67,7 +67,7 @@ class RecurrentBC(BaseAlgorithm):
         its episode ends with, through a linear head on the actor's latent that only training uses (0: off). On tasks
         whose decisive action comes at the end (T-Maze, noisy recall with a waiting expert) it asks memory to hold
         what decides it at every step, as an expert that names the cue at every step does
-    :param max_grad_norm: gradient clipping
+    :param max_grad_norm: largest norm of the gradient (clipped to it), > 0
     :param policy_kwargs: keyword arguments of the policy
     :param tensorboard_log: tensorboard log folder
     :param verbose: 0 none, 1 training information
@@ -128,16 +128,19 @@ class RecurrentBC(BaseAlgorithm):
         self.batch_size = check_int("batch_size", batch_size)
         self.sections = check_int("sections", sections)
         self.context_length = None if context_length is None else check_int("context_length", context_length)
-        self.detach_between_sections = detach_between_sections
-        self.burn_in = burn_in
-        self.label_smoothing = label_smoothing
+        self.detach_between_sections = check_bool("detach_between_sections", detach_between_sections)
+        self.burn_in = check_bool("burn_in", burn_in)
+        self.label_smoothing = check_float("label_smoothing", label_smoothing)
+        # torch takes [0, 1]; 1 is uniform targets, which teaches nothing, so it is refused too.
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.continuous_loss = continuous_loss
         self.final_action_coef = check_float("final_action_coef", final_action_coef)
         if self.final_action_coef < 0.0:
             raise ValueError(f"final_action_coef must be >= 0, got {final_action_coef!r}")
         if self.final_action_coef > 0.0 and not isinstance(self.action_space, spaces.Discrete):
             raise ValueError(f"final_action_coef needs a Discrete action space, got {self.action_space}")
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.dataset: Optional[EpisodeDataset] = None
         if dataset is not None:
             self.set_dataset(dataset)
@@ -285,11 +288,27 @@ class RecurrentBC(BaseAlgorithm):
         return policy.extract_features(obs_as_tensor(flat, self.device), policy.pi_features_extractor).view(n, t, -1)
 
     def _burn_in_state(self, prefixes: Any, prefix_segments: np.ndarray) -> Tuple[th.Tensor, th.Tensor]:
-        """The state after each window's prefix (the episode before it), as acting reaches it; without gradient."""
+        """The state after each window's prefix (the episode before it), as acting reaches it; without gradient.
+
+        In evaluation mode (no dropout) whatever mode training is in: acting runs without dropout, so a burn-in
+        with it would start the windows from states that acting never reaches.
+        """
         n = len(prefix_segments)
         initial = self._fresh_state(n)
         if not self.burn_in or prefix_segments.max() == 0:
             return initial
+        was_training = self.policy.training
+        self.policy.set_training_mode(False)
+        try:
+            return self._burn_in_state_eval(prefixes, prefix_segments, initial)
+        finally:
+            self.policy.set_training_mode(was_training)
+
+    def _burn_in_state_eval(
+        self, prefixes: Any, prefix_segments: np.ndarray, initial: Tuple[th.Tensor, th.Tensor]
+    ) -> Tuple[th.Tensor, th.Tensor]:
+        """:meth:`_burn_in_state` of windows that have prefixes, with the policy in evaluation mode."""
+        n = len(prefix_segments)
         ends = th.as_tensor(prefix_segments, device=self.device)
         with th.no_grad():
             if self._whole_windows():

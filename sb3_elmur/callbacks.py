@@ -145,9 +145,13 @@ class ElmurTensorboardCallback(BaseCallback):
         try:
             with th.no_grad():
                 if isinstance(buffer, ElmurRolloutBuffer):
-                    # Its training sequences, all at once (burn-in steps included).
+                    # Its training sequences, all at once. They hold steps that are not the rollout's, or not once:
+                    # burn-in steps before a sequence (an earlier sequence's, or the previous rollout's) and padding
+                    # that repeats a row's last step; only the steps the losses count (``mask``) are measured.
                     data = buffer._samples(buffer.sequences())
-                    starts = data.episode_starts.reshape(data.lstm_states.step.shape[0], -1) > 0.5
+                    n_rows = data.lstm_states.step.shape[0]
+                    starts = data.episode_starts.reshape(n_rows, -1) > 0.5
+                    records.token_mask = data.mask.reshape(n_rows, -1) > 0.5
                     self.model.policy.backbone_sequences(data.observations, data.lstm_states, starts)
                 else:
                     self.backbone(*self._rollout_inputs())
@@ -187,10 +191,14 @@ class AttentionRecorder:
     ``ElmurModel`` lays a pass's tokens out as a grid of segments [N, S, K] that is zero where no token exists
     (after a row's last step, and whole segments of rows that have fewer segments than others); self-attention
     runs on the whole grid per layer, the memory read on one segment at a time. A pre-hook on the model records
-    which grid positions hold tokens.
+    which grid positions hold tokens; of those, only the ones :attr:`token_mask` marks count, if set.
 
     :param model: the ELMUR model (``ElmurModel``); call :meth:`remove` when done
     """
+
+    #: [N, T] bool for the inputs of the next passes: the steps to measure (None: every step). Steps that are in a
+    #: pass only as context (burn-in, padding) change the tokens after them but are not measured themselves.
+    token_mask: Optional[th.Tensor] = None
 
     def __init__(self, model: ElmurModel) -> None:
         self.n_layers = len(model.layers)
@@ -218,7 +226,11 @@ class AttentionRecorder:
         starts = th.zeros(n, t, dtype=th.bool, device=x.device) if starts is None else starts.to(x.device, th.bool)
         plan = model._plan(state.step, starts)
         grid = th.zeros(n, plan.reset.shape[1], model.config.context_length, dtype=th.bool, device=x.device)
-        self._grid = grid.index_put(plan.grid_index(), th.ones_like(starts))
+        tokens = th.ones_like(starts) if self.token_mask is None else self.token_mask.to(x.device, th.bool)
+        if tokens.shape != starts.shape:
+            raise ValueError(f"AttentionRecorder.token_mask has shape {tuple(tokens.shape)}, the pass's inputs are "
+                             f"{tuple(starts.shape)} (rows, steps)")
+        self._grid = grid.index_put(plan.grid_index(), tokens)
 
     def _end_pass(self, model: ElmurModel, args: Tuple[Any, ...], output: Any) -> None:
         if self._grid is None:

@@ -741,8 +741,10 @@ def check_runs(specs: List[Dict[str, Any]]) -> None:
 def load_checkpoint(algo: type, checkpoint: Path, record: Dict[str, Any], env: Any, device: str) -> Optional[Any]:
     """The run's model from its checkpoint, or None (with a log line saying why) to start the run from step 0.
 
-    A checkpoint that cannot be loaded (e.g. one written in place by an older version and cut short by a kill) is
-    renamed ``*.broken`` (kept for inspection) rather than failing every later session of the run.
+    A checkpoint that cannot be loaded (e.g. one written in place by an older version and cut short by a kill), or
+    that holds a model of another configuration than the run's spec (another policy, policy or PPO keyword
+    arguments: its run would "finish" with the wrong model), is renamed ``*.broken`` (kept for inspection) rather
+    than failing every later session of the run or being trained on.
 
     :param algo: the algorithm class
     :param checkpoint: the run's checkpoint file
@@ -757,16 +759,46 @@ def load_checkpoint(algo: type, checkpoint: Path, record: Dict[str, Any], env: A
         print(f"no checkpoint {checkpoint} for step {record['num_timesteps']}: restarting the run from step 0", flush=True)
         return None
     problem = _zip_problem(checkpoint)
+    model = None
+    if problem is None:
+        # Other errors (e.g. a bad --device) are not the checkpoint's fault: they fail the run, checkpoint kept.
+        model = algo.load(checkpoint, env=env, device=device)
+        problem = _configuration_mismatch(model, record["spec"])
     if problem is not None:
         broken = checkpoint.with_name(checkpoint.name + ".broken")
         os.replace(checkpoint, broken)
-        print(
-            f"cannot load the checkpoint {checkpoint} ({problem}): kept as {broken}, restarting the run from step 0",
-            flush=True,
-        )
+        verb = "cannot load" if model is None else "cannot resume from"
+        print(f"{verb} the checkpoint {checkpoint} ({problem}): kept as {broken}, restarting the run from step 0",
+              flush=True)
         return None
-    # Other errors (e.g. a bad --device) are not the checkpoint's fault: they fail the run, checkpoint kept.
-    return algo.load(checkpoint, env=env, device=device)
+    return model
+
+
+def _configuration_mismatch(model: Any, spec: Dict[str, Any]) -> Optional[str]:
+    """How the configuration of a loaded checkpoint differs from the run's spec (``load`` builds the model the zip
+    describes, whatever the spec says), or None if it does not.
+
+    :param model: the model loaded from the checkpoint
+    :param spec: the run's spec
+    :return: the differences, naming each setting with the checkpoint's and the spec's value
+    """
+    differences = []
+    _, policy_class = resolve_policy(spec["policy"])
+    if type(model.policy) is not policy_class:
+        differences.append(f"policy {type(model.policy).__name__} against {policy_class.__name__}")
+    expected = resolve_classes(spec["policy_kwargs"])
+    saved = dict(model.policy_kwargs or {})
+    for key in sorted(set(expected) | set(saved)):
+        if saved.get(key, "(unset)") != expected.get(key, "(unset)"):
+            differences.append(f"policy_kwargs {key}={saved.get(key, '(unset)')!r} against {expected.get(key, '(unset)')!r}")
+    for key, value in sorted(spec["ppo_kwargs"].items()):
+        # Plain values only: the algorithm turns some (clip_range, ...) into schedules when it sets up.
+        saved_value = getattr(model, key, None)
+        if isinstance(saved_value, (bool, int, float, str)) and saved_value != value:
+            differences.append(f"{key}={saved_value!r} against {value!r}")
+    if not differences:
+        return None
+    return "a model of another configuration, the checkpoint's against the run's: " + ", ".join(differences)
 
 
 def _zip_problem(path: Path) -> Optional[str]:

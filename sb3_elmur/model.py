@@ -114,6 +114,34 @@ def check_memory(n_bytes: int, what: str, advice: str, device: Optional[torch.de
         )
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a boolean argument: True or False (a numpy bool too).
+
+    :param name: name of the argument, for the error message
+    :param value: the value to check
+    :return: ``value`` as a plain ``bool``
+    """
+    # A string such as "False" or "no" (from a config file or a command line) would silently count as True.
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_max_grad_norm(value: Any, name: str = "max_grad_norm") -> float:
+    """Validate a gradient-clipping norm: a finite number > 0.
+
+    :param value: the value to check
+    :param name: name of the argument, for the error message
+    :return: ``value`` as a plain ``float``
+    """
+    # torch's clip_grad_norm_ scales the gradient by max_norm / norm: a negative norm turns descent into ascent,
+    # 0 zeroes every gradient (no learning). Neither is an error there.
+    value = check_float(name, value)
+    if value <= 0.0:
+        raise ValueError(f"{name} must be > 0 (the largest gradient norm kept), got {value!r}")
+    return value
+
+
 @dataclass
 class ElmurConfig:
     """Hyper-parameters of :class:`ElmurModel`.
@@ -175,11 +203,7 @@ class ElmurConfig:
         for name in ("alpha", "memory_init_std", "dropout", "attn_dropout", "memory_dropout"):
             setattr(self, name, check_float(f"ElmurConfig.{name}", getattr(self, name)))
         for name in ("use_memory_read", "use_memory_write", "use_distance_bias", "detach_memory"):
-            value = getattr(self, name)
-            # A string such as "False" would silently count as True.
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"ElmurConfig.{name} must be True or False, got {value!r}")
-            setattr(self, name, bool(value))
+            setattr(self, name, check_bool(f"ElmurConfig.{name}", getattr(self, name)))
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"ElmurConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 < self.alpha <= 1.0:

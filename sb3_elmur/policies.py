@@ -26,7 +26,7 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
-from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, select_rows
+from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState, check_bool, select_rows
 
 # float32 holds every integer up to 2**24 exactly: slot positions and step counters stay exact up to there.
 MAX_EXACT_STEP = 2**24
@@ -357,6 +357,9 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
     ) -> None:
         if use_sde:
             raise ValueError("ElmurPolicy does not support gSDE (use_sde=True): use the default Gaussian noise")
+        shared_backbone = check_bool("shared_backbone", shared_backbone)
+        detach_critic = check_bool("detach_critic", detach_critic)
+        share_features_extractor = check_bool("share_features_extractor", share_features_extractor)
         if shared_backbone and not share_features_extractor:
             raise ValueError("shared_backbone=True needs share_features_extractor=True")
         check_net_arch(net_arch)

@@ -14,7 +14,7 @@ from stable_baselines3.common.utils import FloatSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import check_int, check_memory, format_bytes
+from sb3_elmur.model import check_bool, check_int, check_max_grad_norm, check_memory, format_bytes
 from sb3_elmur.utils import check_device
 from sb3_elmur.policies import CnnElmurPolicy, ElmurActor, ElmurPolicy, MultiInputElmurPolicy
 
@@ -141,6 +141,11 @@ class ElmurPPO(RecurrentPPO):
             self.memory_horizon = n_steps
         self.sequence_length = check_int("sequence_length", self.sequence_length)
         self.memory_horizon = check_int("memory_horizon", self.memory_horizon, minimum=0)
+        # None: one minibatch of the whole rollout (the buffer's get); 0 would be taken as that too, silently.
+        if self.batch_size is not None:
+            self.batch_size = check_int("batch_size", self.batch_size)
+        self.max_grad_norm = check_max_grad_norm(self.max_grad_norm)
+        self.compile_acting = check_bool("compile_acting", self.compile_acting)
         self.policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule,
                                         **self.policy_kwargs).to(self.device)
         if not self.policy.shared_backbone:

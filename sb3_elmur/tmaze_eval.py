@@ -5,19 +5,21 @@
 
 Each length runs --episodes episodes (half with each cue) as one batch and prints its line; a table follows.
 --out is checked before the model loads, and rewritten (atomically) after every corridor, so that the results
-of the corridors already done survive a later failure ("complete": false until the last one is in).
+of the corridors already done survive a later failure ("complete": false until the last one is in). A run holds a
+lock on --out (a hidden file beside it) until it ends: a second run on the same --out refuses at once.
 """
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from sb3_elmur.evaluation import EvaluationWorkerError, TMazeResult, evaluate_tmaze_corridors
-from sb3_elmur.utils import load_algorithm, positive_int_argument, write_json_atomically
+from sb3_elmur.utils import LockedError, exclusive_lock, load_algorithm, positive_int_argument, write_json_atomically
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -42,6 +44,30 @@ def check_out(path: Path, overwrite: bool) -> None:
             pass
     except OSError as error:
         raise ValueError(f"cannot write --out {path}: {error}") from error
+
+
+def out_lock_path(out: Path) -> Path:
+    """The lock file of a run writing ``out``: hidden, beside it."""
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def _lock_out(parser: argparse.ArgumentParser, out: Optional[Path], overwrite: bool) -> Iterator[None]:
+    """Hold the lock on ``out`` for the run (nothing if None), or exit with an error naming the run that holds it;
+    under the lock, check ``out`` again: a run that finished since the first check has written it."""
+    if out is None:
+        yield
+        return
+    try:
+        with exclusive_lock(out_lock_path(out)):
+            try:
+                check_out(out, overwrite)
+            except ValueError as error:
+                parser.error(str(error))
+            yield  # the evaluation takes no lock of its own: a LockedError here is ours
+    except LockedError as error:
+        parser.error(f"--out {out} is being written by another tmaze_eval run ({error}): wait for it to end, or "
+                     "choose another file")
 
 
 def _record(result: TMazeResult, record: Dict[str, Any], out: Optional[Path], n_corridors: int) -> None:
@@ -93,7 +119,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     if not Path(args.model).is_file() and not Path(f"{args.model}.zip").is_file():
         parser.error(f"model file not found: {args.model}")
     torch.set_num_threads(1)
+    with _lock_out(parser, out, args.overwrite):
+        return _evaluate(parser, args, out)
 
+
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Optional[Path]) -> List[Dict[str, float]]:
+    """Load the model, evaluate it at every corridor length, write and print the results; :return: the rows."""
     model = load_algorithm(args.algo, args.model, device="cpu")
     record: Dict[str, Any] = {
         "model": args.model, "algo": args.algo, "episodes": args.episodes, "variant": args.variant,
@@ -101,17 +132,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         "compile_seconds": 0.0, "complete": False, "results": [],
     }
     rows = record["results"]
-    results = evaluate_tmaze_corridors(
-        model,
-        args.corridors,
-        n_episodes=args.episodes,
-        variant=args.variant,
-        deterministic=not args.stochastic,
-        seed=args.seed,
-        progress_bar=not args.no_progress,
-        n_workers=args.workers,
-        compile=args.compile,
-    )
+    try:
+        results = evaluate_tmaze_corridors(
+            model,
+            args.corridors,
+            n_episodes=args.episodes,
+            variant=args.variant,
+            deterministic=not args.stochastic,
+            seed=args.seed,
+            progress_bar=not args.no_progress,
+            n_workers=args.workers,
+            compile=args.compile,
+        )
+    except ValueError as error:  # checked before any episode: a model of another env's spaces
+        parser.error(f"{args.model}: {error}")
     try:
         for result in results:
             _record(result, record, out, len(args.corridors))

@@ -1,12 +1,14 @@
 """Small helpers shared by the command-line tools."""
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 
@@ -16,6 +18,52 @@ from sb3_elmur.model import check_int
 _RECURRENT_BC_KEYS = {"sections", "continuous_loss", "detach_between_sections"}
 # Tag of the temporary files of atomic writes (".seed0.json.<random>.tmp.json").
 TMP_TAG = ".tmp"
+
+
+class LockedError(FileExistsError):
+    """Another process (or another open of the file in this one) holds an :func:`exclusive_lock`."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the lock file ``path`` (created, with this process's pid in it, and removed on
+    release), or refuse at once if it is held.
+
+    flock, not a file created with O_EXCL: the kernel releases it when its holder dies, so a killed process leaves
+    no lock that blocks the next run (only, at worst, a stale file, which the next holder takes over).
+
+    :param path: the lock file (its folder is created)
+    :raise LockedError: if the lock is held; the message names the file and the holder's pid
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = f"process {int(path.read_text())}"
+            except (OSError, ValueError):  # not written yet, or removed meanwhile
+                holder = "another process"
+            raise LockedError(f"{holder} holds the lock {path}") from None
+        # The holder before us removes the file before it unlocks: a lock on a file no longer at ``path`` locks
+        # nothing that others see, so open the current one again.
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.unlink(path)  # still locked: a process that opened it meanwhile finds it gone and opens a new one
+        os.close(fd)
 
 
 def positive_int_argument(text: str) -> int:

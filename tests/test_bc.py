@@ -74,6 +74,44 @@ def test_windows_start_at_segment_boundaries_as_early_as_possible():
     np.testing.assert_array_equal(obs[lengths == 3][:, 3:], 0.0)
 
 
+@pytest.mark.parametrize("length, sections, segment", [(35, 3, 10), (130, 5, 20), (40, 3, 4), (7, 2, 4)])
+def test_every_step_of_an_episode_is_a_target_even_past_the_last_whole_window(length, sections, segment):
+    """An episode whose length leaves a remainder after the last full window (35 steps, windows of 30; 130 steps,
+    windows of 5 x 20) is still sampled to its end, from windows that start at segment boundaries."""
+    window = sections * segment
+    observations = np.arange(length, dtype=np.float32)[:, None]  # each step's index
+    dataset = EpisodeDataset([Episode(observations, np.zeros(length, dtype=np.int64))])
+    windows = dataset.sample_windows(np.random.default_rng(0), 400, window, segment)
+    targets = windows.observations[..., 0][windows.mask > 0]
+    assert set(targets.astype(int)) == set(range(length))
+    starts = windows.observations[:, 0, 0].astype(int)
+    assert (starts % segment == 0).all()
+    np.testing.assert_array_equal(windows.prefix_segments * segment, starts)
+    # the last start is the first boundary whose window reaches the end: no window is only padding past it
+    assert starts.max() == max(0, -(-(length - window) // segment) * segment)
+    assert (windows.mask.sum(axis=1) == np.minimum(window, length - starts)).all()
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_burn_in_runs_without_dropout_as_acting_does(detach):
+    """With dropout, the burn-in in training mode reaches the state acting (evaluation mode) reaches, every time,
+    and leaves the policy in the mode it was in (whole windows at once, and section by section)."""
+    dataset = make_tmaze_dataset(30, min_corridor=12, max_corridor=20, seed=3)
+    kwargs = dict(SMALL_ELMUR, dropout=0.5, attn_dropout=0.5, memory_dropout=0.5)
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), dataset, policy_kwargs=kwargs, sections=2, context_length=4,
+                        detach_between_sections=detach, seed=0)
+    windows = dataset.sample_windows(np.random.default_rng(2), 16, 8, 4)
+    assert windows.prefix_segments.max() >= 2
+    model.policy.set_training_mode(False)
+    acting = model._burn_in_state(windows.prefixes, windows.prefix_segments)
+    model.policy.set_training_mode(True)
+    for _ in range(2):
+        training = model._burn_in_state(windows.prefixes, windows.prefix_segments)
+        for expected, got in zip(acting, training):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert model.policy.training
+
+
 def test_dataset_errors_are_clear():
     with pytest.raises(ValueError, match="empty"):
         EpisodeDataset([])
@@ -96,10 +134,19 @@ def test_dataset_errors_are_clear():
     (dict(sections=2.5), "sections must be a positive integer, got 2.5"),
     (dict(context_length=True), "context_length must be a positive integer, got True"),
     (dict(final_action_coef=-1.0), "final_action_coef must be >= 0, got -1.0"),
+    (dict(max_grad_norm=-1.0), r"max_grad_norm must be > 0 \(the largest gradient norm kept\), got -1.0"),
+    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
+    (dict(label_smoothing=-0.5), r"label_smoothing must be in \[0, 1\), got -0.5"),
+    (dict(label_smoothing=2.0), r"label_smoothing must be in \[0, 1\), got 2.0"),
+    (dict(label_smoothing=float("nan")), "label_smoothing must be a finite number, got nan"),
+    (dict(burn_in="no"), "burn_in must be True or False, got 'no'"),
+    (dict(detach_between_sections="False"), "detach_between_sections must be True or False, got 'False'"),
+    (dict(policy_kwargs=dict(SMALL_ELMUR, shared_backbone="False")), "shared_backbone must be True or False"),
 ])
 def test_bad_sizes_are_named(kwargs, message):
+    kwargs = {"policy_kwargs": SMALL_ELMUR, **kwargs}
     with pytest.raises(ValueError, match=message):
-        RecurrentBC("ElmurPolicy", _tmaze_env(), policy_kwargs=SMALL_ELMUR, **kwargs)
+        RecurrentBC("ElmurPolicy", _tmaze_env(), **kwargs)
 
 
 def test_minari_roundtrip_and_dataset_id(tmp_path):

@@ -132,6 +132,31 @@ def test_read_share_measures_the_memory_branch():
     assert callback.read_share_of_last_rollout() == [0.0, 1.0]
 
 
+def test_elmur_ppo_read_share_counts_each_rollout_step_once():
+    """ElmurPPO's training sequences hold burn-in steps (``memory_horizon``) and padding besides the rollout's
+    steps: the share is that of the rollout's steps, each once, as one pass over each env's rollout measures it."""
+    env = make_vec_env(lambda: gym.make("sb3_elmur/PassiveTMaze-v0", corridor_length=10), n_envs=4, seed=0)
+    model = ElmurPPO("ElmurPolicy", env, n_steps=32, batch_size=64, n_epochs=1, seed=0, sequence_length=8,
+                     memory_horizon=8, policy_kwargs=SMALL)
+    callback = ElmurTensorboardCallback()
+    _collect_one_rollout(model, callback)
+    shares = callback.read_share_of_last_rollout()
+    # The first rollout starts from a fresh memory: one pass per env over its 32 steps is the reference.
+    buffer, h = model.rollout_buffer, model.rollout_buffer.history_length
+    assert buffer.history_filled == 0
+    observations = buffer.observations[h : h + 32].transpose(0, 1).flatten(0, 1)
+    starts = buffer.episode_starts[h : h + 32].transpose(0, 1)
+    backbone = model.policy.lstm_actor.model
+    recorder = AttentionRecorder(backbone)
+    try:
+        with torch.no_grad():
+            model.policy.backbone_sequences(observations, backbone.initial_state(4), starts)
+    finally:
+        recorder.remove()
+    assert recorder.n_tokens == 4 * 32
+    np.testing.assert_allclose(shares, recorder.read_shares(), rtol=0, atol=1e-5)
+
+
 def test_read_share_not_measured_without_memory_read():
     model = _tmaze_model(corridor_length=10, use_memory_read=False)
     callback = ElmurTensorboardCallback()

@@ -320,6 +320,40 @@ def test_unloadable_checkpoint_restarts_the_run_and_is_kept(tmp_path, capsys):
     assert not checkpoint.exists() and path.with_name("seed0_model.zip").exists()
 
 
+def test_checkpoint_of_another_configuration_is_kept_aside_and_the_run_restarts(tmp_path, capsys):
+    """A d_model 8 checkpoint under a d_model 16 spec used to be resumed: the run "finished" with the wrong model
+    (and parameter count) and a history mixed from both."""
+    out = tmp_path / "out"
+    small = dict(n_layers=1, n_heads=2, memory_size=2, context_length=4)
+    settings = _settings(
+        policies=["ElmurPolicy"], timesteps=256, n_envs=4, eval_freq=128, eval_episodes=2, ppo_kwargs={"n_steps": 32},
+        env_kwargs={TMAZE: {"corridor_length": CORRIDOR}}, policy_kwargs={"ElmurPolicy": dict(small, d_model=16)},
+    )  # fmt: skip
+    (spec,) = build_specs(settings)
+    prepared = prepare_runs(out, [spec], OPTIONS)
+    (path,) = prepared.to_run
+    prepared.release()
+    record = read_record(path)
+    record.update(status="unfinished", num_timesteps=128)
+    record["evaluations"] = dict(timesteps=[0, 128], mean_return=[9.0, 9.0], std_return=[0, 0], mean_length=[1, 1])
+    utils.write_json_atomically(path, record)
+    algo, (_, policy_class) = utils.algorithm_class(spec["algo"]), compare.resolve_policy(spec["policy"])
+    other = algo(policy_class, compare.make_env(spec, 4, 0), policy_kwargs=dict(small, d_model=8), n_steps=32)
+    other.num_timesteps = 128
+    checkpoint = path.with_name("seed0_checkpoint.zip")
+    other.save(checkpoint)
+    saved = checkpoint.read_bytes()
+    expected = algo(policy_class, compare.make_env(spec, 4, 0), policy_kwargs=dict(small, d_model=16), n_steps=32)
+    assert run_worker(path) == 0
+    log = capsys.readouterr().out
+    assert "cannot resume from the checkpoint" in log and "d_model=8 against 16" in log and "resuming" not in log
+    record = read_record(path)
+    assert record["status"] == "finished" and record["num_timesteps"] == 256
+    assert record["n_parameters"] == sum(p.numel() for p in expected.policy.parameters())
+    assert record["evaluations"]["timesteps"] == [0, 128, 256] and 9.0 not in record["evaluations"]["mean_return"]
+    assert checkpoint.with_name("seed0_checkpoint.zip.broken").read_bytes() == saved
+
+
 def test_interrupted_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "seed0_checkpoint.zip"
     target.write_bytes(b"previous checkpoint")

@@ -1,4 +1,7 @@
+import multiprocessing
 import os
+import re
+import time
 import warnings
 
 import gymnasium as gym
@@ -143,6 +146,82 @@ def test_to_minari_overwrites_only_when_asked_and_keeps_the_old_dataset_on_failu
     assert minari.list_local_datasets().keys() == {"tmaze/oracle-v0"}
     make_tmaze_dataset(2, seed=0).to_minari("plain-v1", env="sb3_elmur/TMaze-v0")  # no namespace
     assert len(EpisodeDataset.from_minari("plain-v1")) == 2
+
+
+def test_two_concurrent_writers_of_one_id_the_second_refuses(minari_folder, monkeypatch):
+    """Two processes write one id at once, without overwrite: one writes, the other refuses (it used to replace the
+    first one's complete dataset) and the dataset is the first one's."""
+    import minari
+
+    original = minari.create_dataset_from_buffers
+
+    def slow_write(*args, **kwargs):  # holds the lock long enough for the other writer to meet it
+        time.sleep(1.0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", slow_write)
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+
+    def write(n_episodes):
+        torch.set_num_threads(1)
+        barrier.wait()
+        try:
+            make_tmaze_dataset(n_episodes, seed=0).to_minari("tmaze/race-v0", env="sb3_elmur/TMaze-v0")
+            results.put((n_episodes, "wrote"))
+        except FileExistsError as error:
+            results.put((n_episodes, str(error)))
+
+    writers = [context.Process(target=write, args=(n,)) for n in (3, 5)]
+    for writer in writers:
+        writer.start()
+    outcomes = dict(results.get(timeout=120) for _ in writers)
+    for writer in writers:
+        writer.join(30)
+    assert list(outcomes.values()).count("wrote") == 1, outcomes  # both wrote, before the lock
+    (winner,) = [n for n, outcome in outcomes.items() if outcome == "wrote"]
+    (refusal,) = [outcome for outcome in outcomes.values() if outcome != "wrote"]
+    assert re.search("'tmaze/race-v0' (is being written by another process|already exists)", refusal)
+    monkeypatch.undo()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(minari_folder))
+    assert len(EpisodeDataset.from_minari("tmaze/race-v0")) == winner
+    assert sorted(os.listdir(minari_folder)) == ["tmaze"]  # no lock file or staging folder left
+
+
+def test_a_write_refuses_an_id_locked_or_written_since_its_first_check(minari_folder, monkeypatch, capsys):
+    dataset = make_tmaze_dataset(3, seed=0)
+    with datasets._exclusive_write("tmaze/locked-v0", minari_folder):
+        with pytest.raises(FileExistsError, match="'tmaze/locked-v0' is being written by another process"):
+            dataset.to_minari("tmaze/locked-v0", env="sb3_elmur/TMaze-v0")
+        with pytest.raises(SystemExit) as exit_info:
+            datasets_main(["tmaze", "--dataset-id", "tmaze/locked-v0", "--episodes", "3"])
+        assert exit_info.value.code == 1
+        output = capsys.readouterr()
+        assert "is being written by another process" in output.err and "wrote" not in output.out
+    assert not (minari_folder / "tmaze" / "locked-v0").exists()
+
+    # Another writer finishes between this write's first check of the id and its lock: checked again under it.
+    original_check = EpisodeDataset._check_env_spaces
+
+    def other_writer_finishes(self, env):
+        original_check(self, env)
+        monkeypatch.setattr(EpisodeDataset, "_check_env_spaces", original_check)
+        make_tmaze_dataset(5, seed=1).to_minari("tmaze/raced-v0", env="sb3_elmur/TMaze-v0")
+
+    monkeypatch.setattr(EpisodeDataset, "_check_env_spaces", other_writer_finishes)
+    with pytest.raises(FileExistsError, match="'tmaze/raced-v0' already exists"):
+        dataset.to_minari("tmaze/raced-v0", env="sb3_elmur/TMaze-v0")
+    assert len(EpisodeDataset.from_minari("tmaze/raced-v0")) == 5
+
+
+def test_to_minari_checks_the_episodes_against_the_env_it_declares(minari_folder):
+    """T-Maze episodes (actions 0..3) written for CartPole (Discrete(2)) used to give a dataset that declares
+    Discrete(2) and holds action 3."""
+    with pytest.raises(ValueError, match=r"do not fit the env 'CartPole-v1'.*(observation|action)"):
+        make_tmaze_dataset(3, seed=0).to_minari("cartpole/wrong-v0", env="CartPole-v1")
+    with pytest.raises(ValueError, match=r"do not fit the env 'CartPole-v1'"):
+        make_tmaze_dataset(3, seed=0).to_minari("cartpole/wrong-v0", env=gym.make("CartPole-v1"))
+    assert not minari_folder.exists() or os.listdir(minari_folder) == []
 
 
 def test_command_line_checks_its_arguments_before_collecting(minari_folder, monkeypatch, capsys, tmp_path):

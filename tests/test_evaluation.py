@@ -5,18 +5,28 @@ import re
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import policies, tmaze_eval
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import DOWN, RIGHT, UP
-from sb3_elmur.evaluation import EvaluationWorkerError, _actor, evaluate_tmaze, evaluate_tmaze_corridors
+from sb3_elmur.evaluation import (
+    EvaluationWorkerError,
+    _actor,
+    evaluate_success,
+    evaluate_tmaze,
+    evaluate_tmaze_corridors,
+)
+from tests.dummy_envs import RandomLengthEnv
 
 th.set_num_threads(1)
 
@@ -89,6 +99,40 @@ def test_lean_actor_matches_predict(policy, deterministic):
     assert len(np.unique(actions)) > 1
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("policy", ["ElmurPolicy", "MlpLstmPolicy"])
+@pytest.mark.parametrize("action_space", [spaces.Box(-0.5, 0.5, (2,), np.float32), spaces.MultiDiscrete([3, 4])])
+def test_lean_actor_matches_predict_on_box_and_multidiscrete_actions(action_space, policy, deterministic):
+    """Box actions come clipped to the bounds as from ``predict`` (they used to come raw: a Gaussian's mean and
+    samples are unbounded), MultiDiscrete actions as one row of sub-actions per env."""
+    th.manual_seed(0)
+    env = DummyVecEnv([lambda: RandomLengthEnv(action_space) for _ in range(3)])
+    kwargs = dict(d_model=16, n_heads=2, n_layers=1, memory_size=2, context_length=4) if policy == "ElmurPolicy" \
+        else dict(lstm_hidden_size=8)
+    model = RecurrentPPO(policy, env, policy_kwargs=kwargs, n_steps=8, seed=0)
+    with th.no_grad():  # Box: means far outside the bounds, on both sides
+        model.policy.action_net.weight.mul_(100.0)
+        if isinstance(action_space, spaces.Box):
+            model.policy.action_net.bias.copy_(th.tensor([3.0, -3.0]))
+    act = _actor(model, deterministic=deterministic)
+    rng = np.random.default_rng(0)
+    state, actions = None, []
+    for step in range(12):
+        obs = rng.uniform(-1, 1, size=(3, 3)).astype(np.float32)
+        starts = np.full(3, step == 0)
+        th.manual_seed(step)
+        expected, state = model.predict(obs, state=state, episode_start=starts, deterministic=deterministic)
+        th.manual_seed(step)
+        actions.append(act(obs, starts))
+        assert actions[-1].shape == expected.shape == (3, 2)
+        np.testing.assert_allclose(actions[-1], expected, rtol=0, atol=1e-6)
+        assert all(action_space.contains(action.astype(action_space.dtype)) for action in actions[-1])
+    if isinstance(action_space, spaces.Box):  # the clipping was exercised: actions at both bounds
+        assert (np.array(actions) == 0.5).any() and (np.array(actions) == -0.5).any()
+    else:
+        assert len(np.unique(np.array(actions).reshape(-1, 2), axis=0)) > 1
+
+
 @pytest.mark.parametrize("n_workers", [1, 2, 3])
 def test_workers_split_the_episodes(n_workers):
     assert evaluate_tmaze(RememberTheCue(), 30, n_episodes=10, n_workers=n_workers) == 1.0
@@ -108,6 +152,8 @@ def test_worker_errors_are_reported():
         (dict(n_episodes=0), "n_episodes must be a positive integer, got 0"),
         (dict(corridor_length=0), "`corridor_length` must be an int >= 1, got 0"),
         (dict(variant="active"), "`variant` must be one of"),
+        (dict(deterministic="False"), "deterministic must be True or False, got 'False'"),
+        (dict(compile="no"), "compile must be True or False, got 'no'"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -199,6 +245,96 @@ def test_cli_writes_results(cli, tmp_path):
     assert status == 2 and "already exists" in err and json.loads(out.read_text()) == record
     status, _, _ = cli("--corridors", 5, "--episodes", 2, "--out", out, "--overwrite", model=RightThenUp())
     assert status == 0 and json.loads(out.read_text())["results"][0]["success"] == 0.5
+
+
+class WaitsAtFirstStep(RememberTheCue):
+    """Acts once ``go`` is set: a run that is still going while another one starts."""
+
+    def __init__(self):
+        self.started, self.go = threading.Event(), threading.Event()
+
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        self.started.set()
+        assert self.go.wait(60)
+        return super().predict(obs, state, episode_start, deterministic)
+
+
+def test_cli_refuses_an_out_that_another_run_is_writing(cli, tmp_path):
+    """Two runs on one --out used to both say "results written", the file holding one: the second refuses at once,
+    the first's results are kept, and no lock file is left."""
+    out = tmp_path / "results.json"
+    first_model = WaitsAtFirstStep()
+    first = threading.Thread(target=cli, args=("--corridors", 5, "--episodes", 2, "--out", out),
+                             kwargs=dict(model=first_model))
+    first.start()
+    try:
+        assert first_model.started.wait(60)
+        assert tmaze_eval.out_lock_path(out).exists()
+        for extra in ([], ["--overwrite"]):
+            status, _, err = cli("--corridors", 5, "--episodes", 2, "--out", out, *extra, model=RightThenUp())
+            assert status == 2 and re.search(r"results.json is being written by another tmaze_eval run \(process "
+                                             rf"{os.getpid()} holds the lock .*\.results\.json\.lock\)", err), err
+    finally:
+        first_model.go.set()
+        first.join(60)
+    assert [row["success"] for row in json.loads(out.read_text())["results"]] == [1.0]  # the first run's
+    assert os.listdir(tmp_path) == ["model.zip", "results.json"]
+    # A run that ended since the second one's first check has written --out: checked again under the lock.
+    real_check, checks = tmaze_eval.check_out, []
+
+    def first_check_passes(path, overwrite):
+        checks.append(path)
+        if len(checks) > 1:
+            real_check(path, overwrite)
+
+    tmaze_eval.check_out = first_check_passes
+    try:
+        status, _, err = cli("--corridors", 5, "--episodes", 2, "--out", out, model=RightThenUp())
+    finally:
+        tmaze_eval.check_out = real_check
+    assert status == 2 and "already exists" in err and len(checks) == 2
+
+
+@pytest.mark.parametrize("algo", ["PPO", "RecurrentPPO"])
+def test_models_of_another_env_are_refused(cli, tmp_path, algo):
+    """A CartPole model scored 0.00 on the T-Maze: its spaces are checked, both sides named."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    cls = PPO if algo == "PPO" else RecurrentPPO
+    policy = "MlpPolicy" if algo == "PPO" else "MlpLstmPolicy"
+    model = cls(policy, gym.make("CartPole-v1"), n_steps=16, batch_size=16, seed=0)
+    with pytest.raises(ValueError, match=r"the model's observation space is Box\(.*\(4,\).*the T-Maze \(passive\)'s is "
+                                         r"Box\(-1.0, 1.0, \(4,\), float32\)|the model's action space is Discrete\(2\), "
+                                         r"the T-Maze \(passive\)'s is Discrete\(4\)"):
+        evaluate_tmaze(model, 5, n_episodes=2)
+    status, _, err = cli("--corridors", 5, "--episodes", 2, "--out", tmp_path / "r.json", model=model)
+    assert status == 2 and "action space is Discrete(2), the T-Maze (reference)'s is Discrete(4)" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+class Zeros:
+    def predict(self, obs, state=None, episode_start=None, deterministic=True):
+        return np.zeros(len(obs), dtype=np.int64), None
+
+
+def test_evaluate_success_refuses_what_would_score_zero_silently():
+    """An env that never reports is_success, or max_steps <= 0, used to give a success rate of 0.0."""
+    def env(n=2):
+        return DummyVecEnv([lambda: RandomLengthEnv(spaces.Discrete(2), min_len=3, max_len=5) for _ in range(n)])
+
+    with pytest.raises(ValueError, match=r"env 0 of DummyVecEnv ended an episode without info\['is_success'\]"):
+        evaluate_success(Zeros(), env(), max_steps=10)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match=f"max_steps must be a positive integer, got {bad}"):
+            evaluate_success(Zeros(), env(), max_steps=bad)
+    model = RecurrentPPO("MlpLstmPolicy", TMazeVecEnv(2, corridor_length=3), n_steps=8, batch_size=8, seed=0)
+    with pytest.raises(ValueError, match=r"the model's observation space is Box\(-1.0, 1.0, \(4,\), float32\), "
+                                         r"the env DummyVecEnv's is Box\(-1.0, 1.0, \(3,\), float32\)"):
+        evaluate_success(model, env(), max_steps=10)
+    # an env that reports it: unfinished episodes still count as failures
+    assert evaluate_success(RememberTheCue(), TMazeVecEnv(4, corridor_length=3, seed=0), max_steps=100) == 1.0
+    assert evaluate_success(RememberTheCue(), TMazeVecEnv(4, corridor_length=30, seed=0), max_steps=5) == 0.0
 
 
 @pytest.mark.parametrize("workers", [1, 2])

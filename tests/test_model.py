@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_elmur.model import Attention, ElmurConfig, ElmurModel, ElmurState, check_int, lru_write
+from sb3_elmur.model import (
+    Attention,
+    ElmurConfig,
+    ElmurModel,
+    ElmurState,
+    check_bool,
+    check_int,
+    check_max_grad_norm,
+    lru_write,
+)
 
 torch.set_num_threads(1)
 
@@ -303,6 +312,20 @@ def test_config_accepts_numpy_numbers_and_stores_plain_types():
         assert type(getattr(config, name)) is kind, name
     assert (config.d_model, config.alpha, config.use_memory_write) == (16, 0.5, False)
     assert ElmurModel(np.int64(5), config).input_dim == 5
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, 1, None, 0.0])
+def test_check_bool_refuses_what_is_not_a_bool(value):
+    with pytest.raises(ValueError, match=f"flag must be True or False, got {value!r}"):
+        check_bool("flag", value)
+
+
+def test_check_bool_and_check_max_grad_norm_return_plain_types():
+    assert check_bool("flag", np.bool_(False)) is False and check_bool("flag", True) is True
+    assert type(check_max_grad_norm(np.float32(0.5))) is float
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"max_grad_norm must be > 0 .*got {bad}"):
+            check_max_grad_norm(bad)
 
 
 def test_check_int_names_the_argument_and_bound():

@@ -214,6 +214,22 @@ def test_bad_configurations_are_named():
         ElmurPPO("ElmurPolicy", env, memory_horizon=-1)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_grad_norm=-1.0), r"max_grad_norm must be > 0 \(the largest gradient norm kept\), got -1.0"),
+    (dict(max_grad_norm=0.0), r"max_grad_norm must be > 0 .*got 0.0"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number, got nan"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(compile_acting="yes"), "compile_acting must be True or False, got 'yes'"),
+    (dict(policy_kwargs=dict(detach_critic="False")), "detach_critic must be True or False, got 'False'"),
+    (dict(policy_kwargs=dict(shared_backbone="False")), "shared_backbone must be True or False, got 'False'"),
+])
+def test_silently_wrong_arguments_are_refused(kwargs, message):
+    """A negative max_grad_norm climbed the loss, 0 stopped learning, batch_size=0 ran one sequence per minibatch and
+    the strings counted as True: each is now an error that names it."""
+    with pytest.raises(ValueError, match=message):
+        ElmurPPO("ElmurPolicy", TMazeVecEnv(2, corridor_length=6), **kwargs)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rollout_matches_training_on_cuda():
     """On a GPU the buffer, the states and the fused attention stay on the device."""

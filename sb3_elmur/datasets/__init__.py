@@ -21,6 +21,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sb3_elmur.envs import TMazeEnv, TMazeOracle
+from sb3_elmur.utils import LockedError, exclusive_lock
 
 Observations = Union[np.ndarray, Dict[str, np.ndarray]]
 
@@ -205,11 +206,21 @@ class EpisodeDataset:
         """Sample ``batch_size`` windows of ``window`` steps, zero-padded past the episode's end.
 
         A window starts at a segment boundary of its episode (step 0, ``segment``, 2 * ``segment``, ...) and
-        as early as possible: an episode that fits in a window is always taken from its first step. The steps
-        of its episode before a window come with it (``prefixes``), so that training can start the window from
-        the memory of acting through them.
+        as early as possible: an episode that fits in a window is always taken from its first step. The last
+        start of a longer episode is the first boundary whose window reaches the episode's end (the window is
+        padded past it), so that every step of every episode, the final action included, can be a target. The
+        steps of its episode before a window come with it (``prefixes``), so that training can start the window
+        from the memory of acting through them.
+
+        :param rng: random generator
+        :param batch_size: number of windows
+        :param window: steps per window
+        :param segment: steps per segment (windows start at multiples of it, where the memory state is defined)
+        :return: the batch of windows
         """
-        starts_per_episode = np.array([max(len(ep) - window, 0) // segment + 1 for ep in self.episodes])
+        # Starts 0, segment, ..., up to the first one with start + window >= len: ceil((len - window) / segment)
+        # further starts. Rounding down instead would leave the last (len - window) mod segment steps unsampled.
+        starts_per_episode = np.array([-(-max(len(ep) - window, 0) // segment) + 1 for ep in self.episodes])
         choice = rng.choice(starts_per_episode.sum(), size=batch_size)
         episode_index = np.searchsorted(np.cumsum(starts_per_episode), choice, side="right")
         starts = np.array([segment * int(rng.integers(starts_per_episode[i])) for i in episode_index], dtype=np.int64)
@@ -232,21 +243,25 @@ class EpisodeDataset:
 
         The dataset is written in a hidden folder of Minari's datasets folder and moved into place once
         complete: a failed write leaves no half-written dataset, and with ``overwrite`` the old one is kept.
+        A write holds an exclusive lock on its id (another process writing the same id refuses), and checks under
+        it that the id is still free: of two writers without ``overwrite``, the second refuses instead of replacing
+        the first one's dataset. Every step is checked against the env's spaces first, since the dataset declares
+        them.
 
         :param dataset_id: Minari id, ``(namespace/)name-vN``
         :param env: the environment (or its id) the episodes come from
         :param overwrite: replace a dataset that already has this id
         :param metadata: keyword arguments of ``minari.create_dataset_from_buffers`` (``author``, ...)
         :return: the written ``MinariDataset``
-        :raise FileExistsError: if the id exists and ``overwrite`` is False
+        :raise FileExistsError: if the id exists and ``overwrite`` is False, or another write of it is under way
+        :raise ValueError: naming the episode, step and value that the env's spaces do not hold
         """
         minari = _import_minari()
         from minari.data_collector.episode_buffer import EpisodeBuffer
-        from minari.dataset.minari_dataset import parse_dataset_id
-        from minari.namespace import create_namespace, list_local_namespaces
         from minari.storage import get_dataset_path
 
         target = check_minari_id(dataset_id, overwrite)
+        self._check_env_spaces(env)
         buffers = []
         for i, ep in enumerate(self.episodes):
             last = _take(ep.observations, slice(-1, None))
@@ -268,6 +283,43 @@ class EpisodeDataset:
                     infos={},
                 )
             )
+        with _exclusive_write(dataset_id, Path(get_dataset_path())):
+            # Again under the lock: a writer that finished since the check above has made the id taken.
+            check_minari_id(dataset_id, overwrite)
+            replaced = self._write_minari(dataset_id, target, env, buffers, metadata)
+        if replaced:
+            print(f"replaced the Minari dataset {dataset_id} at {target}")
+        return minari.load_dataset(dataset_id)
+
+    def _check_env_spaces(self, env: Union[str, gym.Env]) -> None:
+        """Check every step against the spaces of ``env`` (an env, or an id made for the check) before writing a
+        dataset that declares them.
+
+        :raise ValueError: naming the env, the episode, the step and the value that does not fit
+        """
+        made = gym.make(env) if isinstance(env, str) else None
+        checked = made if made is not None else env
+        try:
+            self.check_spaces(checked.observation_space, checked.action_space)
+        except ValueError as error:
+            name = env if isinstance(env, str) else getattr(env.spec, "id", None) or type(env.unwrapped).__name__
+            raise ValueError(f"the episodes do not fit the env {name!r} the dataset is written for: {error}") from None
+        finally:
+            if made is not None:
+                made.close()
+
+    @staticmethod
+    def _write_minari(dataset_id: str, target: Path, env: Union[str, gym.Env], buffers: List[Any],
+                      metadata: Dict[str, Any]) -> bool:
+        """Write the episode buffers as dataset ``dataset_id`` in a staging folder and move it to ``target``.
+
+        :return: whether an existing dataset was replaced
+        """
+        minari = _import_minari()
+        from minari.dataset.minari_dataset import parse_dataset_id
+        from minari.namespace import create_namespace, list_local_namespaces
+        from minari.storage import get_dataset_path
+
         # Inside the datasets folder, so that the final move is a rename on one file system.
         staging = Path(tempfile.mkdtemp(prefix=".sb3_elmur-writing-", dir=get_dataset_path()))
         try:
@@ -289,9 +341,28 @@ class EpisodeDataset:
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        if replaced:
-            print(f"replaced the Minari dataset {dataset_id} at {target}")
-        return minari.load_dataset(dataset_id)
+        return replaced
+
+
+@contextlib.contextmanager
+def _exclusive_write(dataset_id: str, root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on writing ``dataset_id`` into the datasets folder ``root`` (a hidden lock file there,
+    removed on release), or refuse at once if another process holds it.
+
+    :param dataset_id: the Minari id being written
+    :param root: Minari's datasets folder
+    :raise FileExistsError: if another write of ``dataset_id`` holds the lock
+    """
+    # Hidden: Minari lists only the folders that are not. '+' cannot occur in an id: two ids never share a lock.
+    path = root / f".sb3_elmur-lock-{dataset_id.replace('/', '+')}"
+    try:
+        with exclusive_lock(path):
+            yield  # the write raises no LockedError of its own: one here is the lock's
+    except LockedError as error:
+        raise FileExistsError(
+            f"the Minari dataset {dataset_id!r} is being written by another process ({error}): wait for it to "
+            "finish (then pass overwrite=True, command line: --overwrite, to replace its dataset), or write another id"
+        ) from None
 
 
 def _import_minari() -> Any:

@@ -43,6 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write(
+    parser: argparse.ArgumentParser, dataset: EpisodeDataset, args: argparse.Namespace, env: gym.Env, algorithm: str
+) -> None:
+    """Write ``dataset`` as ``args.dataset_id``, or exit with the error (no traceback) if it cannot be: another run
+    wrote or is writing the id meanwhile, or the episodes do not fit the env's spaces.
+
+    :param parser: the command's parser (for the error)
+    :param dataset: the episodes
+    :param args: the parsed command line
+    :param env: the env the episodes come from
+    :param algorithm: the dataset's ``algorithm_name``
+    """
+    try:
+        dataset.to_minari(args.dataset_id, env=env, overwrite=args.overwrite, algorithm_name=algorithm)
+    except (FileExistsError, ValueError) as error:
+        parser.exit(1, f"{parser.prog}: error: {error}; nothing was written\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> EpisodeDataset:
     """Run the command line; return the dataset written."""
     parser = _parser()
@@ -55,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> EpisodeDataset:
     if args.command == "tmaze":
         dataset = make_tmaze_dataset(args.episodes, max_corridor=args.max_corridor, seed=args.seed)
         env = gym.make("sb3_elmur/TMaze-v0")
-        dataset.to_minari(args.dataset_id, env=env, overwrite=args.overwrite, algorithm_name="T-Maze oracle")
+        _write(parser, dataset, args, env, "T-Maze oracle")
     else:
         from sb3_elmur.utils import algorithm_class, load_algorithm
 
@@ -77,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> EpisodeDataset:
         except ValueError as error:  # a zip of another algorithm: the message says what to call
             parser.error(str(error))
         dataset = collect_episodes(model, env, args.episodes, deterministic=not args.stochastic, seed=args.seed)
-        dataset.to_minari(args.dataset_id, env=env, overwrite=args.overwrite, algorithm_name=args.algo)
+        _write(parser, dataset, args, env, args.algo)
     print(f"wrote {args.dataset_id} to {path}: {len(dataset)} episodes, {dataset.n_steps} steps")
     return dataset
 
