@@ -25,6 +25,7 @@ import fcntl
 import json
 import multiprocessing
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -269,9 +270,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     header = {"commit": commit, "date": date.today().isoformat(),
-              "command": "python benchmarks/online_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "command": "python benchmarks/online_memory.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
         failures = [f for f in pool.imap_unordered(_run_and_record, [(j, args.out, header) for j in todo]) if f]
+    out_lock = args.out.with_suffix(".lock")
+    out_lock.unlink(missing_ok=True)  # only runs of this process held it
     for failure in failures:
         print("failed (not recorded):", failure, file=sys.stderr)
     print(f"report: {args.out.with_suffix('.md')}")

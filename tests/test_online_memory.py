@@ -1,0 +1,39 @@
+"""benchmarks/online_memory.py and benchmarks/credit_reach.py: the report and its resume, and the reach figure."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import credit_reach  # noqa: E402
+
+
+def test_credit_reach_counts_rows_that_hold_the_cue():
+    """Whole rollouts with a rollout of horizon hold every cue 30 steps back; sequences of 8 without horizon none."""
+    whole = dict(algo="ElmurPPO", n_steps=32, batch_size=32, sequence_length=32, memory_horizon=32)
+    short = dict(algo="ElmurPPO", n_steps=32, batch_size=32, sequence_length=8, memory_horizon=0)
+    assert credit_reach.reach(whole, 30, rollouts=6) == 1.0
+    assert credit_reach.reach(short, 30, rollouts=6) == 0.0
+
+
+def test_online_memory_records_reports_and_resumes(tmp_path):
+    out = tmp_path / "om"
+    command = [sys.executable, str(BENCHMARKS / "online_memory.py"), "--tasks", "recall-30", "--policies", "ElmurPPO",
+               "--seeds", "0", "--budget", "256", "--eval-every", "128", "--jobs", "1", "--out", str(out)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    # SB3 trains whole rollouts: 256 steps ask for one, 128 steps of 8 envs
+    assert len(runs) == 1 and [steps for steps, _ in runs[0]["curve"]] == list(range(128, 1025, 128))
+    assert 0.0 <= runs[0]["final"] <= 1.0 and runs[0]["train_steps_per_s"] > 0
+    report = out.with_suffix(".md").read_text()
+    assert "## recall-30" in report and "| ElmurPPO | 0 |" in report and "--budget 256" in report
+    assert not out.with_suffix(".lock").exists()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "1 of 1 runs already recorded" in again.stdout
