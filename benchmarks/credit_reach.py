@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch as th
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sb3_elmur.utils import write_text_atomically  # noqa: E402
@@ -61,8 +61,8 @@ def reach(setting: Dict[str, Any], delay: int, rollouts: int = 16, seed: int = 0
         for data in model.rollout_buffer.get(model.batch_size):
             states = data.lstm_states
             n_rows = states.step.shape[0] if hasattr(states, "step") else states.pi[0].shape[1]
-            obs = th.as_tensor(data.observations).view(n_rows, -1, env.observation_space.shape[0])
-            mask = th.as_tensor(data.mask).view(n_rows, -1) > 0.5
+            obs = torch.as_tensor(data.observations).view(n_rows, -1, env.observation_space.shape[0])
+            mask = torch.as_tensor(data.mask).view(n_rows, -1) > 0.5
             query = (obs[..., N_CUES] > 0.5) & mask
             cue = obs[..., :N_CUES].max(dim=-1).values > 0.5
             # Rows are cut at episode starts: a cue anywhere before a query in its row is that episode's cue.
@@ -73,11 +73,12 @@ def reach(setting: Dict[str, Any], delay: int, rollouts: int = 16, seed: int = 0
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "credit_reach.md",
-                        help="report (default: benchmarks/results/credit_reach.md)")
+    parser = argparse.ArgumentParser(prog="python benchmarks/credit_reach.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/credit_reach.md"),
+                        help="Report, a Markdown table.")
     args = parser.parse_args(argv)
-    th.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     lines = [f"# Credit reach: share of query steps whose training row holds their cue ({date.today()}, code {commit})",

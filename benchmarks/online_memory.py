@@ -95,9 +95,9 @@ def evaluate(model: Any, task: Dict[str, Any], seed: int) -> float:
 
 def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
     """Train and evaluate one (task, label, seed); returns its record."""
-    import torch as th
+    import torch
 
-    th.set_num_threads(1)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -235,24 +235,24 @@ def _run_and_record(args: tuple) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python benchmarks/online_memory.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
-                        help="tasks to run (default: all)")
+                        help="Tasks to run.")
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
-                        help="algorithm + policy pairs (default: all three)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default: 0 1 2)")
-    parser.add_argument("--label", default=None, help="name of these runs in the report (default: the policy's "
-                        "name; required with --ppo-kwargs or --policy-kwargs, which must go under a label of their own)")
-    parser.add_argument("--ppo-kwargs", type=json.loads, default={}, help="JSON of algorithm settings (default: none)")
-    parser.add_argument("--policy-kwargs", type=json.loads, default={}, help="JSON of policy settings (default: none)")
+                        help="Algorithm + policy pairs to run.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds, one run each per task and policy.")
+    parser.add_argument("--label", default=None, help="Name of these runs in the report (None: the policy's "
+                        "name). Required with --ppo-kwargs or --policy-kwargs, which go under a label of their own.")
+    parser.add_argument("--ppo-kwargs", type=json.loads, default={}, help="Algorithm settings beyond the defaults, as JSON.")
+    parser.add_argument("--policy-kwargs", type=json.loads, default={}, help="Policy settings beyond the defaults, as JSON.")
     parser.add_argument("--eval-every", type=positive_int_argument, default=25_000,
-                        help="env steps between evaluations (default: 25000)")
+                        help="Env steps between evaluations.")
     parser.add_argument("--budget", type=positive_int_argument, default=None,
-                        help="env steps per run, for every task (default: each task's own budget)")
-    parser.add_argument("--jobs", type=positive_int_argument, default=2, help="runs in parallel (default: 2)")
+                        help="Env steps per run, for every task (None: each task's own budget).")
+    parser.add_argument("--jobs", type=positive_int_argument, default=2, help="Runs in parallel, one process and one torch thread each.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "online_memory",
-                        help="results, without suffix (default: benchmarks/results/online_memory)")
+                        help="Results path without suffix: OUT.json, OUT.md and OUT.png.")
     args = parser.parse_args(argv)
     if (args.ppo_kwargs or args.policy_kwargs) and not args.label:
         parser.error("--ppo-kwargs and --policy-kwargs need a --label (runs at the defaults keep the policy's name)")

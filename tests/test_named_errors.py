@@ -101,7 +101,7 @@ def test_huge_memory_horizon_is_refused_before_allocating(eight_gb):
     with pytest.raises(sb3_elmur.InsufficientMemoryError, match=r"ElmurPPO with memory_horizon=2000000, n_steps=128, "
                                                                r"n_envs=1 .*training activations of 4 row\(s\) of up to "
                                                                r"2000035 steps.*reduce memory_horizon"):
-        ElmurPPO("ElmurPolicy", env, memory_horizon=2 * 10**6, policy_kwargs=SMALL)
+        ElmurPPO("ElmurPolicy", env, memory_horizon=2 * 10**6, sequence_length=32, policy_kwargs=SMALL)
     ElmurPPO("ElmurPolicy", env, memory_horizon=1000, policy_kwargs=SMALL)  # a sensible one still fits
 
 
