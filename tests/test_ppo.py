@@ -185,7 +185,7 @@ def test_learn_save_load_predict_and_cross_load(tmp_path):
         np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], actions)
     RecurrentPPO.load(tmp_path / "elmur_ppo", env=env).save(tmp_path / "recurrent_ppo")
     loaded = ElmurPPO.load(tmp_path / "recurrent_ppo", env=env)
-    assert (loaded.sequence_length, loaded.memory_horizon) == (32, 16)  # the defaults
+    assert (loaded.sequence_length, loaded.memory_horizon) == (16, 16)  # the defaults: n_steps, saved resolved
     loaded.learn(32)  # and trains on
     mean_reward, _ = evaluate_policy(loaded, env, n_eval_episodes=2)
     assert np.isfinite(mean_reward)
