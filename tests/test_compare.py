@@ -295,6 +295,18 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert not path.with_name("seed0_checkpoint.zip").exists() and path.with_name("seed0_model.zip").exists()
 
 
+def _half_done_run(out, specs):
+    """The record of one prepared run, marked unfinished at 128 of its steps with a made-up evaluation history."""
+    prepared = prepare_runs(out, specs, OPTIONS)
+    (path,) = prepared.to_run
+    prepared.release()
+    record = read_record(path)
+    record.update(status="unfinished", num_timesteps=128)
+    record["evaluations"] = dict(timesteps=[0, 128], mean_return=[9.0, 9.0], std_return=[0, 0], mean_length=[1, 1])
+    utils.write_json_atomically(path, record)
+    return path
+
+
 def test_unloadable_checkpoint_restarts_the_run_and_is_kept(tmp_path, capsys):
     # E.g. a checkpoint cut short by a kill while an older version wrote it in place: "wasn't a zip-file".
     out = tmp_path / "out"
@@ -302,13 +314,7 @@ def test_unloadable_checkpoint_restarts_the_run_and_is_kept(tmp_path, capsys):
         policies=["MlpPolicy"], timesteps=256, n_envs=4, eval_freq=128, eval_episodes=2, ppo_kwargs={"n_steps": 32},
         env_kwargs={TMAZE: {"corridor_length": CORRIDOR}},
     )  # fmt: skip
-    prepared = prepare_runs(out, build_specs(settings), OPTIONS)
-    (path,) = prepared.to_run
-    prepared.release()
-    record = read_record(path)
-    record.update(status="unfinished", num_timesteps=128)
-    record["evaluations"] = dict(timesteps=[0, 128], mean_return=[9.0, 9.0], std_return=[0, 0], mean_length=[1, 1])
-    utils.write_json_atomically(path, record)
+    path = _half_done_run(out, build_specs(settings))
     checkpoint = path.with_name("seed0_checkpoint.zip")
     checkpoint.write_bytes(b"PK\x03\x04 cut short")
     assert run_worker(path) == 0
@@ -330,13 +336,7 @@ def test_checkpoint_of_another_configuration_is_kept_aside_and_the_run_restarts(
         env_kwargs={TMAZE: {"corridor_length": CORRIDOR}}, policy_kwargs={"ElmurPolicy": dict(small, d_model=16)},
     )  # fmt: skip
     (spec,) = build_specs(settings)
-    prepared = prepare_runs(out, [spec], OPTIONS)
-    (path,) = prepared.to_run
-    prepared.release()
-    record = read_record(path)
-    record.update(status="unfinished", num_timesteps=128)
-    record["evaluations"] = dict(timesteps=[0, 128], mean_return=[9.0, 9.0], std_return=[0, 0], mean_length=[1, 1])
-    utils.write_json_atomically(path, record)
+    path = _half_done_run(out, [spec])
     algo, (_, policy_class) = utils.algorithm_class(spec["algo"]), compare.resolve_policy(spec["policy"])
     other = algo(policy_class, compare.make_env(spec, 4, 0), policy_kwargs=dict(small, d_model=8), n_steps=32)
     other.num_timesteps = 128
