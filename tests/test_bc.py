@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import warnings
@@ -207,13 +208,13 @@ def test_a_window_starts_from_the_memory_of_acting_through_its_episode(policy, k
 
 
 def test_bc_elmur_solves_tmaze_at_corridor_100(tmaze_dataset):
-    """The short reproduction: trained on <= 29-step episodes, right at corridor 100 (10 segments)."""
+    """The short reproduction: trained on <= 29-step episodes, right at corridor 100 (10 segments). One evaluation
+    after a fixed budget, on observation noise the dataset (seed 0) never had: 750 gradient steps sit in the middle
+    of seed 0's plateau (chance, 0.45-0.49, at 250 steps; 1.00 from 500 to 1,250 on evaluation seeds 0 and 1000)."""
     model = RecurrentBC("ElmurPolicy", _tmaze_env(), tmaze_dataset, policy_kwargs=PAPER_TMAZE, learning_rate=1e-3, seed=0)
-    success = 0.0
-    while model.num_timesteps < 1500 and success < 1.0:
-        model.learn(250, reset_num_timesteps=False)
-        success = evaluate_tmaze(model, 100, n_episodes=100, variant="reference")
-    assert success == 1.0, f"{success:.2f} after {model.num_timesteps} gradient steps"
+    model.learn(750)
+    success = evaluate_tmaze(model, 100, n_episodes=100, variant="reference", seed=1000)
+    assert success >= 0.95, f"{success:.2f} after {model.num_timesteps} gradient steps"
 
 
 def test_save_load_callbacks_progress_bar_and_finetuning(tmp_path):
@@ -288,7 +289,9 @@ def test_command_line_tools(tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "replaced the Minari dataset tmaze/cli-v0" in result.stdout and "20 episodes" in result.stdout
     assert len(EpisodeDataset.from_minari("tmaze/cli-v0")) == 20
-    model = RecurrentBC("ElmurPolicy", _tmaze_env(), make_tmaze_dataset(30), policy_kwargs=SMALL_ELMUR)
+    # 50 gradient steps on short corridors: it walks to the junction and turns (success 0.5, not an untrained 0.0)
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), make_tmaze_dataset(30, max_corridor=8, seed=0),
+                        policy_kwargs=SMALL_ELMUR, learning_rate=3e-3, batch_size=16, seed=0).learn(50)
     model.save(tmp_path / "bc")
     out = tmp_path / "eval.json"
     # The default --algo RecurrentPPO reads a RecurrentBC zip.
@@ -296,7 +299,10 @@ def test_command_line_tools(tmp_path):
                  "--episodes", "10", "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [r["corridor"] for r in rows] == [5, 50] and all(0.0 <= r["success"] <= 1.0 for r in rows)
+    assert [r["corridor"] for r in rows] == [5, 50]
+    # what it writes is the success of that model on those episodes (its --seed 0), as evaluate_tmaze measures it
+    expected = [evaluate_tmaze(model, corridor, n_episodes=10, variant="reference", seed=0) for corridor in (5, 50)]
+    assert [r["success"] for r in rows] == expected and min(expected) > 0.0
     assert "| 50 |" in result.stdout
     result = run("sb3_elmur.datasets", "collect", "--algo", "RecurrentBC", "--model", str(tmp_path / "bc.zip"),
                  "--env", "sb3_elmur/TMaze-v0", "--env-kwargs", '{"corridor_length": 4}', "--episodes", "3",
@@ -361,6 +367,52 @@ def test_save_load_keeps_the_optimizer_and_cross_loads_with_recurrent_ppo(tmp_pa
         load_algorithm("RecurrentPPO", tmp_path / "old")
 
 
+def _final_action_predictions(model: RecurrentBC, observations: np.ndarray) -> torch.Tensor:
+    """The final-action head's logits [B, T, A] over windows [B, T, ...] that start their episodes, computed apart
+    from RecurrentBC's training code: the backbone over whole windows, the actor's MLP, the head."""
+    policy = model.policy
+    n, t = observations.shape[:2]
+    starts = torch.zeros(n, t, dtype=torch.bool)
+    starts[:, 0] = True
+    with torch.no_grad():
+        out, _ = policy.backbone_sequences(torch.as_tensor(observations).flatten(0, 1),
+                                           policy.lstm_actor.model.initial_state(n), starts)
+        latent_pi, _ = policy._heads(out.reshape(n * t, -1))
+        return model.final_action_head(latent_pi).view(n, t, -1)
+
+
+def test_final_action_head_predicts_the_final_action_at_every_step():
+    """The auxiliary head learns to name, at every step, the action its episode ends with: on T-Maze episodes of
+    2-4 steps (one segment of 4, so the cue of step 0 is in reach of self-attention), the turn the cue asks for.
+    Before training it is right on 4% of the steps, chance is 50% (up or down); after 100 gradient steps every
+    step. Its logged accuracy and loss are those of the batch it trained on, computed here apart."""
+    dataset = make_tmaze_dataset(40, min_corridor=1, max_corridor=3, seed=0)
+    model = RecurrentBC("ElmurPolicy", _tmaze_env(), dataset, policy_kwargs=SMALL_ELMUR, batch_size=16, sections=1,
+                        final_action_coef=1.0, learning_rate=3e-3, seed=0)
+    model.learn(100)
+    model.policy.set_training_mode(False)
+    right = total = 0
+    for episode in dataset.episodes:
+        steps = len(episode.actions)
+        logits = _final_action_predictions(model, episode.observations[None, :steps])[0]
+        right += int((logits.argmax(-1).numpy() == episode.actions[-1]).sum())
+        total += steps
+    assert right / total >= 0.95, f"the head names the final action at {right} of {total} steps"
+
+    # The metrics of the next gradient step: on the windows it samples (from the same generator state).
+    windows = dataset.sample_windows(copy.deepcopy(model._rng), 16, 4, 4)
+    assert windows.prefix_segments.max() == 0  # whole episodes: no burn-in
+    logits = _final_action_predictions(model, windows.observations)
+    targets = torch.as_tensor(windows.final_actions).long().view(-1, 1).expand(logits.shape[:2])
+    mask = torch.as_tensor(windows.mask, dtype=torch.float32)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    expected_loss = float((losses * mask.flatten()).sum() / mask.sum())
+    expected_accuracy = float(((logits.argmax(-1) == targets).float() * mask).sum() / mask.sum())
+    metrics = model.train()
+    assert metrics["final_action_accuracy"] == pytest.approx(expected_accuracy, abs=1e-6)
+    assert metrics["final_action_loss"] == pytest.approx(expected_loss, rel=1e-4, abs=1e-6)
+
+
 def test_final_action_head_trains_saves_and_stays_out_of_acting(tmp_path):
     from sb3_elmur.envs import NoisyRecallEnv, make_recall_dataset
 
@@ -368,9 +420,7 @@ def test_final_action_head_trains_saves_and_stays_out_of_acting(tmp_path):
     model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(wait=True), dataset, policy_kwargs=SMALL_ELMUR, batch_size=8,
                         sections=5, final_action_coef=0.5, seed=0)
     initial = [p.detach().clone() for p in model.final_action_head.parameters()]
-    model.learn(1)
-    metrics = model.train()
-    assert 0.0 <= metrics["final_action_accuracy"] <= 1.0 and metrics["final_action_loss"] > 0.0
+    model.learn(2)
     # trained through an optimizer of its own, so that the policy's stays the policy's alone
     assert all(not torch.equal(p, q) for p, q in zip(model.final_action_head.parameters(), initial))
     assert len(model.policy.optimizer.param_groups) == 1 and model.final_action_optimizer.state_dict()["state"]

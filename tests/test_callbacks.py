@@ -2,6 +2,7 @@
 
 import math
 from pathlib import Path
+from typing import List
 
 import gymnasium as gym
 import numpy as np
@@ -57,6 +58,36 @@ def test_memory_stats_by_hand():
     np.testing.assert_allclose(stats["slots"], [6.0, 6.0])
 
 
+def _read_shares_step_by_step(model: ElmurModel, x: torch.Tensor, state: ElmurState, starts: torch.Tensor) -> List[float]:
+    """The read share of each layer as acting computes it, step by step (``ElmurModel.step``): per token, the norms of
+    the read's and the self-attention's outputs at that token's position, ``|read| / (|read| + |self|)``, averaged
+    over the N x T tokens, each once. No grid, no mask of valid positions: the reference for AttentionRecorder."""
+    k = model.config.context_length
+    outputs: dict = {}
+    handles = [module.register_forward_hook(lambda m, a, out, key=(i, name): outputs.__setitem__(key, out))
+               for i, layer in enumerate(model.layers) for name, module in (("self", layer.self_attn), ("read", layer.read))]
+    shares = [[] for _ in model.layers]
+    steps = state.step.clone()
+    rows = torch.arange(x.shape[0])
+    try:
+        with torch.no_grad():
+            for t in range(x.shape[1]):
+                steps = torch.where(starts[:, t], torch.zeros_like(steps), steps)
+                offset = steps % k  # the new token's position in its segment
+                outputs.clear()
+                _, state = model(x[:, t : t + 1], state, starts[:, t : t + 1])
+                for i in range(len(model.layers)):
+                    # a layer computes the new position only ([N, 1, D]), or the whole segment ([N, K, D])
+                    norms = [out.norm(dim=-1)[rows, 0 if out.shape[1] == 1 else offset]
+                             for out in (outputs[i, "self"], outputs[i, "read"])]
+                    shares[i].append(norms[1] / (norms[0] + norms[1]))
+                steps = steps + 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [float(torch.cat(layer_shares).mean()) for layer_shares in shares]
+
+
 def test_attention_recorder_counts_real_tokens_only():
     model = ElmurModel(3, ElmurConfig(**SMALL))
     x = torch.randn(2, 10, 3)
@@ -73,8 +104,9 @@ def test_attention_recorder_counts_real_tokens_only():
     # Per pass, 20 of the 32 grid positions hold the inputs; the memory read's norms line up with self-attention's.
     assert len(recorder.valid) == 2 and recorder.n_tokens == 40
     assert all(len(norms) == 2 and norms[0].shape == (32,) for norms in recorder.self_norms + recorder.read_norms)
-    shares = recorder.read_shares()
-    assert len(shares) == 2 and all(0.0 < share < 1.0 for share in shares)
+    # Both passes saw the same tokens: their share is that of acting through those 20 tokens step by step.
+    expected = _read_shares_step_by_step(model.eval(), x, model.initial_state(2), starts)
+    np.testing.assert_allclose(recorder.read_shares(), expected, rtol=0, atol=1e-5)
     with torch.no_grad():
         model(x, model.initial_state(2), starts)
     assert recorder.n_tokens == 40  # removed hooks record nothing
@@ -84,7 +116,21 @@ def test_attention_recorder_counts_real_tokens_only():
 def test_learn_logs_memory_scalars_to_tensorboard(tmp_path, algo):
     corridor = 10  # episodes of 12 steps: segments of 4 complete, so memory gets written
     model = _tmaze_model(corridor, tensorboard_log=str(tmp_path), algo=algo)
-    model.learn(3 * 32 * 4, callback=ElmurTensorboardCallback())
+
+    class Measured(ElmurTensorboardCallback):
+        """Keeps every read share it measures (the measurement itself: the tests below)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.shares: List[List[float]] = []
+
+        def read_share_of_last_rollout(self):
+            shares = super().read_share_of_last_rollout()
+            self.shares.append(shares)
+            return shares
+
+    callback = Measured()
+    model.learn(3 * 32 * 4, callback=callback)
     scalars = _scalars(tmp_path)
     expected = {"elmur/memory_norm", "elmur/slot_age", "elmur/written_slots", "elmur/memory_read_share"}
     expected |= {f"elmur/{name}_layer{i}" for name in ("memory_norm", "slot_age", "memory_read_share") for i in (0, 1)}
@@ -96,7 +142,12 @@ def test_learn_logs_memory_scalars_to_tensorboard(tmp_path, algo):
     # the episode is 12 steps long.
     assert all(0 <= v < 2 * SMALL["context_length"] for v in scalars["elmur/slot_age"])
     assert all(0 < v < 1 for v in scalars["elmur/written_slots"])
-    assert all(0 < v < 1 for v in scalars["elmur/memory_read_share"])
+    # The shares logged are those measured at the end of each rollout: per layer, and their mean.
+    assert len(callback.shares) == 3
+    for layer in (0, 1):
+        np.testing.assert_allclose(scalars[f"elmur/memory_read_share_layer{layer}"], [s[layer] for s in callback.shares],
+                                   rtol=1e-6)
+    np.testing.assert_allclose(scalars["elmur/memory_read_share"], np.mean(callback.shares, axis=1), rtol=1e-6)
 
 
 def test_nothing_but_the_written_fraction_before_the_first_write(tmp_path):
@@ -118,7 +169,16 @@ def test_read_share_measures_the_memory_branch():
     callback = ElmurTensorboardCallback()
     _collect_one_rollout(model, callback)
     shares = callback.read_share_of_last_rollout()
-    assert len(shares) == 2 and all(0 < share < 1 for share in shares)
+    # The share of the rollout's 4 x 32 steps, as acting through them step by step measures it.
+    buffer, policy = model.rollout_buffer, model.policy
+    observations = torch.as_tensor(buffer.observations.swapaxes(0, 1))  # [n_envs, n_steps, obs]
+    with torch.no_grad():
+        features = policy.extract_features(observations.flatten(0, 1), policy.pi_features_extractor).view(4, 32, -1)
+    state = policy.lstm_actor.unpack((torch.as_tensor(buffer.hidden_states_pi[0]), torch.as_tensor(buffer.cell_states_pi[0])))
+    starts = torch.as_tensor(buffer.episode_starts.swapaxes(0, 1) > 0.5)
+    assert starts[:, 1:].any()  # episodes end inside the rollout
+    expected = _read_shares_step_by_step(policy.lstm_actor.model, features, state, starts)
+    np.testing.assert_allclose(shares, expected, rtol=0, atol=1e-5)
     layers = model.policy.lstm_actor.model.layers
     with torch.no_grad():
         for layer in layers:  # the memory read adds nothing

@@ -115,15 +115,24 @@ def test_episode_start_resets_only_its_row():
     torch.testing.assert_close(out[[0, 2]], untouched[[0, 2]], atol=1e-6, rtol=0)
 
 
-def test_state_size_independent_of_episode_length():
+def test_state_after_a_long_episode_holds_only_its_recent_past():
+    """A fixed-size state whatever the episode's length, because it holds what the spec says and nothing else:
+    after 2,053 steps (segments of 5, 3 slots per layer) every layer's slots were last written at the ends of the 3
+    latest completed segments (steps 2039, 2044, 2049), and the partial segment holds the embedded inputs of steps
+    2050-2052 at positions 0-2 and nothing after them."""
     model = _model(context_length=5)
     state = model.initial_state(2)
-    sizes = set()
-    for length in (3, 50, 2000):
-        _, state = model(torch.randn(2, length, 5), state)
-        sizes.add(tuple(tuple(s.shape) for s in state))
-    assert len(sizes) == 1
-    assert int(state.step[0]) == 2053
+    initial_shapes = [tuple(part.shape) for part in state]
+    inputs = [torch.randn(2, length, 5) for length in (3, 50, 2000)]
+    with torch.no_grad():
+        for x in inputs:
+            _, state = model(x, state)
+        embedded = model.embed(inputs[-1][:, -3:])
+    assert [tuple(part.shape) for part in state] == initial_shapes
+    assert state.step.tolist() == [2053, 2053]
+    assert (state.positions.sort(dim=-1).values == torch.tensor([2039, 2044, 2049])).all()
+    torch.testing.assert_close(state.segment[:, :3], embedded, atol=1e-6, rtol=0)
+    assert (state.segment[:, 3:] == 0).all()
 
 
 def test_lru_write_order_and_positions():
