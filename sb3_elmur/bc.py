@@ -6,6 +6,7 @@ through the whole window (or detaches the state between sections). It takes the 
 ``ElmurPolicy`` and its variants, and sb3-contrib's ``MlpLstmPolicy`` for the BC-LSTM baseline.
 """
 
+import time
 import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Type, TypeVar, Union
@@ -21,15 +22,21 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList, ProgressBarCallback
 from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
 from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
+from sb3_elmur.evaluation import check_model_spaces
 from sb3_elmur.model import ElmurState, check_bool, check_float, check_int, check_max_grad_norm
 from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy, fresh_recurrent_state
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
+
+# A burn-in this many times longer than the window it serves is warned about (once): it runs the policy, without
+# gradient, over that many steps for every step trained, and dominates the cost of a gradient step.
+LONG_BURN_IN_RATIO = 100
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,7 +73,9 @@ class RecurrentBC(BaseAlgorithm):
     :param final_action_coef: weight of an auxiliary loss (Discrete actions) that predicts, at every step, the action
         its episode ends with, through a linear head on the actor's latent that only training uses (0: off). On tasks
         whose decisive action comes at the end (T-Maze, noisy recall with a waiting expert) it asks memory to hold
-        what decides it at every step, as an expert that names the cue at every step does
+        what decides it at every step, as an expert that names the cue at every step does. The head has an
+        optimizer of its own and is saved in the zip's data, so that RecurrentPPO.load and ElmurPPO.load read the
+        zip as any other RecurrentBC zip (and leave the head out)
     :param max_grad_norm: largest norm of the gradient (clipped to it), > 0
     :param policy_kwargs: keyword arguments of the policy
     :param tensorboard_log: tensorboard log folder
@@ -172,24 +181,56 @@ class RecurrentBC(BaseAlgorithm):
         if not isinstance(self.policy, RecurrentActorCriticPolicy):
             raise ValueError("RecurrentBC needs a recurrent policy (ElmurPolicy, MlpLstmPolicy, ...)")
         self.policy = self.policy.to(self.device)
-        # Trained with the policy (one optimizer, so one learning rate schedule and one saved state), never acts.
+        # Trained with the policy, never acts. Its optimizer is its own (of the policy's class and settings, so
+        # training is as with one optimizer over both): the policy's optimizer state stays that of the policy alone,
+        # which RecurrentPPO and ElmurPPO load from the zip.
         self.final_action_head: Optional[nn.Linear] = None
+        self.final_action_optimizer: Optional[th.optim.Optimizer] = None
         if self.final_action_coef > 0.0:
             latent_dim = self.policy.mlp_extractor.latent_dim_pi
             self.final_action_head = nn.Linear(latent_dim, int(self.action_space.n)).to(self.device)
-            self.policy.optimizer.add_param_group({"params": list(self.final_action_head.parameters())})
+            self.final_action_optimizer = self.policy.optimizer_class(
+                self.final_action_head.parameters(), lr=self.lr_schedule(1), **self.policy.optimizer_kwargs
+            )
+        # Set from the zip's data by load (see save), before this is called.
+        saved_head = self.__dict__.pop("_final_action_state", None)
+        if saved_head is not None:
+            self._load_final_action_state(saved_head)
         if self.context_length is None:
             config = getattr(self.policy, "elmur_config", None)
             self.context_length = config.context_length if config is not None else 10
         self._rng = np.random.default_rng(self.seed)
 
     def _excluded_save_params(self) -> List[str]:
-        return [*super()._excluded_save_params(), "dataset", "_rng", "_eviction_checked"]
+        return [*super()._excluded_save_params(), "dataset", "_rng", "_eviction_checked", "_long_burn_in_warned",
+                "final_action_head", "final_action_optimizer"]
 
     def _get_torch_save_params(self) -> Tuple[List[str], List[str]]:
         # As RecurrentPPO: a resumed run continues Adam, and either algorithm loads the other's zip.
-        heads = [] if getattr(self, "final_action_head", None) is None else ["final_action_head"]
-        return ["policy", "policy.optimizer", *heads], []
+        return ["policy", "policy.optimizer"], []
+
+    def save(self, path: Any, exclude: Optional[Iterable[str]] = None, include: Optional[Iterable[str]] = None) -> None:
+        """SB3's ``save``. The final-action head and its optimizer state go into the zip's data (on the CPU), not
+        into torch files of their own: RecurrentPPO.load and ElmurPPO.load take every torch file of a zip for one of
+        their own attributes, and refused the zip of a model with a head; they now load it, without the head."""
+        if self.final_action_head is not None and self.final_action_optimizer is not None:
+            self._final_action_state = {
+                "head": _to_cpu(self.final_action_head.state_dict()),
+                "optimizer": _to_cpu(self.final_action_optimizer.state_dict()),
+            }
+        try:
+            super().save(path, exclude=exclude, include=include)
+        finally:
+            self.__dict__.pop("_final_action_state", None)
+
+    def _load_final_action_state(self, state: Dict[str, Any]) -> None:
+        """Restore the final-action head and its optimizer (a state without ``optimizer``: a fresh one); nothing
+        when this model has no head (``final_action_coef=0`` at load)."""
+        if self.final_action_head is None or self.final_action_optimizer is None:
+            return
+        self.final_action_head.load_state_dict(state["head"])
+        if state.get("optimizer") is not None:
+            self.final_action_optimizer.load_state_dict(state["optimizer"])
 
     def set_parameters(
         self,
@@ -197,9 +238,16 @@ class RecurrentBC(BaseAlgorithm):
         exact_match: bool = True,
         device: Union[th.device, str] = "auto",
     ) -> None:
-        """SB3's ``set_parameters``; a RecurrentBC zip of sb3-elmur 0.1.0 (saved without its optimizer state)
-        loads too, with a fresh optimizer and a warning."""
-        old_zip = isinstance(load_path_or_dict, dict) and "policy.optimizer" not in load_path_or_dict
+        """SB3's ``set_parameters``, which restores the final-action head too. Older zips load as well: one of
+        sb3-elmur 0.1.0 (saved without its optimizer state) with a fresh optimizer and a warning, and one whose head
+        was a torch file of its own (its Adam state the second parameter group of the policy's optimizer)."""
+        if not isinstance(load_path_or_dict, dict):
+            data, load_path_or_dict, _ = load_from_zip_file(load_path_or_dict, device=device)
+            if data is not None and data.get("_final_action_state") is not None:
+                self._load_final_action_state(data["_final_action_state"])
+        if "final_action_head" in load_path_or_dict:
+            load_path_or_dict = self._split_old_final_action_head(load_path_or_dict)
+        old_zip = "policy.optimizer" not in load_path_or_dict
         if old_zip and "policy" in load_path_or_dict:
             warnings.warn(
                 "this RecurrentBC model was saved without its optimizer state (sb3-elmur 0.1.0): the optimizer "
@@ -208,6 +256,24 @@ class RecurrentBC(BaseAlgorithm):
             )
             load_path_or_dict = {**load_path_or_dict, "policy.optimizer": self.policy.optimizer.state_dict()}
         super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
+
+    def _split_old_final_action_head(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """The parameters of a zip whose final-action head was a torch file of its own and a second parameter group
+        of the policy's optimizer: the head (and its group's Adam state) restored, the rest returned."""
+        params = dict(params)
+        head = params.pop("final_action_head")
+        optimizer = params.get("policy.optimizer")
+        head_optimizer = None
+        if optimizer is not None and len(optimizer["param_groups"]) == 2:
+            groups = optimizer["param_groups"]
+
+            def only(group: Dict[str, Any]) -> Dict[str, Any]:
+                ids = set(group["params"])
+                return {"state": {i: s for i, s in optimizer["state"].items() if i in ids}, "param_groups": [group]}
+
+            params["policy.optimizer"], head_optimizer = only(groups[0]), only(groups[1])
+        self._load_final_action_state({"head": head, "optimizer": head_optimizer})
+        return params
 
     def _warn_if_no_evictions(self) -> None:
         """Warn (once per dataset) when no training episode overwrites any ELMUR memory slot twice."""
@@ -362,7 +428,9 @@ class RecurrentBC(BaseAlgorithm):
         """Mean loss over the real steps of a batch of windows, and the metrics to log (greedy accuracy, and the
         final-action loss and accuracy with ``final_action_coef``)."""
         actions, mask = windows.actions, windows.mask
+        start = time.perf_counter()
         state = self._burn_in_state(windows.prefixes, windows.prefix_segments)
+        self._warn_if_long_burn_in(windows, time.perf_counter() - start)
         if self.final_action_head is not None:  # Discrete actions: one per window
             final_actions = th.as_tensor(windows.final_actions, device=self.device).long().view(-1, 1).expand(mask.shape)
         total_loss, final_loss = th.zeros((), device=self.device), th.zeros((), device=self.device)
@@ -385,6 +453,27 @@ class RecurrentBC(BaseAlgorithm):
         metrics.update(final_action_loss=final_loss.item() / n_real, final_action_accuracy=final_correct / n_real)
         return (total_loss + self.final_action_coef * final_loss) / n_real, metrics
 
+    def _warn_if_long_burn_in(self, windows: Windows, seconds: float) -> None:
+        """Warn (once) when a window's burn-in runs the policy over :data:`LONG_BURN_IN_RATIO` times more steps than
+        the window trains on: a 40,000-step episode made every gradient step take seconds, without a word."""
+        if not self.burn_in or getattr(self, "_long_burn_in_warned", False) or self.dataset is None:
+            return
+        window = self.sections * self.context_length
+        prefix = int(windows.prefix_segments.max()) * self.context_length
+        if prefix < LONG_BURN_IN_RATIO * window:
+            return
+        self._long_burn_in_warned = True
+        longest = max(len(episode) for episode in self.dataset.episodes)
+        warnings.warn(
+            f"RecurrentBC burn-in: the longest training episode has {longest:,} steps, and a window that starts late "
+            f"in it is preceded by a burn-in through the steps before it (without gradient), up to {prefix:,} steps "
+            f"here: {prefix // window:,}x the {window} steps (sections x context_length) the window trains on. This "
+            f"gradient step's burn-in took {seconds:.1f} s (batch_size={self.batch_size}). To train faster: "
+            "burn_in=False (windows start from an empty memory, as the reference code does: no cost, but a memory "
+            "they never have when acting), shorter training episodes, or longer windows (sections, context_length).",
+            UserWarning,
+        )
+
     def _non_finite(self, what: str) -> NonFiniteLossError:
         return NonFiniteLossError(
             f"RecurrentBC: {what} at gradient step {self._n_updates}; the parameters were not updated. The dataset's "
@@ -397,18 +486,24 @@ class RecurrentBC(BaseAlgorithm):
         if self.dataset is None:
             raise ValueError("RecurrentBC needs a dataset: pass dataset= or call set_dataset()")
         self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
+        optimizers = [self.policy.optimizer]
+        if self.final_action_optimizer is not None:
+            optimizers.append(self.final_action_optimizer)
+        self._update_learning_rate(optimizers)
         window = self.sections * self.context_length
         windows = self.dataset.sample_windows(self._rng, self.batch_size, window, self.context_length)
         loss, metrics = self._window_loss(windows)
         if not th.isfinite(loss):
             # Before backward and step: the parameters and Adam's moments stay as they were.
             raise self._non_finite(f"the loss is {loss.item()}")
-        self.policy.optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
-        optimizer = self.policy.optimizer  # the policy's parameters, and the final-action head's if any
-        th.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], self.max_grad_norm)
-        optimizer.step()
+        # One norm over the policy's parameters and the final-action head's, as one optimizer over both would clip.
+        parameters = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+        th.nn.utils.clip_grad_norm_(parameters, self.max_grad_norm)
+        for optimizer in optimizers:
+            optimizer.step()
         self._n_updates += 1
         return {"loss": loss.item(), **metrics}
 
@@ -454,8 +549,29 @@ class RecurrentBC(BaseAlgorithm):
         callback.on_training_end()
         return self
 
-    def to_recurrent_ppo(self, env: GymEnv, **ppo_kwargs: Any) -> RecurrentPPO:
-        """A sb3-contrib ``RecurrentPPO`` on ``env`` whose policy starts from these weights (online fine-tuning)."""
+    def to_recurrent_ppo(self, env: Union[GymEnv, str], **ppo_kwargs: Any) -> RecurrentPPO:
+        """A sb3-contrib ``RecurrentPPO`` on ``env`` whose policy starts from these weights (online fine-tuning).
+
+        :param env: the env to fine-tune on (or its id), of this model's spaces
+        :param ppo_kwargs: further keyword arguments of ``RecurrentPPO``
+        :raise ValueError: if the env's spaces are not this model's (both named)
+        """
         model = RecurrentPPO(type(self.policy), env, policy_kwargs=self.policy_kwargs, **ppo_kwargs)
+        # The spaces as RecurrentPPO wrapped the env, as this model's were: weights of another env's spaces would
+        # fail deep in load_state_dict, or load and act on observations they cannot read.
+        name = env if isinstance(env, str) else getattr(getattr(env, "spec", None), "id", None) or type(env).__name__
+        check_model_spaces(self, model.observation_space, model.action_space, f"the env {name}")
         model.policy.load_state_dict(self.policy.state_dict())
         return model
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` (a state dict, nested in dicts and lists) with its tensors moved to the CPU: a zip saved on a GPU
+    machine must load on one without CUDA, and the state is unpickled where it was saved."""
+    if isinstance(value, th.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value

@@ -29,7 +29,6 @@ import tempfile
 import textwrap
 import time
 import traceback
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -44,6 +43,7 @@ from sb3_elmur.utils import (
     write_atomically,
     write_json_atomically,
     write_text_atomically,
+    zip_problem as _zip_problem,
 )
 from sb3_elmur.envs import mikasa_family
 from sb3_elmur.wrappers import is_popgym_id
@@ -394,7 +394,8 @@ def record_paths_in(out: Path) -> List[Path]:
 class RunLock:
     """Exclusive ``flock`` of one run, so that two invocations never train the same run at once. The operating
     system releases it when the last process holding it exits (a worker inherits its launcher's lock), so a
-    killed invocation never leaves a stale lock. The lock file holds the holder's pid, host and start time.
+    killed invocation never leaves a stale lock. The lock file holds the holder's pid, host and start time, and is
+    removed on release (unless a worker may still share the lock); a file that a killed holder left is taken over.
 
     :param path: the lock file (beside the run's record)
     """
@@ -406,12 +407,22 @@ class RunLock:
     def acquire(self) -> bool:
         """Take the lock without waiting. :return: whether it was taken (False: another process holds it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            # A holder removes the file before it unlocks (release): a lock on a file no longer at the path locks
+            # nothing that others see, so open the current one again (as utils.exclusive_lock does).
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
             os.close(fd)
-            return False
         holder = dict(
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -432,8 +443,16 @@ class RunLock:
             # The holder has not written its details yet (or the file is not ours).
             return f"an unknown process (lock file {self.path})"
 
-    def release(self) -> None:
+    def release(self, remove: bool = True) -> None:
+        """Release the lock (if held).
+
+        :param remove: remove the lock file too (still locked, so that a process that opened it meanwhile finds it
+            gone and opens a new one). Pass False while a worker that shares the lock may still run: its lock must
+            stay on the file that others open.
+        """
         if self.fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
 
@@ -801,27 +820,6 @@ def _configuration_mismatch(model: Any, spec: Dict[str, Any]) -> Optional[str]:
     return "a model of another configuration, the checkpoint's against the run's: " + ", ".join(differences)
 
 
-def _zip_problem(path: Path) -> Optional[str]:
-    """What is wrong with the zip file ``path`` (truncated, not a zip, a corrupt member), or None if it is sound."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            corrupt = archive.testzip()
-            # SB3's load reads the JSON member "data" first: one it cannot parse fails deep in json or SB3.
-            data = archive.read("data") if corrupt is None else None
-    except KeyError:
-        return "no member 'data': not a model saved by Stable-Baselines3"
-    except (zipfile.BadZipFile, EOFError, OSError) as error:
-        return f"{type(error).__name__}: {error}"
-    if corrupt is not None:
-        return f"corrupt member {corrupt}"
-    try:
-        if not isinstance(json.loads(data), dict):
-            return "its member 'data' is not a JSON object"
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return f"its member 'data' is not readable JSON ({error})"
-    return None
-
-
 def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -923,55 +921,133 @@ def prepare_runs(out: Path, specs: List[Dict[str, Any]], options: Dict[str, Any]
     return prepared
 
 
+def run_name(spec: Dict[str, Any]) -> str:
+    """How the console names a run: ``"sb3_elmur/PassiveTMaze-v0 ElmurPolicy seed 0"``."""
+    return f"{spec['env_id']} {spec['label']} seed {spec['seed']}"
+
+
+class _Running(NamedTuple):
+    """A launched worker, and what the console has said of it."""
+
+    process: subprocess.Popen
+    path: Path
+    log: Any
+    tag: str  # "[2/6] <run name>"
+    timesteps: int  # the run's budget of env steps
+    evaluations_shown: List[int]  # one element: how many of its evaluations the console has shown
+    record_mtime: List[int]  # one element: the record's mtime when last read
+
+
+def _evaluations_in(path: Path) -> List[Tuple[int, float]]:
+    """The (step, mean return) evaluations in the record ``path`` (none if it cannot be read now)."""
+    try:
+        evaluations = read_record(path)["evaluations"]
+    except ValueError:
+        return []
+    return list(zip(evaluations["timesteps"], evaluations["mean_return"]))
+
+
+def _show_progress(run: _Running) -> None:
+    """Print the evaluations a running worker has added to its record since the last look: one line each."""
+    try:
+        mtime = run.path.stat().st_mtime_ns
+    except OSError:
+        return
+    if mtime == run.record_mtime[0]:
+        return
+    run.record_mtime[0] = mtime
+    evaluations = _evaluations_in(run.path)
+    run.evaluations_shown[0] = min(run.evaluations_shown[0], len(evaluations))  # a run restarted from step 0
+    for step, mean_return in evaluations[run.evaluations_shown[0]:]:
+        print(f"{run.tag}: step {step:,}/{run.timesteps:,}, mean return {mean_return:.3f}", flush=True)
+    run.evaluations_shown[0] = len(evaluations)
+
+
+def _outcome(path: Path, returncode: int) -> Tuple[str, bool]:
+    """The console's line on a worker that ended (after its tag), and whether the run failed."""
+    log = path.with_suffix(".log")
+    try:
+        record = read_record(path)
+    except ValueError as error:
+        return f"FAILED (exit code {returncode}): {error} (log: {log})", True
+    status = record["status"]
+    if status == FINISHED and returncode == 0:
+        success = (record["evaluations"].get("success_rate") or [None])[-1]
+        return (f"finished in {record['wall_time_s']:.0f} s: final mean return {record['final_mean_return']:.3f}, "
+                f"MMER {record['mmer']:.3f}" + (f", success {success:.2f}" if success is not None else ""), False)
+    if status == UNFINISHED and returncode == 0:
+        return (f"stopped at step {record['num_timesteps']:,} of {record['spec']['timesteps']:,} (time budget): the "
+                "same command resumes it", False)
+    error_lines = [line for line in str(record.get("error", "")).splitlines() if line.strip()]
+    why = f": {error_lines[-1].strip()}" if error_lines else ""
+    return f"FAILED ({status}, exit code {returncode}){why} (log: {log})", True
+
+
 def launch_runs(
     record_paths: List[Path], jobs: int, deadline: Optional[float], locks: Optional[Dict[Path, RunLock]] = None
 ) -> List[Path]:
-    """Run the workers, ``jobs`` at a time.
+    """Run the workers, ``jobs`` at a time. The console gets one line when a run starts, one per evaluation (read
+    from its record) and one when it ends, with its scores or why it failed; the rest of a worker's output goes to
+    its log.
 
     :param record_paths: the runs
     :param jobs: how many at a time
     :param deadline: Unix time after which no run starts and the running ones stop cleanly
-    :param locks: the runs' locks (record path -> lock), handed down to their workers and released when they end
+    :param locks: the runs' locks (record path -> lock), handed down to their workers and released (their files
+        removed) when they end
     :return: the record paths of runs that failed
     """
     locks = locks or {}
-    pending = list(record_paths)
-    running: List[Tuple[subprocess.Popen, Path, Any]] = []
+    pending = list(enumerate(record_paths, 1))
+    running: List[_Running] = []
     failed = []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    while pending or running:
-        while pending and len(running) < jobs and (deadline is None or _clock() < deadline):
-            path = pending.pop(0)
-            log = open(path.with_suffix(".log"), "a")
-            command = [sys.executable, "-m", "sb3_elmur.compare", "--worker", str(path)]
-            if deadline is not None:
-                command += ["--deadline", repr(deadline)]
-            lock = locks.get(path)
-            if lock is not None and lock.fd is not None:
-                # The worker shares the lock: it stays held if this process is killed while the worker trains.
-                command += ["--lock-fd", str(lock.fd)]
-            pass_fds = [lock.fd] if lock is not None and lock.fd is not None else []
-            print(f"start {path}", flush=True)
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
-            running.append((process, path, log))
-        if deadline is not None and _clock() >= deadline and pending:
-            print(f"time budget spent: {len(pending)} run(s) not started", flush=True)
-            pending.clear()
-        still_running = []
-        for process, path, log in running:
-            if process.poll() is None:
-                still_running.append((process, path, log))
-                continue
-            log.close()
-            if path in locks:
-                locks[path].release()
-            status = read_record(path)["status"]
-            print(f"{status:10s} {path}", flush=True)
-            if process.returncode != 0 or status == FAILED:
-                failed.append(path)
-        running = still_running
-        if running:
-            time.sleep(0.2)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and (deadline is None or _clock() < deadline):
+                number, path = pending.pop(0)
+                log = open(path.with_suffix(".log"), "a")
+                command = [sys.executable, "-m", "sb3_elmur.compare", "--worker", str(path)]
+                if deadline is not None:
+                    command += ["--deadline", repr(deadline)]
+                lock = locks.get(path)
+                if lock is not None and lock.fd is not None:
+                    # The worker shares the lock: it stays held if this process is killed while the worker trains.
+                    command += ["--lock-fd", str(lock.fd)]
+                pass_fds = [lock.fd] if lock is not None and lock.fd is not None else []
+                spec = read_record(path)["spec"]
+                tag = f"[{number}/{len(record_paths)}] {run_name(spec)}"
+                print(f"{tag}: start (log: {path.with_suffix('.log')})", flush=True)
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
+                shown = len(_evaluations_in(path))  # a resumed run's earlier evaluations were shown in their session
+                running.append(_Running(process, path, log, tag, int(spec["timesteps"]), [shown], [0]))
+            if deadline is not None and _clock() >= deadline and pending:
+                print(f"time budget spent: {len(pending)} run(s) not started", flush=True)
+                pending.clear()
+            still_running = []
+            for run in running:
+                if run.process.poll() is None:
+                    _show_progress(run)
+                    still_running.append(run)
+                    continue
+                run.log.close()
+                if run.path in locks:
+                    locks[run.path].release()  # the worker has ended: its lock file goes too
+                _show_progress(run)
+                line, run_failed = _outcome(run.path, run.process.returncode)
+                print(f"{run.tag}: {line}", flush=True)
+                if run_failed:
+                    failed.append(run.path)
+            running = still_running
+            if running:
+                time.sleep(0.2)
+    finally:
+        # Interrupted (Ctrl-C, an error here): a worker still running shares its run's lock, so the lock file stays
+        # where others open it. (Those that ended are released, their files removed, by the caller.)
+        for run in running:
+            if run.process.poll() is None and run.path in locks:
+                locks[run.path].release(remove=False)
+            run.log.close()
     return failed
 
 
@@ -997,7 +1073,8 @@ def group_records(records: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str], L
 
 def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per :func:`group_records` group (env, policy label and settings): mean and std over finished seeds
-    of the final mean return, the MMER, the normalised MMER and the wall time per seed."""
+    of the final mean return, the MMER, the normalised MMER and the wall time per seed; failed seeds are counted
+    apart (``seeds_failed``), never scored."""
     rows = []
     for (env_id, label, _), group in group_records(records).items():
         done = [r for r in group if r["status"] == FINISHED]
@@ -1009,6 +1086,7 @@ def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             timesteps=group[0]["spec"]["timesteps"],
             seeds=sorted(r["spec"]["seed"] for r in group),
             seeds_finished=len(done),
+            seeds_failed=sum(r["status"] == FAILED for r in group),
             seeds_total=len(group),
             n_parameters=group[0].get("n_parameters"),
         )
@@ -1068,7 +1146,8 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
         "Mean ± std (population std, over the finished seeds) of: the final mean evaluation return; the MMER, the "
         "maximum over evaluation points of the mean evaluation return; POPGym's normalised score 0.5 * MMER + 0.5 "
         "(meaningful for returns in [-1, 1]); the final success rate, for envs that report `is_success`; and the wall "
-        "time of one seed's run (training and evaluations).",
+        "time of one seed's run (training and evaluations). Failed runs are counted in the seeds column, left out of "
+        "the scores and curves, and listed at the end.",
     ]
     sections: Dict[Tuple[str, str], List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]] = {}
     for row, group in zip(summarize(records), group_records(records).values()):
@@ -1093,11 +1172,22 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
         for row, _ in section:
             name = row["label"] if row["label"] == row["policy"] else f"{row['label']} ({row['policy']})"
             parameters = f"{row['n_parameters']:,}" if row["n_parameters"] else "-"
+            seeds = f"{row['seeds_finished']}/{row['seeds_total']}"
+            if row["seeds_failed"]:
+                seeds += f" ({row['seeds_failed']} failed)"
             lines.append(
-                f"| {name} | {row['algo']} | {parameters} | {row['seeds_finished']}/{row['seeds_total']} | "
+                f"| {name} | {row['algo']} | {parameters} | {seeds} | "
                 f"{_fmt(row, 'final_mean_return')} | {_fmt(row, 'mmer')} | {_fmt(row, 'mmer_normalised')} | "
                 f"{_fmt(row, 'final_success', 2)} | {_fmt(row, 'wall_time_s', 1, ' s')} |"
             )
+    failed = [record for record in records if record["status"] == FAILED]
+    if failed:
+        lines += ["", "## Failed runs", "", "Left out of the scores and curves; their logs say why (a later invocation "
+                  "with the same settings runs them again):", ""]
+        for record in failed:
+            error = [line for line in str(record.get("error", "")).splitlines() if line.strip()]
+            log = RunPaths(Path(), record["spec"]).log
+            lines.append(f"- {run_name(record['spec'])}: {error[-1].strip() if error else 'no error recorded'} ({log})")
     text = "\n".join(lines) + "\n"
     write_text_atomically(path, text)
     return text
@@ -1125,7 +1215,8 @@ def plot_curves(records: List[Dict[str, Any]], path: Path, metric: str = "mean_r
     groups = group_records(records)
     for ax, env_id in zip(axes.flat, env_ids):
         for (group_env_id, label, _), group in groups.items():
-            curves = [r["evaluations"] for r in group if r["evaluations"]["timesteps"]]
+            # Failed runs are left out: a run that failed part-way would cut every seed's curve short.
+            curves = [r["evaluations"] for r in group if r["evaluations"]["timesteps"] and r["status"] != FAILED]
             if group_env_id != env_id or not curves:
                 continue
             # Seeds are averaged on the evaluation points they all reached.
@@ -1204,9 +1295,10 @@ def _epilog() -> str:
         "evaluations. A resumed run starts new episodes (and reseeds), so it is not bit-identical to an "
         "uninterrupted one. Changing the settings of existing runs is refused: use another --out. A run being "
         "trained by another invocation on the same --out is skipped (its .lock file names the process).",
-        "Output in --out: runs/<env>/<label>/seed<N>.json (+ .log, .lock, checkpoint while unfinished, final "
-        "model), tensorboard/<env>/<label>_seed<N>_1, results.md, summary.json, learning_curves.png. The report "
-        "covers every run in --out, also those of earlier invocations with other policies or seeds.",
+        "Output in --out: runs/<env>/<label>/seed<N>.json (+ .log, .lock while running, checkpoint while "
+        "unfinished, final model), tensorboard/<env>/<label>_seed<N>_1, results.md, summary.json, "
+        "learning_curves.png. The report covers every run in --out, also those of earlier invocations with other "
+        "policies or seeds; failed runs are marked in it.",
     ]
     return "\n\n".join(textwrap.fill(paragraph, 100, break_on_hyphens=False) for paragraph in paragraphs)
 

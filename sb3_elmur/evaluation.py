@@ -179,6 +179,9 @@ def _evaluate_in_workers(
 
 
 def _worker(connection: multiprocessing.connection.Connection, index: int, *args) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the workers and says so in one line, where each
+    # worker would print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     th.set_num_threads(1)
     try:
         for result in _run_corridors(*args):

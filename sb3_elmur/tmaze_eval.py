@@ -6,13 +6,16 @@
 Each length runs --episodes episodes (half with each cue) as one batch and prints its line; a table follows.
 --out is checked before the model loads, and rewritten (atomically) after every corridor, so that the results
 of the corridors already done survive a later failure ("complete": false until the last one is in). A run holds a
-lock on --out (a hidden file beside it) until it ends: a second run on the same --out refuses at once.
+lock on --out (a hidden file beside it) until it ends: a second run on the same --out refuses at once. Ctrl-C stops
+it with one line (exit status 130), the results of the corridors done kept.
 """
 
 import argparse
 import contextlib
+import pickle
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -119,18 +122,37 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     if not Path(args.model).is_file() and not Path(f"{args.model}.zip").is_file():
         parser.error(f"model file not found: {args.model}")
     torch.set_num_threads(1)
-    with _lock_out(parser, out, args.overwrite):
-        return _evaluate(parser, args, out)
+    record: Dict[str, Any] = {"results": []}
+    try:
+        with _lock_out(parser, out, args.overwrite):
+            return _evaluate(parser, args, out, record)
+    except KeyboardInterrupt:
+        # One line, not a traceback: the corridors done are already written (and the lock released on the way out).
+        rows = record["results"]
+        done = _kept(out, rows).strip() or f"{len(rows)} corridor(s) done{', printed above' if rows else ''}"
+        parser.exit(130, f"{parser.prog}: interrupted; {done}\n")
 
 
-def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Optional[Path]) -> List[Dict[str, float]]:
-    """Load the model, evaluate it at every corridor length, write and print the results; :return: the rows."""
-    model = load_algorithm(args.algo, args.model, device="cpu")
-    record: Dict[str, Any] = {
+# What a damaged or foreign model file raises from SB3's load (zipfile, json, torch's reader, pickle): named in one line.
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+def _evaluate(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, out: Optional[Path], record: Dict[str, Any]
+) -> List[Dict[str, float]]:
+    """Load the model, evaluate it at every corridor length, write and print the results; :return: the rows.
+
+    :param record: filled with the run's settings and results as they come (the caller reports them on Ctrl-C)
+    """
+    try:
+        model = load_algorithm(args.algo, args.model, device="cpu")
+    except _LOAD_ERRORS as error:
+        parser.error(f"cannot load the model {args.model} with {args.algo}.load: {error}")
+    record.update({
         "model": args.model, "algo": args.algo, "episodes": args.episodes, "variant": args.variant,
         "stochastic": args.stochastic, "seed": args.seed, "workers": args.workers, "compile": args.compile,
         "compile_seconds": 0.0, "complete": False, "results": [],
-    }
+    })
     rows = record["results"]
     try:
         results = evaluate_tmaze_corridors(
@@ -151,7 +173,7 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace, out: Op
             _record(result, record, out, len(args.corridors))
     except EvaluationWorkerError as error:  # it names the worker and what to do: no traceback
         parser.exit(1, f"{parser.prog}: error: {error}\n{_kept(out, rows)}")
-    except BaseException:
+    except Exception:  # a bug: its traceback, and where the results done are
         sys.stderr.write(_kept(out, rows))
         raise
     print("\n| corridor | success | seconds |\n|---|---|---|")

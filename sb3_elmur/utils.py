@@ -5,7 +5,11 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
+import shutil
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -66,6 +70,118 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+# Folders of earlier versions' staging (made without a lock) are taken for abandoned once this old: no write or
+# install takes a day.
+LEGACY_STAGING_AGE_S = 24 * 3600
+# The random part of a folder made by ``tempfile.mkdtemp``, as earlier versions named their staging folders.
+_MKDTEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")
+
+
+def _lock_folder(path: Path, blocking: bool) -> Optional[int]:
+    """An open descriptor of the folder ``path`` with an exclusive ``flock`` on it, or None if another process holds
+    it (``blocking``: wait for it instead) or the folder cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held by another process
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_staging_folders(
+    parent: Path, prefix: str, legacy_prefix: Optional[str] = None, salvage: Optional[Callable[[Path], bool]] = None
+) -> List[Path]:
+    """Remove the staging folders (:func:`staging_folder`) named ``<prefix>...`` in ``parent`` that processes killed
+    while writing left behind: those whose lock nobody holds (the kernel releases the lock of a process that dies),
+    so never the folder of a live writer, in this process or another. With ``legacy_prefix``, also the folders of
+    earlier versions (``<legacy_prefix>`` and the 8 random characters of ``tempfile.mkdtemp``, made without a lock)
+    once older than :data:`LEGACY_STAGING_AGE_S`.
+
+    :param salvage: called with each stale folder before it is removed (under its lock), to move out what must not
+        be lost; it returns whether the folder may be removed (False: it is kept)
+    :return: the folders removed
+    """
+    removed = []
+    try:
+        candidates = sorted(Path(parent).iterdir())
+    except OSError:  # no folder yet, or not readable: nothing of ours to clean
+        return removed
+    for path in candidates:
+        if path.is_symlink() or not path.is_dir():
+            continue
+        if path.name.startswith(prefix):
+            fd = _lock_folder(path, blocking=False)
+            if fd is None:  # a live writer's
+                continue
+            try:
+                if salvage is None or salvage(path):
+                    shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
+        elif legacy_prefix is not None and path.name.startswith(legacy_prefix):
+            if not _MKDTEMP_SUFFIX.fullmatch(path.name[len(legacy_prefix):]):
+                continue
+            try:
+                if time.time() - path.stat().st_mtime < LEGACY_STAGING_AGE_S:
+                    continue
+            except OSError:
+                continue
+            if salvage is None or salvage(path):
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def staging_folder(
+    parent: Path, prefix: str, legacy_prefix: Optional[str] = None, salvage: Optional[Callable[[Path], bool]] = None
+) -> Iterator[Path]:
+    """A new folder ``<parent>/<prefix><random>`` to put something together in before moving it into place (a
+    dataset, an install), removed on exit unless moved away. It is held under an exclusive ``flock`` while in use,
+    which tells a later call that its writer is alive: first, the staging folders of ``prefix`` that killed
+    processes left are removed (:func:`remove_stale_staging_folders`).
+
+    :param parent: where to make it (on the file system of its destination, so that the final move is a rename)
+    :param prefix: start of its name (hidden: starts with ".")
+    :param legacy_prefix: start of the names of earlier versions' staging folders, to clean too
+    :param salvage: see :func:`remove_stale_staging_folders`
+    :raise OSError: if ``parent`` cannot be written
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging_folders(parent, prefix, legacy_prefix, salvage)
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        fd = _lock_folder(path, blocking=True)
+        if fd is None and path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            raise OSError(f"cannot lock the staging folder {path}")
+        # Between mkdtemp and the lock, another process's clean-up may have taken the folder for abandoned and
+        # removed it (it holds the lock while removing): make another one.
+        try:
+            current = fd is not None and os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        if fd is not None:
+            os.close(fd)
+    try:
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path, ignore_errors=True)  # nothing there if it was moved into place
+        finally:
+            os.close(fd)
+
+
 def positive_int_argument(text: str) -> int:
     """argparse type: an integer >= 1, so that a bad count stops a command before anything loads."""
     try:
@@ -88,12 +204,39 @@ def algorithm_class(name: str) -> type:
     raise ValueError(f"unknown algorithm {name!r}: expected a class of sb3_elmur, sb3_contrib or stable_baselines3")
 
 
+def _zip_path(path: Union[str, Path]) -> Path:
+    """The file SB3's ``load`` reads for ``path`` (it adds the suffix ``.zip`` to a path that is not a file)."""
+    path = Path(path)
+    return path if path.is_file() else path.with_name(path.name + ".zip")
+
+
+def zip_problem(path: Union[str, Path]) -> Optional[str]:
+    """What is wrong with the zip file ``path`` (truncated, not a zip, a corrupt member, no readable ``data``), or
+    None if it is sound: SB3's load of such a file fails deep in zipfile, json or torch."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()
+            # SB3's load reads the JSON member "data" first: one it cannot parse fails deep in json or SB3.
+            data = archive.read("data") if corrupt is None else None
+    except KeyError:
+        # (A truncated model zip can read as the torch archive inside it, which has no 'data'.)
+        return "no member 'data': truncated, or not a model saved by Stable-Baselines3"
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+    if corrupt is not None:
+        return f"corrupt member {corrupt}"
+    try:
+        if not isinstance(json.loads(data), dict):
+            return "its member 'data' is not a JSON object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"its member 'data' is not readable JSON ({error})"
+    return None
+
+
 def _saved_contents(path: Union[str, Path]) -> Optional[Tuple[Set[str], Set[str]]]:
     """The attribute names and the state-dict names (``policy``, ``policy.optimizer``, ...) a SB3 zip holds,
     or None if it cannot be read as one."""
-    path = Path(path)
-    if not path.is_file():  # SB3's load adds the suffix too
-        path = path.with_name(path.name + ".zip")
+    path = _zip_path(path)
     try:
         with zipfile.ZipFile(path) as archive:
             keys = set(json.loads(archive.read("data")))
@@ -105,12 +248,20 @@ def _saved_contents(path: Union[str, Path]) -> Optional[Tuple[Set[str], Set[str]
 def load_algorithm(name: str, path: Union[str, Path], **kwargs: Any) -> BaseAlgorithm:
     """Load a saved model with the ``load`` of the algorithm class called ``name``.
 
-    :raise ValueError: if ``name`` is unknown, or if the zip is a RecurrentBC model that this class cannot load
-        (the message says what to call instead)
+    :raise ValueError: if ``name`` is unknown, if the file is not a sound zip (truncated, corrupt: named before SB3
+        fails deep inside zipfile or torch), or if the zip is a RecurrentBC model that this class cannot load (the
+        message says what to call instead)
     """
     from sb3_elmur.bc import RecurrentBC
 
     cls = algorithm_class(name)
+    if _zip_path(path).is_file():  # a missing file is left to SB3's own error
+        problem = zip_problem(_zip_path(path))
+        if problem is not None:
+            raise ValueError(
+                f"{_zip_path(path)} is not a readable saved model ({problem}): the file is truncated or damaged (an "
+                "interrupted save or copy?); save or copy it again"
+            )
     try:
         return cls.load(path, **kwargs)
     except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as error:

@@ -8,8 +8,6 @@ and dataset makers (T-Maze oracle demonstrations; episodes of any SB3 policy on 
 
 import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,12 +19,16 @@ import numpy as np
 from gymnasium import spaces
 
 from sb3_elmur.envs import TMazeEnv, TMazeOracle
-from sb3_elmur.utils import LockedError, exclusive_lock
+from sb3_elmur.evaluation import check_model_spaces
+from sb3_elmur.utils import LockedError, exclusive_lock, staging_folder
 
 Observations = Union[np.ndarray, Dict[str, np.ndarray]]
 
 # Minari reminds about unset optional metadata (author, code_permalink, ...) on every write: not faults.
 _MINARI_METADATA_REMINDERS = r"`\w+` is set to None"
+# Staging folders of dataset writes in Minari's datasets folder: hidden (Minari lists only the folders that are not),
+# locked while in use, removed by the next write if their writer was killed.
+STAGING_PREFIX = ".sb3_elmur-staging-"
 # Episodes are checked against a space in blocks of about this size: vectorised, yet bounded in memory.
 _CHECK_BLOCK_BYTES = 64 * 2**20
 
@@ -320,9 +322,10 @@ class EpisodeDataset:
         from minari.namespace import create_namespace, list_local_namespaces
         from minari.storage import get_dataset_path
 
-        # Inside the datasets folder, so that the final move is a rename on one file system.
-        staging = Path(tempfile.mkdtemp(prefix=".sb3_elmur-writing-", dir=get_dataset_path()))
-        try:
+        # Inside the datasets folder, so that the final move is a rename on one file system; the staging folders
+        # of writes that were killed are removed first.
+        with staging_folder(Path(get_dataset_path()), STAGING_PREFIX, legacy_prefix=".sb3_elmur-writing-",
+                            salvage=_restore_replaced) as staging:
             with _minari_datasets_path(staging), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_MINARI_METADATA_REMINDERS, category=UserWarning, module=r"minari\.")
                 minari.create_dataset_from_buffers(dataset_id, buffers, env=env, **metadata)
@@ -331,6 +334,8 @@ class EpisodeDataset:
                 create_namespace(namespace)
             replaced = target.exists()
             if replaced:
+                # Where it goes back to, should this process be killed before the new one is in place.
+                (staging / "target").write_text(str(target))
                 os.replace(target, staging / "replaced")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -339,9 +344,26 @@ class EpisodeDataset:
                 if replaced:
                     os.replace(staging / "replaced", target)
                 raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return replaced
+
+
+def _restore_replaced(staging: Path) -> bool:
+    """Put back the dataset that a killed write had moved aside (into its staging folder) to replace it, if the new
+    one never took its place: the clean-up of the staging folder must not delete it.
+
+    :return: whether the staging folder may be removed: not if it holds a dataset moved aside whose place is not
+        known (written by an earlier version, which did not record it)
+    """
+    replaced, target_file = staging / "replaced", staging / "target"
+    if not replaced.is_dir():
+        return True
+    if not target_file.is_file():
+        return False
+    target = Path(target_file.read_text())
+    if not target.exists():
+        os.replace(replaced, target)
+        print(f"restored the Minari dataset at {target}, which an interrupted write had moved to {staging}")
+    return True
 
 
 @contextlib.contextmanager
@@ -529,7 +551,12 @@ def collect_episodes(
     model: Any, env: gym.Env, n_episodes: int, deterministic: bool = True, seed: Optional[int] = 0
 ) -> EpisodeDataset:
     """Record ``n_episodes`` episodes of any object with SB3's ``predict(obs, state, episode_start,
-    deterministic)`` (a trained model, a recurrent one, or a scripted policy) on a gymnasium env."""
+    deterministic)`` (a trained model, a recurrent one, or a scripted policy) on a gymnasium env.
+
+    :raise ValueError: if ``model`` has spaces (a SB3 model or policy) other than the env's: naming both
+    """
+    name = getattr(env.spec, "id", None) or type(env.unwrapped).__name__
+    check_model_spaces(model, env.observation_space, env.action_space, f"the env {name}")
     episodes = []
     for i in range(n_episodes):
         obs, _ = env.reset(seed=None if seed is None else seed + i)

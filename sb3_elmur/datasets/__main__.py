@@ -5,7 +5,8 @@
         --episodes 100 --dataset-id cartpole/ppo-v0
 
 The package does not import this module, so ``-m`` runs it without runpy's double-import warning. The dataset id
-(well formed, free or ``--overwrite``), the model and the env are checked before any episode is collected.
+(well formed, free or ``--overwrite``), the model and the env (the model's spaces against the env's) are checked
+before any episode is collected. ``collect`` runs torch on one thread: it acts one step of one env at a time.
 """
 
 import argparse
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import gymnasium as gym
+import torch
 
 from sb3_elmur.datasets import EpisodeDataset, check_minari_id, collect_episodes, make_tmaze_dataset
+from sb3_elmur.evaluation import check_model_spaces
 from sb3_elmur.utils import positive_int_argument
 
 PROG = "python -m sb3_elmur.datasets"
@@ -89,11 +92,18 @@ def main(argv: Optional[Sequence[str]] = None) -> EpisodeDataset:
             parser.error(str(error))
         if not Path(args.model).is_file() and not Path(f"{args.model}.zip").is_file():
             parser.error(f"--model {args.model}: no such file")
+        # One step of one env at a time: more threads only slow a small model down (and ElmurPolicy would warn
+        # about them), and this command has no option to set them.
+        torch.set_num_threads(1)
         env = gym.make(args.env, **env_kwargs)
         try:
             model = load_algorithm(args.algo, args.model)
-        except ValueError as error:  # a zip of another algorithm: the message says what to call
+        except ValueError as error:  # a zip of another algorithm, or a damaged one: the message says what to do
             parser.error(str(error))
+        try:
+            check_model_spaces(model, env.observation_space, env.action_space, f"the env {args.env}")
+        except ValueError as error:
+            parser.error(f"--model {args.model}: {error}")
         dataset = collect_episodes(model, env, args.episodes, deterministic=not args.stochastic, seed=args.seed)
         _write(parser, dataset, args, env, args.algo)
     print(f"wrote {args.dataset_id} to {path}: {len(dataset)} episodes, {dataset.n_steps} steps")

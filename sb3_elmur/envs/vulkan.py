@@ -26,9 +26,10 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, ContextManager, Optional, Union
+
+from sb3_elmur.utils import staging_folder
 
 # Folder used when none is given: this variable, else ``~/.cache/sb3_elmur/lavapipe``
 DIR_ENV_VAR = "SB3_ELMUR_VULKAN_DIR"
@@ -466,9 +467,10 @@ def install(folder: Optional[PathLike] = None, verbose: bool = False) -> Path:
         if damaged and verbose:
             print(f"the lavapipe install in {folder} is damaged ({'; '.join(damaged)}): reinstalling", file=sys.stderr)
     try:
-        # Before any download: an unwritable folder would otherwise end in a raw PermissionError traceback.
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent).cleanup()
+        # Before any download: an unwritable folder would otherwise end in a raw PermissionError traceback. (This
+        # also removes the staging folders of installs that were killed.)
+        with _staging(folder):
+            pass
     except OSError as error:
         raise RuntimeError(
             f"cannot write the install folder {folder} ({error.strerror or error}): choose a writable one "
@@ -484,78 +486,85 @@ def install(folder: Optional[PathLike] = None, verbose: bool = False) -> Path:
         if verbose:
             print(message, file=sys.stderr)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    # mkdtemp makes it private to the user; the install is as readable as any folder made here
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    try:
-        apt = _PrivateApt(tmp / "apt", sources)
-        log(f"apt-get update ({codename} and {codename}-backports)")
-        apt("update", what="apt-get update")
-        packages = _needed_packages(apt, codename)
-        specs = [f"{name}={version}" for name, version in sorted(packages.items())]
-        log("apt-get download " + " ".join(specs))
-        debs = tmp / "debs"
-        debs.mkdir()
-        apt("download", *specs, what="apt-get download", cwd=debs)
-        root = tmp / "root"
-        for deb in sorted(debs.glob("*.deb")):
-            _run(["dpkg-deb", "-x", str(deb), str(root)], what=f"unpacking {deb.name}")
-
-        # soname -> file for every unpacked library (symlinks are only aliases of these)
-        index: dict[str, Path] = {}
-        drivers = []
-        for path in sorted(root.rglob("*.so*")):
-            if path.is_symlink() or not path.is_file():
-                continue
-            if path.name == _DRIVER:
-                drivers.append(path)
-            soname = _elf_dynamic(path)[0]
-            if soname:
-                index.setdefault(soname, path)
-        if not drivers:
-            raise RuntimeError(f"{_DRIVER} not found in the downloaded {_PACKAGE} package")
-        preload = _preload_order(drivers[0], index)
-
-        lib = tmp / _LIB
-        lib.mkdir()
-        for soname in preload:
-            shutil.copy2(index[soname], lib / soname)
-        shutil.copy2(drivers[0], lib / _DRIVER)
-        # Keep the API version the package announces for its driver
-        package_icd = next(root.rglob("lvp_icd*.json"), None)
-        api_version = json.loads(package_icd.read_text())["ICD"]["api_version"] if package_icd else "1.3.0"
-        icd = {
-            "file_format_version": "1.0.0",
-            "ICD": {"library_path": str(folder / _LIB / _DRIVER), "api_version": api_version},
-        }
-        (tmp / _ICD).write_text(json.dumps(icd, indent=4) + "\n")
-        for sub in ("apt", "debs", "root"):
-            shutil.rmtree(tmp / sub)
-        # The manifest is written last: its presence marks a complete install
-        manifest = {"codename": codename, "packages": packages, "preload": preload}
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=4) + "\n")
-
-        if folder.exists() or folder.is_symlink():
-            if _read_manifest(folder) is not None:
-                # Another process finished first
-                shutil.rmtree(tmp)
-                return folder
-            _check_replaceable(folder)
-            shutil.rmtree(folder)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if _read_manifest(folder) is None:
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _staging(folder) as tmp:
+        # mkdtemp makes it private to the user; the install is as readable as any folder made here
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        packages = _install_in(tmp, folder, codename, sources, log)
     log(f"lavapipe {packages[_PACKAGE]} installed in {folder}")
     return folder
+
+
+def _staging(folder: Path) -> ContextManager[Path]:
+    """A staging folder beside ``folder`` (hidden, locked while in use, removed on exit unless renamed into place);
+    those of installs that were killed are removed first, and those of earlier versions (``.<name>.<random>``,
+    unlocked) once a day old."""
+    return staging_folder(folder.parent, f".{folder.name}.staging-", legacy_prefix=f".{folder.name}.")
+
+
+def _install_in(tmp: Path, folder: Path, codename: str, sources: str, log: Callable[[str], None]) -> dict[str, str]:
+    """:func:`install`'s work in the staging folder ``tmp``, renamed to ``folder`` when complete (unless another
+    process finished first). :return: the packages installed (name -> version)"""
+    apt = _PrivateApt(tmp / "apt", sources)
+    log(f"apt-get update ({codename} and {codename}-backports)")
+    apt("update", what="apt-get update")
+    packages = _needed_packages(apt, codename)
+    specs = [f"{name}={version}" for name, version in sorted(packages.items())]
+    log("apt-get download " + " ".join(specs))
+    debs = tmp / "debs"
+    debs.mkdir()
+    apt("download", *specs, what="apt-get download", cwd=debs)
+    root = tmp / "root"
+    for deb in sorted(debs.glob("*.deb")):
+        _run(["dpkg-deb", "-x", str(deb), str(root)], what=f"unpacking {deb.name}")
+
+    # soname -> file for every unpacked library (symlinks are only aliases of these)
+    index: dict[str, Path] = {}
+    drivers = []
+    for path in sorted(root.rglob("*.so*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        if path.name == _DRIVER:
+            drivers.append(path)
+        soname = _elf_dynamic(path)[0]
+        if soname:
+            index.setdefault(soname, path)
+    if not drivers:
+        raise RuntimeError(f"{_DRIVER} not found in the downloaded {_PACKAGE} package")
+    preload = _preload_order(drivers[0], index)
+
+    lib = tmp / _LIB
+    lib.mkdir()
+    for soname in preload:
+        shutil.copy2(index[soname], lib / soname)
+    shutil.copy2(drivers[0], lib / _DRIVER)
+    # Keep the API version the package announces for its driver
+    package_icd = next(root.rglob("lvp_icd*.json"), None)
+    api_version = json.loads(package_icd.read_text())["ICD"]["api_version"] if package_icd else "1.3.0"
+    icd = {
+        "file_format_version": "1.0.0",
+        "ICD": {"library_path": str(folder / _LIB / _DRIVER), "api_version": api_version},
+    }
+    (tmp / _ICD).write_text(json.dumps(icd, indent=4) + "\n")
+    for sub in ("apt", "debs", "root"):
+        shutil.rmtree(tmp / sub)
+    # The manifest is written last: its presence marks a complete install
+    manifest = {"codename": codename, "packages": packages, "preload": preload}
+    (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=4) + "\n")
+
+    if folder.exists() or folder.is_symlink():
+        if _read_manifest(folder) is not None:
+            # Another process finished first (the staging folder is removed on the way out)
+            return packages
+        _check_replaceable(folder)
+        shutil.rmtree(folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if _read_manifest(folder) is None:
+            raise
+    return packages
 
 
 def _system_has_vulkan() -> bool:
