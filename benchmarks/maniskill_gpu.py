@@ -89,6 +89,8 @@ def main() -> None:
                           sim_backend=sim_backend, device_observations=args.policy == "elmur" and sim_backend == "gpu",
                           seed=args.seed)
     model = build_model(args, env, device)
+    header = ["| env steps | env steps/s | training success (last 100 episodes) | mean return |", "|---:|---:|---:|---:|"]
+    print("\n".join(header), flush=True)
     while model.num_timesteps < args.timesteps:
         start, steps_before = time.perf_counter(), model.num_timesteps
         model.learn(args.chunk, reset_num_timesteps=False)
@@ -107,8 +109,7 @@ def main() -> None:
         write_text_atomically(out / "progress.md", "\n".join([
             f"# {args.task}: {args.policy}, {args.n_envs} {sim_backend}-simulated envs, RGB + joints "
             f"{args.image_size} x {args.image_size}", "",
-            "| env steps | env steps/s | training success (last 100 episodes) | mean return |",
-            "|---:|---:|---:|---:|", *rows]) + "\n")
+            *header, *rows]) + "\n")
         print(rows[-1], flush=True)
     env.close()
 

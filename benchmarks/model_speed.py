@@ -1,7 +1,7 @@
 """Speed of the bare ELMUR model: acting cost at different episode steps, and training throughput of
 segment-parallel processing versus a loop over steps.
 
-    python benchmarks/model_speed.py --out benchmarks/results/model_speed.md
+    python benchmarks/model_speed.py                      # writes runs/model_speed.md (and .json)
 
 Acting must cost the same per step at episode step 10, 10^3 and 10^5 (the state does not grow). It is timed
 through ``model(x, state)`` (what RecurrentPPO's rollouts run, on a state unpacked every step) and through
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sb3_elmur.model import ElmurConfig, ElmurModel
-from sb3_elmur.utils import write_json_atomically, write_text_atomically
+from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
+from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
 
 
 def _time(fn, repeats: int) -> float:
@@ -28,16 +28,25 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def acting_step_ms(model: ElmurModel, batch: int, episode_step: int, repeats: int, carry_outputs: bool) -> float:
-    """Milliseconds per acting step, averaged over ``repeats`` consecutive steps from episode step
-    ``episode_step`` on (``carry_outputs``: ``model.step`` with the layer outputs, else ``model(x, state)``)."""
+def advance(model: ElmurModel, batch: int, episode_step: int) -> ElmurState:
+    """The state of ``batch`` rows after ``episode_step`` random steps, run segment-parallel in chunks of at most
+    10^5 row-steps (10^6 at once peaked at 3.4 GB)."""
     state = model.initial_state(batch)
+    chunk_steps = max(model.config.context_length, min(10_000, 100_000 // batch))
     with torch.no_grad():
         done = 0
-        while done < episode_step:  # advance segment-parallel, in chunks to bound memory
-            chunk = min(10_000, episode_step - done)
+        while done < episode_step:
+            chunk = min(chunk_steps, episode_step - done)
             _, state = model(torch.randn(batch, chunk, model.input_dim), state)
             done += chunk
+    return state
+
+
+def acting_step_ms(model: ElmurModel, state: ElmurState, repeats: int, carry_outputs: bool) -> float:
+    """Milliseconds per acting step, averaged over ``repeats`` consecutive steps from ``state`` on (``carry_outputs``:
+    ``model.step`` with the layer outputs, else ``model(x, state)``)."""
+    batch = state.step.shape[0]
+    with torch.no_grad():
         x, starts, outputs = torch.randn(batch, 1, model.input_dim), torch.zeros(batch, dtype=torch.bool), None
         start = time.perf_counter()
         for _ in range(repeats):  # consecutive steps: every phase of the segment, writes included
@@ -74,25 +83,36 @@ def main() -> None:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", default="benchmarks/results/model_speed.md", help="Markdown report to write.")
+    parser.add_argument("--out", default="runs/model_speed.md",
+                        help="Markdown report to write, and a .json beside it.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing report (else refused; the committed one is "
+                             "benchmarks/results/model_speed.md).")
     parser.add_argument("--repeats", type=int, default=200, help="Timed calls per measurement.")
     args = parser.parse_args()
+    out = new_report_path(parser, args.out, args.overwrite)
+    new_report_path(parser, out.with_suffix(".json"), args.overwrite)
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     torch.manual_seed(0)
     config = ElmurConfig(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
     model = ElmurModel(16, config).eval()
 
-    acting = {}
+    acting, begin = {}, time.perf_counter()
+    print("acting: ms per step, `model(x, state)` / `model.step` (the state is first advanced to the step; batch 100 "
+          "to step 100,000 takes a few minutes)", flush=True)
     for batch in (1, 100):
         for step in (10, 1_000, 100_000):
-            acting[f"batch {batch}, step {step}"] = [
-                acting_step_ms(model, batch, step, args.repeats, carry_outputs) for carry_outputs in (False, True)
-            ]
+            state = advance(model, batch, step)
+            key = f"batch {batch}, step {step}"
+            acting[key] = [acting_step_ms(model, state, args.repeats, carry_outputs) for carry_outputs in (False, True)]
+            print(f"  {key}: {acting[key][0]:.3f} / {acting[key][1]:.3f}  ({time.perf_counter() - begin:.0f} s)",
+                  flush=True)
     model.train()
-    training = {
-        mode: training_step_us(model, batch=8, length=128, parallel=(mode == "segment-parallel"), repeats=5)
-        for mode in ("segment-parallel", "step loop")
-    }
+    training = {}
+    for mode in ("segment-parallel", "step loop"):
+        training[mode] = training_step_us(model, batch=8, length=128, parallel=(mode == "segment-parallel"), repeats=5)
+        print(f"training, {mode}: {training[mode]:.1f} us per env step  ({time.perf_counter() - begin:.0f} s)",
+              flush=True)
     results = {
         "config": vars(config),
         "input_dim": 16,
@@ -123,7 +143,6 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, text)
     write_json_atomically(out.with_suffix(".json"), results)

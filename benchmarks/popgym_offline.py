@@ -8,7 +8,8 @@ saved as ``<runs>/<task>/ElmurPPO-ElmurPolicy/seed0_model.zip``; models are not 
 in the README makes them). Each task's dataset is the expert's greedy episodes, recorded with
 ``sb3_elmur.datasets.collect_episodes``; both policies train on the same windows (5 segments of 20 steps) with the
 same learning rate, batch and number of gradient steps, and are evaluated on 100 greedy episodes. Every (task,
-policy, seed) trains once and is evaluated once (records kept), so the run can be split across sessions.
+policy, seed) trains once and is evaluated once (records kept), so the run can be split across sessions. The
+table is written beside ``--out`` as ``<out>.md``; the committed one is ``benchmarks/results/popgym_offline.md``.
 """
 
 import argparse
@@ -69,7 +70,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=300, help="Expert episodes per dataset.")
     parser.add_argument("--gradient-steps", type=int, default=1000, help="Gradient steps of behaviour cloning.")
     parser.add_argument("--runs", default="benchmarks/results/popgym/runs", help="Folder of the experts' runs.")
-    parser.add_argument("--out", default="benchmarks/results/popgym_offline", help="Folder of models and records.")
+    parser.add_argument("--out", default="runs/popgym_offline",
+                        help="Folder of models and records (the committed benchmarks/results/popgym_offline keeps "
+                             "records without models: it cannot be resumed, only reported).")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     out = Path(args.out)

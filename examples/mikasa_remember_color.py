@@ -42,7 +42,7 @@ def main() -> None:
     policy = "MultiInputElmurPolicy" if args.obs_mode == "rgb+joints" else "ElmurPolicy"
     # 60-step episodes in segments of 10: 8 slots per layer hold every segment of an episode
     model = ElmurPPO(policy, env, n_steps=60 if gpu else 120, batch_size=960 if gpu else 240, n_epochs=4,
-                     sequence_length=30, memory_horizon=30, ent_coef=0.01, seed=0, verbose=1,
+                     sequence_length=30, memory_horizon=30, ent_coef=0.01, seed=0, verbose=0,
                      device="cuda" if gpu else "cpu",
                      policy_kwargs=dict(d_model=64, n_layers=2, memory_size=8, context_length=10))
     model.learn(args.timesteps, progress_bar=True)

@@ -287,14 +287,10 @@ class RecurrentBC(BaseAlgorithm):
             return
         warnings.warn(
             f"the longest training episode has {longest} steps: {writes} memory writes (segments of "
-            f"{config.context_length} steps) into {config.memory_size} slots, so no slot is overwritten twice and "
-            "nothing in this dataset teaches memory to keep its content through repeated evictions. Memory may not "
-            f"hold past about {(config.memory_size + 1) * config.context_length} steps when acting: on noisy recall, "
-            "models trained on episodes of at most 3 segments (2 slots) were right at the training length and at 0.36-"
-            "0.71 (chance 0.33) from 100 steps on (with final_action_coef=1.0 too, on 2 of 3 seeds), while episodes of up "
-            "to 10 segments with final_action_coef=1.0 kept the cue to 10^5 steps on 3 of 3 seeds "
-            "(benchmarks/results/recall_offline_wait.md, recall_offline_wait_final_action.md). Train on longer "
-            f"episodes (more than {(config.memory_size + 1) * config.context_length} steps) to teach it.",
+            f"{config.context_length} steps) into {config.memory_size} slots, so no slot is overwritten twice.\n"
+            "Memory may then not keep a cue through evictions: on noisy recall such models fell to 0.36-0.71 (chance "
+            "0.33) from 100 steps on (benchmarks/results/recall_offline_wait.md); train on episodes of more than "
+            f"{(config.memory_size + 1) * config.context_length} steps to teach it.",
             UserWarning,
         )
 

@@ -447,9 +447,9 @@ def _actor(
     def act(obs: np.ndarray, episode_start: np.ndarray) -> np.ndarray:
         nonlocal states
         with th.no_grad():
-            obs_tensor = th.as_tensor(obs, device=device)
+            obs_tensor = _obs_tensor(policy, obs, device)
             if states is None:
-                states = fresh_recurrent_state(policy, len(obs), device)
+                states = fresh_recurrent_state(policy, len(episode_start), device)
             starts = th.as_tensor(episode_start, dtype=th.float32, device=device)
             actions, states = policy._predict(obs_tensor, states, starts, deterministic=deterministic)
         return _env_actions(policy, actions)
@@ -469,8 +469,8 @@ def _elmur_actor(
         nonlocal actor
         with th.no_grad():
             if actor is None:
-                actor = ElmurActor(policy, len(obs), compile=compile)
-            obs_tensor = th.as_tensor(obs, device=device)
+                actor = ElmurActor(policy, len(episode_start), compile=compile)
+            obs_tensor = _obs_tensor(policy, obs, device)
             latent_pi, _ = actor.step(obs_tensor, th.as_tensor(episode_start, dtype=th.bool, device=device))
             if greedy_logits:
                 actions = policy.action_net(latent_pi).argmax(dim=1)
@@ -479,6 +479,14 @@ def _elmur_actor(
         return _env_actions(policy, actions)
 
     return act
+
+
+def _obs_tensor(policy: RecurrentActorCriticPolicy, obs: Any, device: th.device) -> Any:
+    """The observations as the policy takes them: a tensor, or for Dict observations (MultiInputElmurPolicy, e.g.
+    ManiSkill's "rgb+joints") a dict of tensors, as ``predict`` makes them."""
+    if isinstance(obs, dict):
+        return policy.obs_to_tensor(obs)[0]
+    return th.as_tensor(obs, device=device)
 
 
 def _env_actions(policy: RecurrentActorCriticPolicy, actions: th.Tensor) -> np.ndarray:

@@ -6,7 +6,8 @@ chosen by an LRU rule (first empty slot, else the least recently written), by co
 
 The model is a recurrent function of (inputs, state): processing T steps one call at a time or in a single
 call gives the same outputs and final state. A long sequence is processed segment-parallel: one batched
-pass per segment, causal inside it. See ``ELMUR_SPEC.md`` in the shared folder for the specification.
+pass per segment, causal inside it. The model's specification, and where it departs from
+the paper and the authors' code: ``docs/model.md``.
 
 This module has no dependency on Stable-Baselines3.
 """

@@ -355,6 +355,7 @@ def test_gpu_benchmark_dry_run_trains_saves_and_resumes(tmp_path) -> None:
     assert [p["timesteps"] for p in progress] == [16, 32] and (tmp_path / "model.zip").exists()
     again = subprocess.run(command + ["--timesteps", "48"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert again.returncode == 0 and "resuming from" in again.stdout
+    assert again.stdout.split("resuming from", 1)[1].splitlines()[1].startswith("| env steps | env steps/s |")  # header
     assert [p["timesteps"] for p in json.loads((tmp_path / "progress.json").read_text())] == [16, 32, 48]
     other = subprocess.run(command + ["--policy", "lstm"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert other.returncode == 2 and "holds a run with other settings" in other.stderr

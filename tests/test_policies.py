@@ -98,7 +98,7 @@ def test_value_loss_trains_shared_backbone_unless_detached(detach_critic):
 
 
 def test_rollout_matches_training_pre_norm():
-    """The pre-norm layer order (an option; post-norm is the spec's default) keeps rollout equal to training."""
+    """The pre-norm layer order (an option; post-norm is the default, docs/model.md) keeps rollout equal to training."""
     _assert_rollout_matches_training(_model(spaces.Discrete(3), norm="pre"))
 
 

@@ -526,7 +526,7 @@ def _pad(values: Observations, length: int) -> Observations:
 def make_tmaze_dataset(
     n_episodes: int = 2000, min_corridor: int = 1, max_corridor: int = 28, seed: int = 0
 ) -> EpisodeDataset:
-    """Oracle demonstrations on the reference T-Maze (the spec's protocol): corridor lengths uniform in
+    """Oracle demonstrations on the reference T-Maze (the paper's protocol, docs/model.md): corridor lengths uniform in
     [min_corridor, max_corridor], cues alternating +1/-1, one oracle episode each (L + 1 steps, reward 1)."""
     rng = np.random.default_rng(seed)
     episodes = []
