@@ -355,3 +355,44 @@ def test_thread_warning_once_for_small_models_on_cpu():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _policy().predict(obs)  # one thread: no warning
+
+
+def test_a_zip_acts_with_the_alpha_it_was_trained_with(tmp_path):
+    """alpha is saved with the weights: a zip loads with the blend it learned, also one saved before alpha was
+    stored (then: the alpha its policy_kwargs name, or 1.0, the default of that time), never today's default."""
+    env = make_vec_env(lambda: RandomLengthEnv(spaces.Discrete(2)), n_envs=2, seed=0)
+    small = {k: v for k, v in SMALL.items() if k != "alpha"}
+    model = RecurrentPPO("ElmurPolicy", env, policy_kwargs=dict(small, alpha=1.0), n_steps=8, batch_size=16, seed=0)
+    model.save(tmp_path / "replace")
+    # The same weights under a config that does not name alpha (default 0.5): the saved 1.0 wins, with a word.
+    params = model.get_parameters()
+    rebuilt = RecurrentPPO("ElmurPolicy", env, policy_kwargs=small, n_steps=8, batch_size=16, seed=0)
+    assert rebuilt.policy.elmur_config.alpha == 0.5
+    with pytest.warns(UserWarning, match=r"trained with alpha=1.0 and is built with alpha=0.5: it keeps alpha=1.0"):
+        rebuilt.set_parameters(params)
+    assert rebuilt.policy.elmur_config.alpha == 1.0
+    # A zip from before alpha was stored: its state dict has no write_alpha.
+    for name in list(params["policy"]):
+        if name.endswith("write_alpha"):
+            del params["policy"][name]
+    old_default = RecurrentPPO("ElmurPolicy", env, policy_kwargs=small, n_steps=8, batch_size=16, seed=0)
+    with pytest.warns(UserWarning, match="trained with alpha=1.0"):
+        old_default.set_parameters(params)
+    assert old_default.policy.elmur_config.alpha == 1.0
+    named = RecurrentPPO("ElmurPolicy", env, policy_kwargs=dict(small, alpha=0.5), n_steps=8, batch_size=16, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named.set_parameters(params)
+    assert named.policy.elmur_config.alpha == 0.5
+    # And the acting follows: the loaded zip's states (the blended memory) equal the saved model's, step by step;
+    # with alpha 0.5 they would differ from the second write on.
+    loaded = RecurrentPPO.load(tmp_path / "replace", env=env)
+    obs, state, starts = env.reset(), None, np.ones(2, dtype=bool)
+    for _ in range(12):
+        a, state_a = model.predict(obs, state, starts, deterministic=True)
+        b, state_b = loaded.predict(obs, state, starts, deterministic=True)
+        np.testing.assert_array_equal(a, b)
+        for x, y in zip(state_a, state_b):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+        obs, _, dones, _ = env.step(a)
+        state, starts = state_a, dones
