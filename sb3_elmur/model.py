@@ -15,7 +15,6 @@ This module has no dependency on Stable-Baselines3.
 import math
 import numbers
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, List, NamedTuple, Optional, Tuple
 
@@ -153,11 +152,7 @@ class ElmurConfig:
     :param n_heads: attention heads H (must divide ``d_model``)
     :param memory_size: memory slots per layer M
     :param context_length: segment length K (the attention window, in steps)
-    :param alpha: LRU blend factor in (0, 1]: ``slot <- alpha * new + (1 - alpha) * slot``; 1 replaces (the
-        paper's T-Maze setting). Default 0.5: with replacement, PPO's updates wash the cue out of memory
-        (``benchmarks/results/memory_probe.md``: a linear probe reads it at the query at 0.99 before training,
-        0.72 after 150k steps of noisy recall at delay 60); a blend keeps part of each slot's content through
-        every write, and the probe stays at 0.97-1.00 while the policy learns the task
+    :param alpha: LRU blend factor in (0, 1]: ``slot <- alpha * new + (1 - alpha) * slot``; 1 replaces
     :param empty_slot_write: "hard" writes the candidate into a never-written slot (the paper);
         "blend" blends it with the initial content like any other slot (the reference code)
     :param memory_init_std: std of the fixed initial memory content (0 = zeros). It is drawn once at
@@ -183,7 +178,7 @@ class ElmurConfig:
     n_heads: int = 2
     memory_size: int = 2
     context_length: int = 10
-    alpha: float = 0.5
+    alpha: float = 1.0
     empty_slot_write: str = "hard"
     memory_init_std: float = 0.0
     dropout: float = 0.0
@@ -613,27 +608,6 @@ class ElmurModel(nn.Module):
         self.apply(self._init_weights)
         init = torch.randn(config.n_layers, config.memory_size, config.d_model) * config.memory_init_std
         self.register_buffer("memory_init", init)
-        # The blend factor travels with the weights: a model saved with one alpha and rebuilt with another (a zip
-        # whose policy_kwargs did not name it, from before the default changed) acts as it was trained.
-        self.register_buffer("write_alpha", torch.tensor(config.alpha))
-        # alpha of a state dict saved before ``write_alpha`` existed (ElmurPolicy sets the old default, 1.0,
-        # when its policy_kwargs do not name alpha)
-        self.unmarked_alpha = config.alpha
-
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        key = prefix + "write_alpha"
-        if key not in state_dict:  # saved before the blend factor was stored with the weights
-            state_dict[key] = torch.tensor(self.unmarked_alpha)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        saved = float(state_dict[key])
-        if abs(saved - self.config.alpha) > 1e-6:  # float32 storage: 0.3 comes back as 0.30000001
-            saved = round(saved, 6)
-            warnings.warn(
-                f"this ELMUR model was trained with alpha={saved} and is built with alpha={self.config.alpha}: it "
-                f"keeps alpha={saved}, the blend its weights learned (pass policy_kwargs=dict(alpha={saved}) to "
-                "say so and silence this)"
-            )
-            self.config.alpha = saved
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -76,10 +76,6 @@ def check_finite_observation(observation: Any, context: str) -> None:
         )
 
 
-# ElmurConfig's alpha until 2026-12-06, when the default became 0.5 (see ElmurConfig)
-LEGACY_DEFAULT_ALPHA = 1.0
-
-
 def layout_tag(config: ElmurConfig) -> int:
     """Tag of a packed state layout: a nonzero integer below 2**23 (exact in float32), from the config's sizes.
 
@@ -409,10 +405,6 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         self.critic = None
         self.lstm_actor = ElmurBackbone(self.features_dim, self.elmur_config)
         self.lstm_critic = None if shared_backbone else ElmurBackbone(self.features_dim, self.elmur_config)
-        if "alpha" not in elmur_kwargs:  # a zip saved before alpha was stored, and without it: the old default
-            for backbone in (self.lstm_actor, self.lstm_critic):
-                if backbone is not None:
-                    backbone.model.unmarked_alpha = LEGACY_DEFAULT_ALPHA
         self.lstm_hidden_state_shape = (1, 1, self.lstm_actor.hidden_size)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
