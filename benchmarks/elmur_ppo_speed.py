@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
 
 # name -> (algorithm, policy, policy_kwargs, algorithm kwargs): the package defaults, and an LSTM of a similar
-# parameter count. The last three ElmurPPO ones (not run by default) measure shorter and longer sequences and the
+# parameter count. The last six ElmurPPO ones (not run by default) measure shorter and longer sequences and the
 # memory horizon's cost.
 CONFIGS = {
     "ElmurPPO": ("ElmurPPO", "ElmurPolicy", {}, {}),
@@ -34,6 +34,9 @@ CONFIGS = {
     "ElmurPPO, sequences 16": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 16}),
     "ElmurPPO, memory horizon 0": ("ElmurPPO", "ElmurPolicy", {}, {"memory_horizon": 0}),
     "ElmurPPO, sequences 128, horizon 64": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 128, "memory_horizon": 64}),
+    "ElmurPPO, sequences 32, horizon 16": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 32, "memory_horizon": 16}),
+    "ElmurPPO, sequences 128, horizon 128": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 128, "memory_horizon": 128}),
+    "ElmurPPO, sequences 32, horizon 128": ("ElmurPPO", "ElmurPolicy", {}, {"sequence_length": 32, "memory_horizon": 128}),
 }
 DEFAULT_CONFIGS = list(CONFIGS)[:5]
 ENVS = ("sb3_elmur/PassiveTMaze-v0", "popgym-RepeatPreviousEasy-v0", "popgym-CountRecallEasy-v0")
