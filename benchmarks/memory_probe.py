@@ -24,7 +24,6 @@ Results go to ``OUT.json`` (a run per label and seed, recorded atomically as it 
 """
 
 import argparse
-import fcntl
 import json
 import shlex
 import subprocess
@@ -37,7 +36,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sb3_elmur.utils import positive_int_argument, write_json_atomically, write_text_atomically  # noqa: E402
+from sb3_elmur.utils import (  # noqa: E402
+    LockedError, exclusive_lock, positive_int_argument, write_json_atomically, write_text_atomically,
+)
 
 N_PROBE = 400  # probe episodes: half to fit the probe, half to score it
 N_GRAD = 64  # episodes of the gradient measure
@@ -219,14 +220,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         result = {**run(args, seed), **header}
-        with open(args.out.with_suffix(".lock"), "w") as lock:  # runs of parallel invocations wait their turn
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            path = args.out.with_suffix(".json")
-            runs = json.loads(path.read_text())["runs"] if path.exists() else []
-            key = (result["delay"], result["label"], result["seed"])
-            runs = [r for r in runs if (r["delay"], r["label"], r["seed"]) != key] + [result]
-            write_json_atomically(path, {"runs": runs})
-            report(args.out, runs)
+        while True:  # runs of parallel invocations wait their turn; the lock file goes with its last holder
+            try:
+                with exclusive_lock(args.out.with_suffix(".lock")):
+                    path = args.out.with_suffix(".json")
+                    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+                    key = (result["delay"], result["label"], result["seed"])
+                    runs = [r for r in runs if (r["delay"], r["label"], r["seed"]) != key] + [result]
+                    write_json_atomically(path, {"runs": runs})
+                    report(args.out, runs)
+                break
+            except LockedError:
+                time.sleep(1.0)
     print(f"report: {args.out.with_suffix('.md')}")
 
 

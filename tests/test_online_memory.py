@@ -1,10 +1,11 @@
-"""benchmarks/online_memory.py and benchmarks/credit_reach.py: the report and its resume, and the reach figure."""
+"""benchmarks/online_memory.py, credit_reach.py and memory_probe.py: reports, resume, the reach figure, the probes."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 torch.set_num_threads(1)
@@ -12,6 +13,7 @@ torch.set_num_threads(1)
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import credit_reach  # noqa: E402
+import memory_probe  # noqa: E402
 
 
 def test_credit_reach_counts_rows_that_hold_the_cue():
@@ -37,3 +39,28 @@ def test_online_memory_records_reports_and_resumes(tmp_path):
     assert not out.with_suffix(".lock").exists()
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "1 of 1 runs already recorded" in again.stdout
+
+
+def test_ridge_probe_reads_separable_labels_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(3, size=400)
+    noise = rng.normal(size=(400, 16))
+    assert memory_probe.ridge_accuracy(noise + 6.0 * np.eye(3, 16)[labels], labels, 3) >= 0.99
+    assert memory_probe.ridge_accuracy(noise, labels, 3) < 0.45  # chance is 1/3
+
+
+def test_memory_probe_records_the_probes_and_leaves_no_lock(tmp_path):
+    """An untrained ELMUR (2 slots of 10 steps, alpha 1) already holds the cue at a delay-30 query: the probe the
+    diagnosis of online memory rests on (benchmarks/results/memory_probe.md)."""
+    out = tmp_path / "probe"
+    command = [sys.executable, str(BENCHMARKS / "memory_probe.py"), "--delay", "30", "--budget", "1024",
+               "--probe-every", "1024", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (run,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert [p["steps"] for p in run["probes"]] == [0, 1024]
+    untrained = run["probes"][0]
+    assert min(untrained["write"]) > 0.9 and min(untrained["held"]) > 0.9 and untrained["grad_ratio"] > 0
+    assert abs(untrained["entropy"] - np.log(3)) < 0.01  # an untrained policy is uniform at the query
+    assert "## delay 30, defaults, seed 0" in out.with_suffix(".md").read_text()
+    assert not out.with_suffix(".lock").exists()
