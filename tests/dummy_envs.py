@@ -39,3 +39,27 @@ class RandomLengthEnv(gym.Env):
         terminated = self._left <= 0 and self.np_random.random() < 0.5
         truncated = self._left <= 0 and not terminated
         return self.observation_space.sample(), reward, terminated, truncated, {}
+
+
+class NonFiniteStepEnv(RandomLengthEnv):
+    """A :class:`RandomLengthEnv` (Discrete(2) actions) whose 5th step puts ``bad`` (NaN or inf) into its
+    observation (at index 1) or its reward, as a broken env would.
+
+    :param bad: the non-finite value
+    :param into: "observation" or "reward"
+    """
+
+    def __init__(self, bad: float, into: str) -> None:
+        super().__init__(spaces.Discrete(2))
+        assert into in ("observation", "reward"), into
+        self.bad, self.into, self.n_steps = bad, into, 0
+
+    def step(self, action: Any) -> Tuple[Any, float, bool, bool, Dict]:
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.n_steps += 1
+        if self.n_steps == 5 and self.into == "observation":
+            obs = obs.copy()
+            obs[1] = self.bad
+        if self.n_steps == 5 and self.into == "reward":
+            reward = self.bad
+        return obs, reward, terminated, truncated, info

@@ -13,33 +13,17 @@ import sb3_elmur  # noqa: F401  (registers the policy names)
 from sb3_elmur import ElmurPPO
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.policies import ElmurPolicy, NonFiniteError
-from tests.dummy_envs import RandomLengthEnv
+from tests.dummy_envs import NonFiniteStepEnv, RandomLengthEnv
 
 torch.set_num_threads(1)
 
 SMALL = dict(d_model=16, n_layers=2, n_heads=2, memory_size=2, context_length=4)
 
 
-class _NonFiniteObservations(RandomLengthEnv):
-    """Its 5th step returns an observation with ``bad`` at index 1."""
-
-    def __init__(self, bad: float) -> None:
-        super().__init__(spaces.Discrete(2))
-        self.bad, self.n_steps = bad, 0
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = super().step(action)
-        self.n_steps += 1
-        if self.n_steps == 5:
-            obs = obs.copy()
-            obs[1] = self.bad
-        return obs, reward, terminated, truncated, info
-
-
 @pytest.mark.parametrize("algorithm", [RecurrentPPO, ElmurPPO], ids=["RecurrentPPO", "ElmurPPO"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_observations_are_named_in_learn(algorithm, bad):
-    model = algorithm("ElmurPolicy", _NonFiniteObservations(bad), n_steps=16, batch_size=16, n_epochs=1, seed=0,
+    model = algorithm("ElmurPolicy", NonFiniteStepEnv(bad, "observation"), n_steps=16, batch_size=16, n_epochs=1, seed=0,
                       policy_kwargs=SMALL)
     with pytest.raises(NonFiniteError, match=rf"observation holds 1 NaN or inf value\(s\), the first {bad} at index "
                                              r"\[0, 1\].*VecCheckNan"):

@@ -22,7 +22,7 @@ from sb3_elmur.policies import (
     NonFiniteError,
     RecurrentStateError,
 )
-from tests.dummy_envs import RandomLengthEnv
+from tests.dummy_envs import NonFiniteStepEnv, RandomLengthEnv
 
 torch.set_num_threads(1)
 
@@ -291,20 +291,9 @@ def test_batch_mismatch_names_the_three_sizes():
         backbone(torch.zeros(6, 5), packed, torch.zeros(6))
 
 
-class _NonFiniteRewards(RandomLengthEnv):
-    def __init__(self, bad_reward: float) -> None:
-        super().__init__(spaces.Discrete(2))
-        self.bad_reward, self.n_steps = bad_reward, 0
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = super().step(action)
-        self.n_steps += 1
-        return obs, self.bad_reward if self.n_steps == 5 else reward, terminated, truncated, info
-
-
 @pytest.mark.parametrize("bad_reward", [float("nan"), float("inf")])
 def test_non_finite_rewards_stop_training_before_any_update(bad_reward):
-    model = RecurrentPPO("ElmurPolicy", _NonFiniteRewards(bad_reward), n_steps=16, batch_size=16, n_epochs=1, seed=0,
+    model = RecurrentPPO("ElmurPolicy", NonFiniteStepEnv(bad_reward, "reward"), n_steps=16, batch_size=16, n_epochs=1, seed=0,
                          policy_kwargs=SMALL)
     before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     with pytest.raises(NonFiniteError, match="step was skipped, so the parameters are unchanged.*VecCheckNan"):
