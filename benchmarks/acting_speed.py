@@ -180,7 +180,7 @@ def main() -> None:
         print(json.dumps(child(args.steps, args.cases)))
         return
     # Imported here: a child imports sb3_elmur from its own source tree (set above).
-    from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+    from sb3_elmur.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
     out = new_report_path(parser, args.out, args.overwrite)
 
@@ -202,8 +202,7 @@ def main() -> None:
     cases = [c for c in runs["current"][0] if not c.startswith(SECONDS)]
     median = {name: {c: statistics.median(r[c] for r in rs) for c in rs[0]} for name, rs in runs.items()}
     cells = {name: {c: f"{m[c]:.3f}" if c in m else "-" for c in cases} for name, m in median.items()}
-    revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
+    revision = code_commit(ROOT)
     command = (f"python benchmarks/acting_speed.py --baseline {args.baseline} --rounds {args.rounds} --steps {args.steps} "
                f"--cases {args.cases}")
     lines = [

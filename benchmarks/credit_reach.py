@@ -17,17 +17,15 @@ also holds their episode's cue step. Nothing is trained: the figure is a propert
 """
 
 import argparse
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sb3_elmur.utils import write_text_atomically  # noqa: E402
+from sb3_elmur.utils import code_commit, write_text_atomically  # noqa: E402
 
 N_CUES = 3
 DELAYS = [30, 60, 120, 250]
@@ -79,10 +77,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="Report, a Markdown table.")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit = code_commit(Path(__file__).parent)
     lines = [f"# Credit reach: share of query steps whose training row holds their cue ({date.today()}, code {commit})",
-             "", f"Command: `python benchmarks/credit_reach.py`. Noisy recall with the query D +- 5 steps after the cue, "
+             "", "Command: `python benchmarks/credit_reach.py`. Noisy recall with the query D +- 5 steps after the cue, "
              "8 envs, one epoch of minibatches of each of rollouts 5 to 16 (see the script's docstring).", "",
              "| buffer | settings | " + " | ".join(f"D = {d}" for d in DELAYS) + " |",
              "|---|---|" + "---|" * len(DELAYS)]

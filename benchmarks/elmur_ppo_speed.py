@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List
 
-from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
 # name -> (algorithm, policy, policy_kwargs, algorithm kwargs): the package defaults, and an LSTM of a similar
 # parameter count. The last six ElmurPPO ones (not run by default) measure shorter and longer sequences and the
@@ -118,13 +118,6 @@ def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> 
     }
 
 
-def _commit() -> str:
-    """The code's commit (short hash), or "unknown" outside a git checkout."""
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent)
-    return result.stdout.strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/elmur_ppo_speed.py",
@@ -166,10 +159,12 @@ def main() -> None:
     lines = [
         "# ElmurPPO: speed and memory against RecurrentPPO",
         "",
-        f"Command: `{command}` (commit {_commit()}, {date.today().isoformat()}; {platform.machine()}, Python {platform.python_version()}, one torch thread per "
-        f"process, CPU). {args.n_envs} envs x 128 steps per rollout, 10 epochs of minibatches of 128 steps "
+        f"Command: `{command}` (commit {code_commit(Path(__file__).parent)}, {date.today().isoformat()}; "
+        f"{platform.machine()}, Python {platform.python_version()}, one torch thread per process, CPU). "
+        f"{args.n_envs} envs x 128 steps per rollout, 10 epochs of minibatches of 128 steps "
         "(sb3-contrib's defaults), default policy configs (ELMUR: d_model 64, 2 layers, 2 slots, context 10; "
-        "ElmurPPO: its defaults, sequences and memory horizon of n_steps, 128). Env steps/s: median over rounds; x LSTM: ratio to "
+        "ElmurPPO: its defaults, sequences and memory horizon of n_steps, 128). Env steps/s: median over rounds; "
+        "x LSTM: ratio to "
         f"`{LSTM}` (256 units) in the same run. State bytes: recurrent state stored per env step (ElmurPPO: "
         "anchors, their index and the history's observations; RecurrentPPO: the packed (hidden, cell) pairs of "
         "actor and critic). Peak RSS: the whole process, torch included. Training grid: mean rows x segments of "

@@ -26,7 +26,6 @@ Results go to ``OUT.json`` (a run per label and seed, recorded atomically as it 
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from datetime import date
@@ -37,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sb3_elmur.utils import (  # noqa: E402
-    LockedError, exclusive_lock, positive_int_argument, write_json_atomically, write_text_atomically,
+    code_commit, exclusive_lock, positive_int_argument, write_json_atomically, write_text_atomically,
 )
 
 N_PROBE = 400  # probe episodes: half to fit the probe, half to score it
@@ -72,7 +71,9 @@ def probe(policy: Any, delay: int, seed: int) -> Dict[str, Any]:
     actor = ElmurActor(policy, N_PROBE)
     starts = th.ones(N_PROBE, dtype=th.bool)
     finished = np.zeros(N_PROBE, dtype=bool)
-    after_write = held = positions = None
+    after_write = None
+    # memory and slot positions at each episode's query step (filled in as the queries come)
+    held, positions = actor.state.memory.clone(), actor.state.positions.clone()
     correct = np.zeros(N_PROBE, dtype=bool)
     entropy = np.zeros(N_PROBE)
     with th.no_grad():
@@ -80,9 +81,8 @@ def probe(policy: Any, delay: int, seed: int) -> Dict[str, Any]:
             query = (obs[:, n_cues] == 1.0) & ~finished
             if query.any():
                 rows = th.as_tensor(query)
-                held = actor.state.memory.clone() if held is None else th.where(rows.view(-1, 1, 1, 1), actor.state.memory, held)
-                positions = (actor.state.positions.clone() if positions is None
-                             else th.where(rows.view(-1, 1, 1), actor.state.positions, positions))
+                held = th.where(rows.view(-1, 1, 1, 1), actor.state.memory, held)
+                positions = th.where(rows.view(-1, 1, 1), actor.state.positions, positions)
             latent_pi, _ = actor.step(th.as_tensor(obs), starts)
             logits = policy.action_net(latent_pi)
             if t == k - 1:  # the first segment has just been written
@@ -148,10 +148,10 @@ def run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from online_memory import N_ENVS, TASKS, make_env
+    from online_memory import N_ENVS, make_env
     from sb3_elmur import ElmurPPO
 
-    task = TASKS[f"recall-{args.delay}"] if f"recall-{args.delay}" in TASKS else dict(kind="recall", delay=args.delay)
+    task = dict(kind="recall", delay=args.delay)
     cls = ElmurPPO if args.algo == "ElmurPPO" else RecurrentPPO
     model = cls("ElmurPolicy", make_env(task, N_ENVS, seed), seed=seed, policy_kwargs=args.policy_kwargs or None,
                 **args.ppo_kwargs)
@@ -213,25 +213,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.delay <= 5:
         parser.error(f"--delay must be more than 5 (the query falls at delay +- 5), got {args.delay}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    header = {"commit": commit, "date": date.today().isoformat(),
+    header = {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
               "command": "python benchmarks/memory_probe.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         result = {**run(args, seed), **header}
-        while True:  # runs of parallel invocations wait their turn; the lock file goes with its last holder
-            try:
-                with exclusive_lock(args.out.with_suffix(".lock")):
-                    path = args.out.with_suffix(".json")
-                    runs = json.loads(path.read_text())["runs"] if path.exists() else []
-                    key = (result["delay"], result["label"], result["seed"])
-                    runs = [r for r in runs if (r["delay"], r["label"], r["seed"]) != key] + [result]
-                    write_json_atomically(path, {"runs": runs})
-                    report(args.out, runs)
-                break
-            except LockedError:
-                time.sleep(1.0)
+        with exclusive_lock(args.out.with_suffix(".lock"), wait=True):  # parallel invocations take turns
+            path = args.out.with_suffix(".json")
+            runs = json.loads(path.read_text())["runs"] if path.exists() else []
+            key = (result["delay"], result["label"], result["seed"])
+            runs = [r for r in runs if (r["delay"], r["label"], r["seed"]) != key] + [result]
+            write_json_atomically(path, {"runs": runs})
+            report(args.out, runs)
     print(f"report: {args.out.with_suffix('.md')}")
 
 

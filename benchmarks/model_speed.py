@@ -12,7 +12,6 @@ Before/after comparisons of the acting path: ``benchmarks/acting_speed.py``.
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import torch
 

@@ -21,12 +21,10 @@ interrupted benchmark resumes where it stopped (a run cut off midway starts over
 """
 
 import argparse
-import fcntl
 import json
 import multiprocessing
 import os
 import shlex
-import subprocess
 import sys
 import time
 from datetime import date
@@ -36,7 +34,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sb3_elmur.utils import positive_int_argument, write_json_atomically, write_text_atomically  # noqa: E402
+from sb3_elmur.utils import (  # noqa: E402
+    code_commit, exclusive_lock, positive_int_argument, write_json_atomically, write_text_atomically,
+)
 
 TASKS: Dict[str, Dict[str, Any]] = {
     "recall-30": dict(kind="recall", delay=30, budget=150_000),
@@ -141,8 +141,7 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
 
 def record(out: Path, result: Dict[str, Any], header: Dict[str, Any]) -> None:
     """Add ``result`` to ``OUT.json`` under a lock and redraw the report."""
-    with open(out.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(out.with_suffix(".lock"), wait=True):  # runs in parallel processes take turns
         data = load(out)
         data["runs"] = [r for r in data["runs"] if key(r) != key(result)] + [{**result, **header}]
         write_json_atomically(out.with_suffix(".json"), data)
@@ -241,7 +240,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="Tasks to run.")
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
                         help="Algorithm + policy pairs to run.")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds, one run each per task and policy.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="Training seeds, one run each per task and policy.")
     parser.add_argument("--label", default=None, help="Name of these runs in the report (None: the policy's "
                         "name). Required with --ppo-kwargs or --policy-kwargs, which go under a label of their own.")
     parser.add_argument("--ppo-kwargs", type=json.loads, default={}, help="Algorithm settings beyond the defaults, as JSON.")
@@ -250,7 +250,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="Env steps between evaluations.")
     parser.add_argument("--budget", type=positive_int_argument, default=None,
                         help="Env steps per run, for every task (None: each task's own budget).")
-    parser.add_argument("--jobs", type=positive_int_argument, default=2, help="Runs in parallel, one process and one torch thread each.")
+    parser.add_argument("--jobs", type=positive_int_argument, default=2,
+                        help="Runs in parallel, one process and one torch thread each.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "online_memory",
                         help="Results path without suffix: OUT.json, OUT.md and OUT.png.")
     args = parser.parse_args(argv)
@@ -267,14 +268,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     todo = [job for job in jobs if key(job) not in done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already recorded in {args.out.with_suffix('.json')}; "
           f"running {len(todo)}, {args.jobs} at a time", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    header = {"commit": commit, "date": date.today().isoformat(),
+    header = {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
               "command": "python benchmarks/online_memory.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
         failures = [f for f in pool.imap_unordered(_run_and_record, [(j, args.out, header) for j in todo]) if f]
-    out_lock = args.out.with_suffix(".lock")
-    out_lock.unlink(missing_ok=True)  # only runs of this process held it
     for failure in failures:
         print("failed (not recorded):", failure, file=sys.stderr)
     print(f"report: {args.out.with_suffix('.md')}")

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 import zipfile
@@ -29,22 +30,23 @@ class LockedError(FileExistsError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the lock file ``path`` (created, with this process's pid in it, and removed on
-    release), or refuse at once if it is held.
+    release), or refuse at once if it is held (with ``wait``: wait for it).
 
     flock, not a file created with O_EXCL: the kernel releases it when its holder dies, so a killed process leaves
     no lock that blocks the next run (only, at worst, a stale file, which the next holder takes over).
 
     :param path: the lock file (its folder is created)
-    :raise LockedError: if the lock is held; the message names the file and the holder's pid
+    :param wait: wait until the holder releases it, instead of refusing (processes taking turns at a shared file)
+    :raise LockedError: if the lock is held and not ``wait``; the message names the file and the holder's pid
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             try:
@@ -180,6 +182,12 @@ def staging_folder(
             shutil.rmtree(path, ignore_errors=True)  # nothing there if it was moved into place
         finally:
             os.close(fd)
+
+
+def code_commit(folder: Union[str, Path]) -> str:
+    """Short hash of the git commit checked out at ``folder``, for result files; "unknown" outside a git checkout."""
+    result = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
 
 
 def positive_int_argument(text: str) -> int:
