@@ -24,8 +24,13 @@ from torch.profiler import ProfilerActivity, profile
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
-from sb3_elmur.policies import ElmurActor
-from sb3_elmur.utils import new_report_path, positive_int_argument, write_json_atomically, write_text_atomically
+from sb3_elmur.common.actor import ElmurActor
+from sb3_elmur.common.utils import (
+    new_report_path,
+    positive_int_argument,
+    write_json_atomically,
+    write_text_atomically,
+)
 
 
 def tmaze_env(n_envs: int) -> VecEnv:

@@ -59,7 +59,8 @@ def training_passes(steps: int) -> Dict[str, float]:
     segment before them: 56 steps) and RecurrentPPO's (sequences of up to 128 steps, here 1 x 128)."""
     import torch
 
-    from sb3_elmur.model import ElmurConfig, ElmurModel
+    from sb3_elmur.common.config import ElmurConfig
+    from sb3_elmur.common.model import ElmurModel
 
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     torch.manual_seed(0)
@@ -93,8 +94,9 @@ def child(steps: int, cases: str) -> Dict[str, float]:
 
     from sb3_elmur.bc import RecurrentBC
     from sb3_elmur.envs import TMazeVecEnv
-    from sb3_elmur.evaluation import _actor
-    from sb3_elmur.model import ElmurConfig, ElmurModel
+    from sb3_elmur.common.evaluation import _actor
+    from sb3_elmur.common.config import ElmurConfig
+    from sb3_elmur.common.model import ElmurModel
 
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     results = {}
@@ -180,7 +182,7 @@ def main() -> None:
         print(json.dumps(child(args.steps, args.cases)))
         return
     # Imported here: a child imports sb3_elmur from its own source tree (set above).
-    from sb3_elmur.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
+    from sb3_elmur.common.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
     out = new_report_path(parser, args.out, args.overwrite)
 

@@ -20,8 +20,9 @@ import torch
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
-from sb3_elmur.envs import NoisyRecallEnv, make_recall_dataset
-from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.bc.collect import make_recall_dataset
+from sb3_elmur.envs import NoisyRecallEnv
+from sb3_elmur.common.utils import new_report_path, write_json_atomically, write_text_atomically
 
 ELMUR = dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
 POLICIES = {"ElmurPolicy": ELMUR, "MlpLstmPolicy": dict(lstm_hidden_size=128)}

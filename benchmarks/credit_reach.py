@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sb3_elmur.utils import code_commit, write_text_atomically  # noqa: E402
+from sb3_elmur.common.utils import code_commit, write_text_atomically  # noqa: E402
 
 N_CUES = 3
 DELAYS = [30, 60, 120, 250]

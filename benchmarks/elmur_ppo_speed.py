@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List
 
-from sb3_elmur.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.common.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
 # name -> (algorithm, policy, policy_kwargs, algorithm kwargs): the package defaults, and an LSTM of a similar
 # parameter count. The last six ElmurPPO ones (not run by default) measure shorter and longer sequences and the
@@ -54,7 +54,7 @@ def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> 
 
     import sb3_elmur
     from sb3_elmur.envs import TMazeVecEnv
-    from sb3_elmur.wrappers import make_popgym_env
+    from sb3_elmur.envs.popgym import make_popgym_env
 
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     algo_name, policy, policy_kwargs, algo_kwargs = CONFIGS[config]

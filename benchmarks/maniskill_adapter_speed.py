@@ -18,7 +18,7 @@ import torch
 
 from sb3_elmur.envs import vulkan
 from sb3_elmur.envs.maniskill import ManiSkillVecEnv
-from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.common.utils import new_report_path, write_json_atomically, write_text_atomically
 
 
 def _maniskill_adapter(env_id: str) -> Any:

@@ -23,7 +23,7 @@ import torch
 import sb3_elmur  # noqa: F401  (registers the policy names)
 from sb3_elmur import ElmurPPO
 from sb3_elmur.envs.maniskill import ManiSkillVecEnv
-from sb3_elmur.utils import write_atomically, write_json_atomically, write_text_atomically
+from sb3_elmur.common.utils import write_atomically, write_json_atomically, write_text_atomically
 
 # Per policy: algorithm settings beside the shared ones (60-step episodes; ELMUR keeps 8 segments of 10 in memory)
 POLICIES: Dict[str, Dict[str, Any]] = {

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sb3_elmur.utils import (  # noqa: E402
+from sb3_elmur.common.utils import (  # noqa: E402
     code_commit, exclusive_lock, positive_int_argument, write_json_atomically, write_text_atomically,
 )
 
@@ -60,7 +60,7 @@ def probe(policy: Any, delay: int, seed: int) -> Dict[str, Any]:
     import torch as th
 
     from sb3_elmur.envs.recall import NoisyRecallVecEnv
-    from sb3_elmur.policies import ElmurActor
+    from sb3_elmur.common.actor import ElmurActor
 
     policy.set_training_mode(False)
     model = policy.lstm_actor.model
@@ -112,7 +112,7 @@ def gradient_ratio(policy: Any, delay: int, seed: int) -> float:
     import torch as th
 
     from sb3_elmur.envs.recall import NoisyRecallVecEnv
-    from sb3_elmur.policies import ElmurActor
+    from sb3_elmur.common.actor import ElmurActor
 
     model = policy.lstm_actor.model
     k, n_cues = model.config.context_length, 3

@@ -15,8 +15,10 @@ import time
 
 import torch
 
-from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
-from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.memory import ElmurState
+from sb3_elmur.common.model import ElmurModel
+from sb3_elmur.common.utils import new_report_path, write_json_atomically, write_text_atomically
 
 
 def _time(fn, repeats: int) -> float:

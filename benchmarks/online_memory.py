@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sb3_elmur.utils import (  # noqa: E402
+from sb3_elmur.common.utils import (  # noqa: E402
     code_commit, exclusive_lock, positive_int_argument, write_json_atomically, write_text_atomically,
 )
 
@@ -72,14 +72,15 @@ def make_env(task: Dict[str, Any], n_envs: int, seed: int):
         return VecMonitor(TMazeVecEnv(n_envs, corridor_length=task["corridor"], variant="passive", seed=seed))
     from stable_baselines3.common.env_util import make_vec_env
 
-    from sb3_elmur.wrappers import make_popgym_env
+    from sb3_elmur.envs.popgym import make_popgym_env
 
     return make_vec_env(make_popgym_env, n_envs=n_envs, seed=seed, env_kwargs=dict(env_id=task["env_id"]))
 
 
 def evaluate(model: Any, task: Dict[str, Any], seed: int) -> float:
     """Greedy success (recall, T-Maze) or mean episode return (POPGym) on evaluation seeds."""
-    from sb3_elmur.evaluation import evaluate_success, evaluate_tmaze
+    from sb3_elmur.common.evaluation import evaluate_success
+    from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
 
     if task["kind"] == "recall":
         return evaluate_success(model, make_env(task, 200, EVAL_SEED + seed).venv, task["delay"] + 10)

@@ -27,11 +27,15 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO, presets
 from sb3_elmur.bc import RecurrentBC
-from sb3_elmur.datasets import EpisodeDataset, collect_episodes
-from sb3_elmur.utils import (
-    refuse_record_problems, train_and_evaluate_once, write_json_atomically, write_text_atomically,
+from sb3_elmur.bc.collect import collect_episodes
+from sb3_elmur.bc.datasets import EpisodeDataset
+from sb3_elmur.common.utils import (
+    refuse_record_problems,
+    train_and_evaluate_once,
+    write_json_atomically,
+    write_text_atomically,
 )
-from sb3_elmur.wrappers import make_popgym_env
+from sb3_elmur.envs.popgym import make_popgym_env
 
 TASKS = ["popgym-RepeatPreviousEasy-v0", "popgym-CountRecallEasy-v0", "popgym-AutoencodeEasy-v0",
          "popgym-PositionOnlyCartPoleEasy-v0", "popgym-HigherLowerEasy-v0", "popgym-ConcentrationEasy-v0"]

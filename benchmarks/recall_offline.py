@@ -23,9 +23,10 @@ import torch
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
-from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
-from sb3_elmur.evaluation import evaluate_success
-from sb3_elmur.utils import (
+from sb3_elmur.bc.collect import make_recall_dataset
+from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv
+from sb3_elmur.common.evaluation import evaluate_success
+from sb3_elmur.common.utils import (
     plot_success_by_length,
     refuse_record_problems,
     success_table_rows,

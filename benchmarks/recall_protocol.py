@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from sb3_elmur import RecurrentBC
-from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
-from sb3_elmur.evaluation import evaluate_success
-from sb3_elmur.utils import new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.bc.collect import make_recall_dataset
+from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv
+from sb3_elmur.common.evaluation import evaluate_success
+from sb3_elmur.common.utils import new_report_path, write_json_atomically, write_text_atomically
 
 
 def run(config: str, seed: int, gradient_steps: int, lengths: List[int], wait: bool) -> Dict[str, float]:

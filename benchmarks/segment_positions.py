@@ -17,8 +17,8 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur.utils import load_algorithm, new_report_path, write_json_atomically, write_text_atomically
-from sb3_elmur.wrappers import is_popgym_id, make_popgym_env
+from sb3_elmur.common.utils import load_algorithm, new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.envs.popgym import is_popgym_id, make_popgym_env
 
 
 def main() -> None:

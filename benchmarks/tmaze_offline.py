@@ -19,9 +19,9 @@ import torch
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
-from sb3_elmur.datasets import make_tmaze_dataset
-from sb3_elmur.evaluation import evaluate_tmaze
-from sb3_elmur.utils import success_table_rows, train_and_evaluate_once, write_text_atomically
+from sb3_elmur.bc.collect import make_tmaze_dataset
+from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
+from sb3_elmur.common.utils import success_table_rows, train_and_evaluate_once, write_text_atomically
 
 POLICIES: Dict[str, Dict[str, Any]] = {
     "ElmurPolicy": dict(d_model=32, n_layers=1, n_heads=2, memory_size=2, context_length=10),

@@ -21,7 +21,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO, presets
 from sb3_elmur.envs import TMazeVecEnv
-from sb3_elmur.evaluation import evaluate_tmaze
+from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from sb3_elmur.utils import write_atomically, write_json_atomically, write_text_atomically
+from sb3_elmur.common.utils import write_atomically, write_json_atomically, write_text_atomically
 
 POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
 # Policy sizes at similar parameter counts: "small" is the T-Maze preset (about 43k parameters each), "large"
@@ -46,7 +46,7 @@ def run_one(
     import sb3_elmur  # noqa: F401
     from sb3_elmur import presets
     from sb3_elmur.envs import TMazeVecEnv
-    from sb3_elmur.evaluation import evaluate_tmaze
+    from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
 
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
 

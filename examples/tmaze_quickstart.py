@@ -17,9 +17,9 @@ from stable_baselines3.common.vec_env import VecMonitor
 
 import sb3_elmur  # noqa: F401  (registers "ElmurPolicy" and the T-Maze ids)
 from sb3_elmur.envs import TMazeVecEnv
-from sb3_elmur.evaluation import evaluate_tmaze
-from sb3_elmur.presets import TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
-from sb3_elmur.utils import algorithm_class
+from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
+from sb3_elmur.common.presets import TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.common.utils import algorithm_class
 
 
 def main() -> None:

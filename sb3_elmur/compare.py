@@ -34,19 +34,18 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
-from sb3_elmur.model import check_int
-from sb3_elmur.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
-from sb3_elmur.utils import (
+from sb3_elmur.common.checks import check_device, check_int
+from sb3_elmur.common.presets import TMAZE_LSTM_POLICY_KWARGS, TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.common.utils import (
     algorithm_class,
-    check_device,
     remove_leftover_temp_files,
     write_atomically,
     write_json_atomically,
     write_text_atomically,
-    zip_problem as _zip_problem,
 )
+from sb3_elmur.common.utils import zip_problem as _zip_problem
 from sb3_elmur.envs import mikasa_family
-from sb3_elmur.wrappers import is_popgym_id
+from sb3_elmur.envs.popgym import is_popgym_id
 
 DEFAULT_POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
 # Shared PPO settings and per-policy defaults: the small, parameter-matched T-Maze pair of presets.py.
@@ -55,7 +54,7 @@ DEFAULT_POLICY_KWARGS: Dict[str, Dict[str, Any]] = {
     "ElmurPolicy": dict(TMAZE_POLICY_KWARGS),
     "MlpLstmPolicy": dict(TMAZE_LSTM_POLICY_KWARGS),
 }
-POPGYM_WRAPPERS = ("sb3_elmur.wrappers.FlattenObservationWrapper", "sb3_elmur.wrappers.PreviousActionWrapper")
+POPGYM_WRAPPERS = ("sb3_elmur.envs.popgym.FlattenObservationWrapper", "sb3_elmur.envs.popgym.PreviousActionWrapper")
 # Keys the comparison sets itself, so they cannot be given as PPO keyword arguments.
 RESERVED_PPO_KWARGS = ("policy", "env", "seed", "policy_kwargs", "tensorboard_log", "verbose", "device", "_init_setup_model")
 # Evaluation envs get other seeds than the training envs of the same run.
@@ -81,11 +80,12 @@ def resolve_policy(policy: str) -> Tuple[str, type]:
         algorithm too (``ElmurPPO:ElmurPolicy``; ALGO one of ElmurPPO, RecurrentPPO, PPO)
     :return: ("ElmurPPO", "RecurrentPPO" or "PPO", policy class)
     """
-    import sb3_elmur  # noqa: F401  (registers the ELMUR aliases)
     from sb3_contrib import RecurrentPPO
     from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
     from stable_baselines3 import PPO
     from stable_baselines3.common.policies import ActorCriticPolicy
+
+    import sb3_elmur  # noqa: F401  (registers the ELMUR aliases)
 
     algo, sep, name = policy.rpartition(":")
     if sep:
@@ -507,7 +507,7 @@ def make_env(spec: Dict[str, Any], n_envs: int, seed: int) -> Any:
     from stable_baselines3.common.env_util import make_vec_env
 
     import sb3_elmur  # noqa: F401  (registers the T-Maze ids)
-    from sb3_elmur.wrappers import _import_popgym
+    from sb3_elmur.envs.popgym import _import_popgym
 
     for module in spec["gym_packages"]:
         importlib.import_module(module)
@@ -647,8 +647,8 @@ def _train_run(record_path: Path, deadline: Optional[float]) -> int:
         import torch
 
         torch.set_num_threads(options["threads"])
-        from sb3_elmur.callbacks import ElmurTensorboardCallback
-        from sb3_elmur.policies import ElmurPolicy
+        from sb3_elmur.common.callbacks import ElmurTensorboardCallback
+        from sb3_elmur.common.policies import ElmurPolicy
 
         algo = algorithm_class(spec["algo"])
         _, policy_class = resolve_policy(spec["policy"])

@@ -25,8 +25,10 @@ from stable_baselines3 import PPO
 import sb3_elmur  # noqa: F401  (registers the envs and policy names)
 from sb3_elmur import ElmurPPO, compare, tmaze_eval, utils
 from sb3_elmur.bc import RecurrentBC
-from sb3_elmur.datasets import Episode, EpisodeDataset, collect_episodes, make_tmaze_dataset
-from sb3_elmur.envs import NoisyRecallEnv, make_recall_dataset
+from sb3_elmur.bc.collect import collect_episodes, make_tmaze_dataset
+from sb3_elmur.bc.datasets import Episode, EpisodeDataset
+from sb3_elmur.bc.collect import make_recall_dataset
+from sb3_elmur.envs import NoisyRecallEnv
 
 torch.set_num_threads(1)
 
@@ -196,7 +198,7 @@ class _SigintInWorkers:
 
 def test_evaluation_workers_leave_ctrl_c_to_the_parent():
     """Each worker used to print a KeyboardInterrupt traceback of its own: the parent alone handles Ctrl-C."""
-    from sb3_elmur.evaluation import evaluate_tmaze_corridors
+    from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze_corridors
 
     results = list(evaluate_tmaze_corridors(_SigintInWorkers(), [3, 4], n_episodes=4, n_workers=2))
     assert [result.corridor_length for result in results] == [3, 4]

@@ -14,10 +14,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import NonFiniteLossError, RecurrentBC
-from sb3_elmur.datasets import Episode, EpisodeDataset, collect_episodes, make_tmaze_dataset
+from sb3_elmur.bc.collect import collect_episodes, make_tmaze_dataset
+from sb3_elmur.bc.datasets import Episode, EpisodeDataset
 from sb3_elmur.envs import TMazeOracle
-from sb3_elmur.evaluation import evaluate_tmaze
-from sb3_elmur.utils import load_algorithm
+from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
+from sb3_elmur.common.utils import load_algorithm
 from tests.dummy_envs import RandomLengthEnv
 
 torch.set_num_threads(1)
@@ -414,7 +415,8 @@ def test_final_action_head_predicts_the_final_action_at_every_step():
 
 
 def test_final_action_head_trains_saves_and_stays_out_of_acting(tmp_path):
-    from sb3_elmur.envs import NoisyRecallEnv, make_recall_dataset
+    from sb3_elmur.bc.collect import make_recall_dataset
+    from sb3_elmur.envs import NoisyRecallEnv
 
     dataset = make_recall_dataset(40, length=(5, 20), wait=True, seed=0)
     model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(wait=True), dataset, policy_kwargs=SMALL_ELMUR, batch_size=8,
@@ -471,7 +473,8 @@ def test_a_non_finite_loss_stops_training_before_the_update(policy, kwargs, bias
 def test_a_dataset_that_never_overwrites_a_slot_twice_gets_a_warning():
     """2 slots, segments of 10: T-Maze episodes of at most 29 steps complete 2 or 3 segments (no slot is overwritten twice),
     noisy recall episodes of 60 complete 6 (each slot overwritten twice or more)."""
-    from sb3_elmur.envs import NoisyRecallEnv, make_recall_dataset
+    from sb3_elmur.bc.collect import make_recall_dataset
+    from sb3_elmur.envs import NoisyRecallEnv
 
     model = RecurrentBC("ElmurPolicy", _tmaze_env(), make_tmaze_dataset(20, seed=0), batch_size=2,
                         policy_kwargs=PAPER_TMAZE)

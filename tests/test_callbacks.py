@@ -13,8 +13,10 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
 from sb3_elmur import ElmurPPO
-from sb3_elmur.callbacks import AttentionRecorder, ElmurTensorboardCallback, memory_stats
-from sb3_elmur.model import ElmurConfig, ElmurModel, ElmurState
+from sb3_elmur.common.callbacks import AttentionRecorder, ElmurTensorboardCallback, memory_stats
+from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.memory import ElmurState
+from sb3_elmur.common.model import ElmurModel
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

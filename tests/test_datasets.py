@@ -12,7 +12,9 @@ from gymnasium import spaces
 
 import sb3_elmur  # noqa: F401
 import sb3_elmur.datasets as datasets
-from sb3_elmur.datasets import EpisodeDataset, check_minari_id, make_tmaze_dataset
+from sb3_elmur.bc.collect import make_tmaze_dataset
+from sb3_elmur.bc.datasets import EpisodeDataset
+from sb3_elmur.bc.minari import check_minari_id
 from sb3_elmur.datasets.__main__ import main as datasets_main
 
 torch.set_num_threads(1)

@@ -19,13 +19,8 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur import policies, tmaze_eval
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import DOWN, RIGHT, UP
-from sb3_elmur.evaluation import (
-    EvaluationWorkerError,
-    _actor,
-    evaluate_success,
-    evaluate_tmaze,
-    evaluate_tmaze_corridors,
-)
+from sb3_elmur.common.evaluation import _actor, evaluate_success
+from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze, evaluate_tmaze_corridors, EvaluationWorkerError
 from tests.dummy_envs import RandomLengthEnv
 
 th.set_num_threads(1)

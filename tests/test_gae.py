@@ -19,9 +19,9 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
-from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import ElmurConfig
-from sb3_elmur.policies import ElmurPolicy
+from sb3_elmur.ppo.buffers import ElmurRolloutBuffer
+from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.policies import ElmurPolicy
 from tests.dummy_envs import RandomLengthEnv
 
 torch.set_num_threads(1)

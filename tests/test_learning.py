@@ -14,8 +14,8 @@ from stable_baselines3.common.vec_env import VecMonitor
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
 from sb3_elmur.envs import TMazeVecEnv
-from sb3_elmur.evaluation import evaluate_tmaze
-from sb3_elmur.presets import TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
+from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
+from sb3_elmur.common.presets import TMAZE_POLICY_KWARGS, TMAZE_PPO_KWARGS
 
 # Learning runs of 40k-200k env steps (minutes on 2 cores): `pytest -m slow`. The default suite keeps short
 # training smoke tests (test_policies.py, test_zoo.py, test_readme.py).
@@ -102,8 +102,9 @@ def test_bc_final_action_loss_teaches_the_waiting_form_to_hold_past_the_training
     (benchmarks/recall_offline.py, ElmurPolicy-final-action, seed 0): trained on 30-100-step episodes, right at
     10,000 steps (100x the longest)."""
     from sb3_elmur import RecurrentBC
-    from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, make_recall_dataset
-    from sb3_elmur.evaluation import evaluate_success
+    from sb3_elmur.bc.collect import make_recall_dataset
+    from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv
+    from sb3_elmur.common.evaluation import evaluate_success
 
     dataset = make_recall_dataset(2000, length=(30, 100), wait=True, seed=0)
     model = RecurrentBC("ElmurPolicy", NoisyRecallEnv(wait=True), dataset, learning_rate=1e-3, batch_size=64,

@@ -342,7 +342,7 @@ def test_compare_runs_mikasa_ids_on_the_adapter() -> None:
     assert env.get_attr("reward_mode") == ["sparse"]
     env.close()
     with pytest.raises(ValueError, match="takes no gym wrappers"):
-        make_env({**spec, "wrappers": ["sb3_elmur.wrappers.PreviousActionWrapper"]}, n_envs=1, seed=0)
+        make_env({**spec, "wrappers": ["sb3_elmur.envs.popgym.PreviousActionWrapper"]}, n_envs=1, seed=0)
 
 
 @needs_maniskill

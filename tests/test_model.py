@@ -4,16 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_elmur.model import (
-    Attention,
-    ElmurConfig,
-    ElmurModel,
-    ElmurState,
-    check_bool,
-    check_int,
-    check_max_grad_norm,
-    lru_write,
-)
+from sb3_elmur.common.checks import check_bool, check_int, check_max_grad_norm
+from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.layers import Attention
+from sb3_elmur.common.memory import ElmurState, lru_write
+from sb3_elmur.common.model import ElmurModel
 
 torch.set_num_threads(1)
 

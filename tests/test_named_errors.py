@@ -12,7 +12,7 @@ from sb3_contrib import RecurrentPPO
 import sb3_elmur  # noqa: F401  (registers the policy names)
 from sb3_elmur import ElmurPPO
 from sb3_elmur.envs import TMazeVecEnv
-from sb3_elmur.policies import ElmurPolicy, NonFiniteError
+from sb3_elmur.common.policies import ElmurPolicy, NonFiniteError
 from tests.dummy_envs import NonFiniteStepEnv, RandomLengthEnv
 
 torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def test_non_finite_observations_are_named_in_predict():
     policy.predict(np.zeros(3, dtype=np.float32))  # finite ones act as before
     dict_policy = ElmurPolicy(
         spaces.Dict({"a": spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), "b": spaces.Discrete(3)}),
-        spaces.Discrete(3), lambda _: 3e-4, features_extractor_class=sb3_elmur.policies.CombinedExtractor, **SMALL,
+        spaces.Discrete(3), lambda _: 3e-4, features_extractor_class=sb3_elmur.common.policies.CombinedExtractor, **SMALL,
     )
     with pytest.raises(NonFiniteError, match=r"observation\['a'\] holds 1 NaN or inf value\(s\), the first -?inf"):
         dict_policy.predict({"a": np.array([0.0, -np.inf], dtype=np.float32), "b": 1})
@@ -48,7 +48,7 @@ def test_non_finite_observations_are_named_in_predict():
 @pytest.fixture
 def eight_gb(monkeypatch):
     """The machine has 8 GB available, whatever this one has: the refusals below do not depend on it."""
-    monkeypatch.setattr(sb3_elmur.model, "available_memory_bytes", lambda device=None: 8 * 10**9)
+    monkeypatch.setattr(sb3_elmur.common.checks, "available_memory_bytes", lambda device=None: 8 * 10**9)
 
 
 @pytest.mark.parametrize(

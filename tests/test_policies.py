@@ -15,7 +15,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 import sb3_elmur  # noqa: F401  (registers the policy names)
-from sb3_elmur.policies import (
+from sb3_elmur.common.policies import (
     CnnElmurPolicy,
     ElmurPolicy,
     MultiInputElmurPolicy,

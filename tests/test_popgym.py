@@ -19,15 +19,15 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
 from sb3_elmur import ElmurPPO
-from sb3_elmur.wrappers import (
-    FlattenObservationWrapper,
-    PreviousActionWrapper,
+from sb3_elmur.envs.popgym import (
     encode,
     encoded_bounds,
     encoded_size,
+    FlattenObservationWrapper,
     make_popgym_env,
     popgym_env_ids,
     popgym_family,
+    PreviousActionWrapper,
 )
 
 torch.set_num_threads(1)

@@ -17,7 +17,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
 from sb3_elmur.envs import TMazeVecEnv
-from sb3_elmur.policies import ElmurActor
+from sb3_elmur.common.actor import ElmurActor
 from tests.dummy_envs import RandomLengthEnv
 from tests.test_policies import assert_minibatches_match_rollout
 

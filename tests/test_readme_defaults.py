@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from sb3_elmur.model import ElmurConfig
-from sb3_elmur.policies import ElmurPolicy
+from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.policies import ElmurPolicy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -6,7 +6,8 @@ import pytest
 from stable_baselines3.common.env_checker import check_env
 
 import sb3_elmur  # noqa: F401  (registers sb3_elmur/NoisyRecall-v0)
-from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, RecallOracle, make_recall_dataset
+from sb3_elmur.bc.collect import make_recall_dataset
+from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv, RecallOracle
 
 
 def test_single_env_passes_check_env_and_scores_only_the_last_answer():
@@ -78,7 +79,7 @@ def test_bad_settings_are_named():
 
 
 def test_evaluate_success_runs_one_episode_per_env():
-    from sb3_elmur.evaluation import evaluate_success
+    from sb3_elmur.common.evaluation import evaluate_success
 
     class AlwaysZero:
         def predict(self, obs, state=None, episode_start=None, deterministic=True):
@@ -96,7 +97,7 @@ def test_bc_elmur_trained_on_short_episodes_recalls_at_2000_steps():
     import torch
 
     from sb3_elmur import RecurrentBC
-    from sb3_elmur.evaluation import evaluate_success
+    from sb3_elmur.common.evaluation import evaluate_success
 
     torch.set_num_threads(1)
     dataset = make_recall_dataset(500, length=(10, 40), seed=0)
@@ -115,7 +116,7 @@ def test_bc_elmur_with_final_action_loss_learns_the_waiting_form_and_recalls_at_
     import torch
 
     from sb3_elmur import RecurrentBC
-    from sb3_elmur.evaluation import evaluate_success
+    from sb3_elmur.common.evaluation import evaluate_success
 
     torch.set_num_threads(1)
     dataset = make_recall_dataset(500, length=(10, 100), wait=True, seed=0)

@@ -1,4 +1,4 @@
-"""The resumable unit of work of the long offline benchmarks (sb3_elmur.utils.train_and_evaluate_once), and the
+"""The resumable unit of work of the long offline benchmarks (sb3_elmur.common.utils.train_and_evaluate_once), and the
 lock that processes writing one results file take turns at (exclusive_lock with wait)."""
 
 import json
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from sb3_elmur.utils import LockedError, exclusive_lock, train_and_evaluate_once
+from sb3_elmur.common.utils import exclusive_lock, LockedError, train_and_evaluate_once
 
 
 def _run(out, settings, trained):

@@ -15,9 +15,9 @@ from sb3_contrib import RecurrentPPO
 
 import sb3_elmur  # noqa: F401  (registers the policy names and T-Maze ids)
 from sb3_elmur import ElmurPPO
-from sb3_elmur.callbacks import ElmurTensorboardCallback
-from sb3_elmur.policies import ElmurPolicy
-from sb3_elmur.presets import (
+from sb3_elmur.common.callbacks import ElmurTensorboardCallback
+from sb3_elmur.common.policies import ElmurPolicy
+from sb3_elmur.common.presets import (
     POPGYM_LSTM_POLICY_KWARGS,
     POPGYM_POLICY_KWARGS,
     POPGYM_PPO_KWARGS,
@@ -25,7 +25,7 @@ from sb3_elmur.presets import (
     TMAZE_POLICY_KWARGS,
     TMAZE_PPO_KWARGS,
 )
-from sb3_elmur.wrappers import FlattenObservationWrapper, PreviousActionWrapper
+from sb3_elmur.envs.popgym import FlattenObservationWrapper, PreviousActionWrapper
 
 rl_zoo3 = pytest.importorskip("rl_zoo3")
 yaml = pytest.importorskip("yaml")
@@ -93,7 +93,7 @@ def test_mikasa_ids_are_the_suite_s_ids():
 def test_popgym_ids_are_popgym_s_ids():
     pytest.importorskip("popgym")
     pytest.importorskip("mazelib")
-    from sb3_elmur.wrappers import popgym_env_ids
+    from sb3_elmur.envs.popgym import popgym_env_ids
 
     assert set(popgym_env_ids()) == POPGYM_IDS
 
@@ -214,7 +214,7 @@ def test_readme_enjoy_command_replays_the_trained_model(elmur_tmaze_run):
 
 def test_zoo_trains_lstm_on_popgym_with_our_wrappers(tmp_path):
     pytest.importorskip("popgym")
-    from sb3_elmur.wrappers import make_popgym_env
+    from sb3_elmur.envs.popgym import make_popgym_env
 
     model_path = _zoo_train(tmp_path, LSTM, "popgym-CountRecallEasy-v0", ["popgym", "sb3_elmur"])
     model = RecurrentPPO.load(model_path, device="cpu")

@@ -17,9 +17,11 @@ from typing import Optional, Sequence
 import gymnasium as gym
 import torch
 
-from sb3_elmur.datasets import EpisodeDataset, check_minari_id, collect_episodes, make_tmaze_dataset
-from sb3_elmur.evaluation import check_model_spaces
-from sb3_elmur.utils import positive_int_argument
+from sb3_elmur.bc.collect import collect_episodes, make_tmaze_dataset
+from sb3_elmur.bc.datasets import EpisodeDataset
+from sb3_elmur.bc.minari import check_minari_id
+from sb3_elmur.common.evaluation import check_model_spaces
+from sb3_elmur.common.utils import positive_int_argument
 
 PROG = "python -m sb3_elmur.datasets"
 
@@ -78,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> EpisodeDataset:
         env = gym.make("sb3_elmur/TMaze-v0")
         _write(parser, dataset, args, env, "T-Maze oracle")
     else:
-        from sb3_elmur.utils import algorithm_class, load_algorithm
+        from sb3_elmur.common.utils import algorithm_class, load_algorithm
 
         try:
             env_kwargs = json.loads(args.env_kwargs)

@@ -2,7 +2,7 @@ from typing import Optional
 
 import gymnasium as gym
 
-from sb3_elmur.envs.recall import NoisyRecallEnv, NoisyRecallVecEnv, RecallOracle, make_recall_dataset
+from sb3_elmur.envs.recall import NoisyRecallEnv, NoisyRecallVecEnv, RecallOracle
 from sb3_elmur.envs.tmaze import TMazeEnv, TMazeOracle, TMazeVecEnv
 
 # id -> default kwargs
@@ -42,5 +42,5 @@ def mikasa_family(env_id: str) -> Optional[str]:
 
 __all__ = [
     "MIKASA_FAMILIES", "NoisyRecallEnv", "NoisyRecallVecEnv", "RecallOracle", "TMazeEnv", "TMazeOracle", "TMazeVecEnv",
-    "make_recall_dataset", "mikasa_family", "register_envs",
+    "mikasa_family", "register_envs",
 ]

@@ -15,7 +15,6 @@ print in every process, are hidden: the main process says once, in one line, wha
 """
 
 import functools
-from abc import ABC, abstractmethod
 import importlib.util
 import logging
 import multiprocessing as mp
@@ -23,6 +22,7 @@ import os
 import sys
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -34,8 +34,8 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper, VecEnv, VecEnvIndices, VecEnvStepReturn
 
+from sb3_elmur.common.checks import check_int
 from sb3_elmur.envs import mikasa_family, vulkan
-from sb3_elmur.model import check_int
 
 OBS_MODES = ("state", "rgb", "rgb+joints", "memory_state")
 # Observation entries that give the answer of a memory task away (MIKASA-Robo): never shown unless asked for.

@@ -21,7 +21,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
-from sb3_elmur.model import check_int
+from sb3_elmur.common.checks import check_int
 
 Length = Union[int, Tuple[int, int]]
 
@@ -201,25 +201,3 @@ class RecallOracle:
         if self.wait:
             answer = np.where(observation[:, self.n_cues] > 0.5, answer, self.n_cues)
         return answer, state
-
-
-def make_recall_dataset(n_episodes: int = 2000, n_cues: int = 3, length: Length = (30, 100), noise_dims: int = 4,
-                        noise_std: float = 1.0, wait: bool = False, seed: int = 0) -> Any:
-    """Oracle episodes of the noisy recall task (see :class:`NoisyRecallEnv` for the parameters), for ``RecurrentBC``.
-
-    :return: an :class:`~sb3_elmur.datasets.EpisodeDataset` of ``n_episodes`` episodes
-    """
-    from sb3_elmur.datasets import Episode, EpisodeDataset
-
-    episodes = _RecallEpisodes(check_int("n_episodes", n_episodes), n_cues, length, noise_dims, noise_std, wait, seed)
-    first = episodes.reset(np.arange(n_episodes))
-    observations, actions = [first], []
-    for _ in range(int(episodes.length.max())):
-        actions.append(episodes.expert_actions())
-        obs, _, _, _ = episodes.step(actions[-1])
-        observations.append(obs)
-    observations, actions = np.stack(observations, axis=1), np.stack(actions, axis=1)  # [E, T_max + 1, D], [E, T_max]
-    return EpisodeDataset([
-        Episode(observations[e, :n], actions[e, :n], rewards=(np.arange(n) == n - 1).astype(np.float32))
-        for e, n in enumerate(episodes.length)
-    ])

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Callable, ContextManager, Optional, Union
 
-from sb3_elmur.utils import staging_folder
+from sb3_elmur.common.utils import staging_folder
 
 # Folder used when none is given: this variable, else ``~/.cache/sb3_elmur/lavapipe``
 DIR_ENV_VAR = "SB3_ELMUR_VULKAN_DIR"

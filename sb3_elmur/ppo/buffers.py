@@ -24,7 +24,8 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 
-from sb3_elmur.model import ElmurConfig, ElmurState, select_rows
+from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.memory import ElmurState, select_rows
 
 TensorObs = Union[th.Tensor, Dict[str, th.Tensor]]
 
@@ -138,7 +139,7 @@ class ElmurRolloutBuffer:
         rollout): acting and training then compute every step from the same state, an anchor written under
         older parameters included. Segment-parallel, then a few steps for the envs whose anchor is later.
 
-        :param actor: a :class:`~sb3_elmur.policies.ElmurActor` of ``n_envs`` envs
+        :param actor: a :class:`~sb3_elmur.common.actor.ElmurActor` of ``n_envs`` envs
         """
         h, n = self.history_length, self.n_envs
         self.history_anchor = None  # every boundary of the history is a candidate

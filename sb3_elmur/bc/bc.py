@@ -27,10 +27,12 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
-from sb3_elmur.datasets import EpisodeDataset, Windows, map_observations, n_rows
-from sb3_elmur.evaluation import check_model_spaces
-from sb3_elmur.model import ElmurState, check_bool, check_float, check_int, check_max_grad_norm
-from sb3_elmur.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy, fresh_recurrent_state
+from sb3_elmur.bc.datasets import EpisodeDataset, Windows, map_observations, n_rows
+from sb3_elmur.common.backbone import fresh_recurrent_state
+from sb3_elmur.common.checks import check_bool, check_float, check_int, check_max_grad_norm
+from sb3_elmur.common.evaluation import check_model_spaces
+from sb3_elmur.common.memory import ElmurState
+from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
 

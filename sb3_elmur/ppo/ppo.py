@@ -13,10 +13,10 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import check_bool, check_int, check_max_grad_norm, check_memory, format_bytes
-from sb3_elmur.utils import check_device
-from sb3_elmur.policies import CnnElmurPolicy, ElmurActor, ElmurPolicy, MultiInputElmurPolicy
+from sb3_elmur.common.actor import ElmurActor
+from sb3_elmur.common.checks import check_bool, check_device, check_int, check_max_grad_norm, check_memory, format_bytes
+from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
+from sb3_elmur.ppo.buffers import ElmurRolloutBuffer
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
 
@@ -30,10 +30,10 @@ def as_device_tensor(obs: Any, device: th.device) -> Any:
 
 
 class ElmurPPO(RecurrentPPO):
-    """PPO for ELMUR policies, with ELMUR's rollout buffer (:class:`~sb3_elmur.buffers.ElmurRolloutBuffer`).
+    """PPO for ELMUR policies, with ELMUR's rollout buffer (:class:`~sb3_elmur.ppo.buffers.ElmurRolloutBuffer`).
 
     The losses and updates are RecurrentPPO's; what differs is how the recurrent state is kept. Rollouts act
-    through :class:`~sb3_elmur.policies.ElmurActor` (the unpacked state and the current segment's layer outputs:
+    through :class:`~sb3_elmur.common.actor.ElmurActor` (the unpacked state and the current segment's layer outputs:
     each step computes one new token), the buffer stores the memory once per segment instead of a packed state
     per step, and training sequences of ``sequence_length`` steps start ``memory_horizon`` steps early, so memory
     writes up to that far back, in the previous rollout too, get gradients. A model saved by either algorithm
@@ -52,7 +52,7 @@ class ElmurPPO(RecurrentPPO):
         defaults before), 100% with the defaults (``benchmarks/results/credit_reach.md``; RecurrentPPO's
         buffer: 27-42%). Each sequence recomputes up to ``memory_horizon + context_length - 1`` steps before it,
         which costs training time
-    :param compile_acting: act through ``torch.compile`` (see :class:`~sb3_elmur.policies.ElmurActor`: same
+    :param compile_acting: act through ``torch.compile`` (see :class:`~sb3_elmur.common.actor.ElmurActor`: same
         actions, about 2x faster rollout steps on CPU after tens of seconds of compiling; needs a C++ compiler)
     (other parameters: see sb3-contrib's ``RecurrentPPO``; gSDE is not supported)
     """

@@ -21,8 +21,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from sb3_elmur.evaluation import EvaluationWorkerError, TMazeResult, evaluate_tmaze_corridors
-from sb3_elmur.utils import LockedError, exclusive_lock, load_algorithm, positive_int_argument, write_json_atomically
+from sb3_elmur.common.utils import (
+    LockedError,
+    exclusive_lock,
+    load_algorithm,
+    positive_int_argument,
+    write_json_atomically,
+)
+from sb3_elmur.tmaze_eval.evaluation import EvaluationWorkerError, TMazeResult, evaluate_tmaze_corridors
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

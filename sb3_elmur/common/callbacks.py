@@ -9,9 +9,11 @@ from stable_baselines3.common.policies import BaseModel
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
-from sb3_elmur.buffers import ElmurRolloutBuffer
-from sb3_elmur.model import ElmurModel, ElmurState, check_int
-from sb3_elmur.policies import ElmurBackbone
+from sb3_elmur.common.backbone import ElmurBackbone
+from sb3_elmur.common.checks import check_int
+from sb3_elmur.common.memory import ElmurState
+from sb3_elmur.common.model import ElmurModel
+from sb3_elmur.ppo.buffers import ElmurRolloutBuffer
 
 
 def memory_stats(state: ElmurState) -> Dict[str, np.ndarray]:
@@ -40,7 +42,7 @@ def memory_stats(state: ElmurState) -> Dict[str, np.ndarray]:
 class ElmurTensorboardCallback(BaseCallback):
     """Log ELMUR-specific scalars once per rollout, next to SB3's own (``rollout/``, ``train/``).
 
-    For a ``RecurrentPPO`` or ``ElmurPPO`` with an :class:`~sb3_elmur.policies.ElmurPolicy` (actor backbone),
+    For a ``RecurrentPPO`` or ``ElmurPPO`` with an :class:`~sb3_elmur.common.policies.ElmurPolicy` (actor backbone),
     under ``elmur/``:
 
     - ``memory_norm``: mean L2 norm of the written memory slots (and ``memory_norm_layer<i>`` per layer);

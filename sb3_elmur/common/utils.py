@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from sb3_elmur.model import check_int
+from sb3_elmur.common.checks import check_int
 
 # Attributes only a RecurrentBC save holds: how a zip (which names no algorithm) is told to be one.
 _RECURRENT_BC_KEYS = {"sections", "continuous_loss", "detach_between_sections"}

@@ -1,0 +1,84 @@
+"""Acting with an ElmurPolicy, one step at a time, with the layer outputs of the current segment cached."""
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch as th
+from stable_baselines3.common.policies import BaseModel
+
+from sb3_elmur.common.checks import check_finite_observation
+from sb3_elmur.common.memory import ElmurState
+from sb3_elmur.common.policies import COMPILE_OPTIONS, ElmurPolicy
+
+
+class ElmurActor:
+    """Acting with an ElmurPolicy: every env's ELMUR state, unpacked, and the layer outputs of its current segment,
+    kept between steps (``ElmurModel.step``), so a step computes the new token only. ElmurPPO's rollouts and
+    ``sb3_elmur.common.evaluation`` act through it; packing the state into RecurrentPPO's (hidden, cell) pair and back
+    would cost as much as the heads per step.
+
+    :param policy: the policy to act with
+    :param n_envs: number of envs
+    :param compile: run steps that start no episode through ``torch.compile`` (two graphs: mid-segment and
+        segment-completing steps, see ``ElmurModel.step_core``; same results, about 2x faster on CPU). Each
+        process compiles at its first such steps (tens of seconds; needs a C++ compiler on CPU); a failure raises
+        a RuntimeError that says to act without ``compile``
+    """
+
+    def __init__(self, policy: ElmurPolicy, n_envs: int, compile: bool = False) -> None:
+        self.policy = policy
+        self.model = policy.lstm_actor.model
+        self.state = self.model.initial_state(n_envs, policy.device)
+        self.outputs: Optional[th.Tensor] = None
+        self.compiled = th.compile(self._step_core, **COMPILE_OPTIONS) if compile else None
+
+    def set_state(self, state: ElmurState) -> None:
+        """Continue from ``state`` (its layer outputs are recomputed at the next step)."""
+        self.state, self.outputs = state, None
+
+    def _step_core(
+        self, obs: Union[th.Tensor, Dict[str, th.Tensor]], state: ElmurState, branches: tuple,
+        outputs: Optional[th.Tensor],
+    ) -> Tuple[th.Tensor, Optional[th.Tensor], ElmurState, Optional[th.Tensor]]:
+        features = BaseModel.extract_features(self.policy, obs, self.policy.pi_features_extractor)
+        latent, state, outputs = self.model.step_core(features, state, *branches, outputs)
+        if self.policy.lstm_critic is None:
+            latent_pi, latent_vf = self.policy._heads(latent)
+        else:  # a separate critic backbone: acting needs the actor only
+            latent_pi, latent_vf = self.policy.mlp_extractor.forward_actor(latent), None
+        return latent_pi, latent_vf, state, outputs
+
+    def step(
+        self, obs: Union[th.Tensor, Dict[str, th.Tensor]], episode_starts: th.Tensor, rows: Optional[th.Tensor] = None,
+        commit: bool = True,
+    ) -> Tuple[th.Tensor, Optional[th.Tensor]]:
+        """One step of every env (or of ``rows``): the actor's and the critic's latents (the critic's None for a
+        policy with a separate critic backbone).
+
+        :param obs: observations of the envs (of ``rows``), as tensors
+        :param episode_starts: [n] bool, True where the observation starts an episode
+        :param rows: the envs these observations belong to (None: all); only with ``commit=False``
+        :param commit: keep the new state (False: look ahead, e.g. the value of a terminal observation)
+        :raises NonFiniteError: an observation holds NaN or inf
+        """
+        check_finite_observation(obs, "ElmurActor.step (acting)")
+        state, outputs = self.state, self.outputs
+        if rows is not None:
+            state = ElmurState(*(part[rows] for part in state))
+            outputs = None if outputs is None else outputs[rows]
+        branches = self.model.step_branches(state, episode_starts)
+        if self.compiled is not None and branches[2] is None and outputs is not None and rows is None:
+            try:
+                latent_pi, latent_vf, state, outputs = self.compiled(obs, state, branches, outputs)
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}".splitlines()[0]
+                raise RuntimeError(
+                    f"torch.compile of the acting step failed ({message}); on CPU it needs a working C++ compiler: "
+                    "act without compile (compile_acting=False; tmaze_eval: without --compile)"
+                ) from error
+        else:
+            latent_pi, latent_vf, state, outputs = self._step_core(obs, state, branches, outputs)
+        if commit:
+            self.state, self.outputs = state, outputs
+        return latent_pi, latent_vf
+
+

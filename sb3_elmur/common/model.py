@@ -1,0 +1,349 @@
+"""ELMUR: External Layer Memory with Update/Rewrite, in plain PyTorch.
+
+Every transformer layer owns M memory slots. Tokens of a segment (K consecutive steps) read the memory
+through cross-attention; when a segment is complete, the layer's output tokens are written into one slot
+chosen by an LRU rule (first empty slot, else the least recently written), by convex blending.
+
+The model is a recurrent function of (inputs, state): processing T steps one call at a time or in a single
+call gives the same outputs and final state. A long sequence is processed segment-parallel: one batched
+pass per segment, causal inside it. The model's specification, and where it departs from
+the paper and the authors' code: ``docs/model.md``.
+
+This module has no dependency on Stable-Baselines3.
+"""
+
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from sb3_elmur.common.checks import check_int
+from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.layers import ElmurLayer
+from sb3_elmur.common.memory import ElmurState, _blend, lru_weights
+
+
+class _SegmentPlan(NamedTuple):
+    """Where each input step lands in the [N, S, K] grid of segments (see ``ElmurModel._plan``)."""
+
+    segment_index: torch.Tensor  # [N, T] segment of each step
+    offset: torch.Tensor  # [N, T] position of each step inside its segment (its step % K)
+    steps: torch.Tensor  # [N, T] episode step of each input step
+    segment_start_step: torch.Tensor  # [N, S] episode step at position 0 of each segment
+    reset: torch.Tensor  # [N, S] memory resets before the segment (episode start)
+    complete: torch.Tensor  # [N, S] segment holds its last position: commit the memory write
+    keep_prefix: torch.Tensor  # [N] the first segment continues the state's incomplete segment
+
+    def grid_index(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where every input step [N, T] lies in the grid of segments: its (row, segment, position) indices."""
+        n, t = self.offset.shape
+        return torch.arange(n, device=self.offset.device).unsqueeze(1).expand(n, t), self.segment_index, self.offset
+
+
+class ElmurModel(nn.Module):
+    """ELMUR backbone: embeds inputs into tokens and runs them through memory layers.
+
+    :param input_dim: size of each step's input vector
+    :param config: model hyper-parameters
+    """
+
+    def __init__(self, input_dim: int, config: Optional[ElmurConfig] = None) -> None:
+        super().__init__()
+        self.input_dim = input_dim = check_int("input_dim", input_dim)
+        self.config = config = config if config is not None else ElmurConfig()
+        # A huge size (memory_size=10**8, d_model=2**20, context_length=10**7) would otherwise end in an
+        # out-of-memory kill or a bare allocator error, with no word of which argument asked for it.
+        config.check_memory(input_dim)
+        self.embed = nn.Linear(input_dim, config.d_model)
+        self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.n_layers))
+        self.ln_out = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()
+        self.apply(self._init_weights)
+        init = torch.randn(config.n_layers, config.memory_size, config.d_model) * config.memory_init_std
+        self.register_buffer("memory_init", init)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Small weights (as in GPT-2) keep attention near-uniform and residual branches small at the start.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def initial_state(self, batch_size: int, device: Optional[torch.device] = None) -> ElmurState:
+        """State at the start of an episode, for ``batch_size`` independent rows."""
+        cfg = self.config
+        device = device if device is not None else self.memory_init.device
+        return ElmurState(
+            memory=self.memory_init.to(device).unsqueeze(0).expand(batch_size, -1, -1, -1).clone(),
+            positions=torch.full((batch_size, cfg.n_layers, cfg.memory_size), -1, dtype=torch.long, device=device),
+            segment=torch.zeros(batch_size, cfg.context_length - 1, cfg.d_model, device=device),
+            step=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+
+    def _plan(self, step: torch.Tensor, episode_starts: torch.Tensor) -> _SegmentPlan:
+        """Cut every row's steps into segments counted from its episode start, resets and all."""
+        k = self.config.context_length
+        n, t = episode_starts.shape
+        time = torch.arange(t, device=step.device).expand(n, t)
+        last_start = torch.where(episode_starts, time, torch.full_like(time, -1)).cummax(dim=1).values
+        steps = torch.where(last_start >= 0, time - last_start, step.unsqueeze(1) + time)
+        offset = steps % k
+        begins = episode_starts | (offset == 0)
+        begins[:, 0] = True
+        segment_index = begins.long().cumsum(dim=1) - 1
+        n_segments = int(segment_index.max()) + 1
+        segment_start_step = torch.zeros(n, n_segments, dtype=torch.long, device=step.device)
+        segment_start_step.scatter_(1, segment_index, steps - offset)  # equal for all steps of a segment
+        # scatter_add, not scatter_: several steps share a segment and any one of them may carry the flag.
+        flags = torch.zeros(n, n_segments, dtype=torch.long, device=step.device)
+        reset = flags.scatter_add(1, segment_index, episode_starts.long()) > 0
+        complete = flags.scatter_add(1, segment_index, (offset == k - 1).long()) > 0
+        return _SegmentPlan(segment_index, offset, steps, segment_start_step, reset, complete, ~episode_starts[:, 0])
+
+    def forward(
+        self, x: torch.Tensor, state: ElmurState, episode_starts: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, ElmurState]:
+        """Process T steps of N rows, segment-parallel.
+
+        :param x: [N, T, input_dim] inputs
+        :param state: state before the first step (from :meth:`initial_state` or a previous call)
+        :param episode_starts: [N, T] bool, True where a new episode begins (resets that row's memory)
+        :return: outputs [N, T, d_model] and the state after the last step
+        """
+        if x.dim() != 3 or x.shape[-1] != self.input_dim:
+            raise ValueError(f"expected inputs of shape [batch, time, {self.input_dim}], got {tuple(x.shape)}")
+        n, t, _ = x.shape
+        if state.step.shape != (n,):
+            raise ValueError(f"state is for batch size {state.step.shape[0]}, inputs for {n}")
+        if episode_starts is None:
+            episode_starts = torch.zeros(n, t, dtype=torch.bool, device=x.device)
+        episode_starts = episode_starts.to(device=x.device, dtype=torch.bool)
+        if episode_starts.shape != (n, t):
+            raise ValueError(f"episode_starts must have shape {(n, t)}, got {tuple(episode_starts.shape)}")
+        if t == 1:
+            out, state, _ = self.step(x[:, 0], state, episode_starts[:, 0], return_outputs=False)
+            return out.unsqueeze(1), state
+        k, d = self.config.context_length, self.config.d_model
+        plan = self._plan(state.step, episode_starts)
+        n_segments = plan.reset.shape[1]
+
+        # Lay the tokens out as [N, S, K, D]; the state's incomplete segment fills the first positions.
+        grid = torch.zeros(n, n_segments, k, d, dtype=x.dtype, device=x.device)
+        prefix = state.segment * plan.keep_prefix.view(n, 1, 1).to(x.dtype)
+        grid[:, 0, : k - 1] = prefix
+        index = plan.grid_index()
+        grid = grid.index_put(index, self.embed(x))
+        position = torch.arange(k, device=x.device)
+
+        h, memory, positions = self._run_segments(grid, plan.segment_start_step.unsqueeze(-1) + position, state,
+                                                  plan.reset, plan.complete)
+        out = self.ln_out(h)[index]  # from [N, S, K, D]
+
+        # The last segment, if incomplete, becomes the state's prefix.
+        last_step = plan.steps[:, -1]
+        n_valid = (last_step + 1) % k
+        segment = grid[torch.arange(n, device=x.device), plan.segment_index[:, -1], : k - 1]
+        segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
+        return out, ElmurState(memory, positions, segment, last_step + 1)
+
+    def _run_segments(
+        self, grid: torch.Tensor, token_steps: torch.Tensor, state: ElmurState, reset: torch.Tensor, complete: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run segments [N, S, K, D] at steps [N, S, K] through every layer, from ``state``'s memory; ``reset`` and
+        ``complete`` [N, S] as in :class:`_SegmentPlan`. :return: output tokens, memory and positions after them."""
+        n, n_segments, k, d = grid.shape
+        resets = [r if any_reset else None for r, any_reset in zip(reset.unbind(1), reset.any(0).tolist())]
+        completes = [c if any_complete else None for c, any_complete in zip(complete.unbind(1), complete.any(0).tolist())]
+        # Slot positions and LRU choices depend on the plan only, never on memory content: schedule them for every
+        # segment first, so that each layer looks its distance biases up once for all segments.
+        read_positions, write_weights, positions = [], [], state.positions
+        for s in range(n_segments):
+            before, weights, positions = self._slot_schedule(positions, token_steps[:, s], resets[s], completes[s])
+            read_positions.append(before)
+            write_weights.append(weights)
+        read_positions = torch.stack(read_positions, dim=1)  # [N, S, L, M]
+        flat_steps = token_steps.view(n * n_segments, k)
+        any_write = any(weights is not None for weights in write_weights)
+
+        # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
+        # only the memory read, feed-forward and write go segment by segment (with the schedule above: training
+        # passes 1.37-1.52x faster, benchmarks/results/training_speed.md).
+        h = grid
+        new_memory = []
+        for i, layer in enumerate(self.layers):
+            h = layer.self_attend(h.view(n * n_segments, k, d)).view(n, n_segments, k, d)
+            layer_positions = read_positions[:, :, i].reshape(n * n_segments, -1)
+            read_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=False), n_segments)
+            write_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=True)
+                                        if any_write else None, n_segments)
+            memory = state.memory[:, i]
+            segment_outputs = []
+            for s in range(n_segments):
+                memory = self._restart(memory, resets[s], self.memory_init[i])
+                out = layer.read_memory(h[:, s], memory, read_biases[s])
+                if write_weights[s] is not None:
+                    memory = _blend(memory, layer.candidates(out, memory, write_biases[s]), write_weights[s][:, i])
+                segment_outputs.append(out)
+            h = torch.stack(segment_outputs, dim=1)
+            new_memory.append(memory)
+        return h, torch.stack(new_memory, dim=1), positions
+
+    def step(
+        self,
+        x: torch.Tensor,
+        state: ElmurState,
+        episode_starts: torch.Tensor,
+        outputs: Optional[torch.Tensor] = None,
+        return_outputs: bool = True,
+    ) -> Tuple[torch.Tensor, ElmurState, Optional[torch.Tensor]]:
+        """One step of N rows (acting), same result as the segment-parallel path with less bookkeeping.
+
+        Memory is frozen inside a segment, so the outputs of every layer at the segment's earlier positions do
+        not change: with them (``outputs``, returned by the previous call for this very state) every layer
+        computes only the new token, also when a segment completes and its memory write needs all of them.
+
+        :param x: [N, input_dim] inputs; :param state: state before the step
+        :param episode_starts: [N] bool, True where a new episode begins
+        :param outputs: [N, L, K, D] layer outputs of the state's current segment (as returned with ``state``),
+            or None to compute them from the state (then the last layer computes only the new token)
+        :param return_outputs: return the layer outputs for the next call (else None)
+        :return: output [N, d_model], state after the step, layer outputs of its segment
+        """
+        n = x.shape[0]
+        if x.shape != (n, self.input_dim) or state.step.shape != (n,) or episode_starts.shape != (n,):
+            raise ValueError(
+                f"expected inputs [batch, {self.input_dim}] and a state and episode starts for that batch, got "
+                f"{tuple(x.shape)}, {tuple(state.step.shape)} and {tuple(episode_starts.shape)}"
+            )
+        return self.step_core(x, state, *self.step_branches(state, episode_starts), outputs, return_outputs)
+
+    def step_branches(
+        self, state: ElmurState, episode_starts: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The data-dependent part of :meth:`step`, which picks its code path (eager, on tensor values).
+
+        Most steps start no episode and complete no segment: testing that once skips the masking they need.
+
+        :return: step [N] and position in the segment [N] of the new token; the rows that start an episode
+            and the rows that complete their segment ([N] bool), each None if there are none
+        """
+        episode_starts = episode_starts.to(dtype=torch.bool)
+        reset = episode_starts if bool(episode_starts.any()) else None
+        step = state.step if reset is None else state.step.masked_fill(reset, 0)
+        offset = step % self.config.context_length
+        complete = offset == self.config.context_length - 1
+        return step, offset, reset, complete if bool(complete.any()) else None
+
+    def step_core(
+        self,
+        x: torch.Tensor,
+        state: ElmurState,
+        step: torch.Tensor,
+        offset: torch.Tensor,
+        reset: Optional[torch.Tensor],
+        complete: Optional[torch.Tensor],
+        outputs: Optional[torch.Tensor] = None,
+        return_outputs: bool = True,
+    ) -> Tuple[torch.Tensor, ElmurState, Optional[torch.Tensor]]:
+        """:meth:`step` given :meth:`step_branches`: no data-dependent control flow, so ``torch.compile`` traces
+        it whole (one graph per combination of None / tensor ``reset`` and ``complete``)."""
+        n, k, d = x.shape[0], self.config.context_length, self.config.d_model
+        segment = state.segment if reset is None else state.segment.masked_fill(reset.view(n, 1, 1), 0.0)
+        # The state's segment holds the valid tokens before ``offset`` and zeros after: put the new token at ``offset``.
+        tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
+        tokens = tokens.scatter(1, offset.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
+        token_steps = (step - offset).unsqueeze(1) + torch.arange(k, device=x.device)
+        out, memory, positions, outputs = self._segment(
+            tokens, token_steps, state.memory, state.positions, reset, complete, offset, outputs, return_outputs
+        )
+        if out.shape[1] == k:  # computed at every position
+            out = out[torch.arange(n, device=x.device), offset]
+        else:
+            out = out[:, 0]
+        if complete is not None:  # the next segment starts empty
+            tokens = tokens.masked_fill(complete.view(n, 1, 1), 0.0)
+        segment = tokens[:, : k - 1]  # a view either way: the same strides for the next step's compiled graph
+        return self.ln_out(out), ElmurState(memory, positions, segment, step + 1), outputs
+
+    def _segment(
+        self,
+        tokens: torch.Tensor,
+        token_steps: torch.Tensor,
+        memory: torch.Tensor,
+        positions: torch.Tensor,
+        reset: Optional[torch.Tensor],
+        complete: Optional[torch.Tensor],
+        query_offsets: Optional[torch.Tensor] = None,
+        outputs: Optional[torch.Tensor] = None,
+        return_outputs: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Run one segment through every layer and commit the memory writes of the rows that complete it.
+
+        :param tokens: [N, K, D] input tokens; :param token_steps: [N, K] their episode steps
+        :param memory: [N, L, M, D] memory before the segment; :param positions: [N, L, M] its slot positions
+        :param reset: [N] the episode starts in this segment: memory restarts from its initial content
+            (None: no row resets)
+        :param complete: [N] the segment holds its last position: write to memory (None: no row completes)
+        :param query_offsets: [N] acting: the one position per row whose output is needed
+        :param outputs: [N, L, K, D] acting: every layer's outputs at the positions before ``query_offsets``;
+            each layer then computes the ``query_offsets`` position only
+        :param return_outputs: also return every layer's outputs [N, L, K, D]
+        :return: output tokens [N, K, D], or [N, 1, D] at ``query_offsets`` when only those were computed;
+            memory and positions after the segment; every layer's outputs (None unless ``return_outputs``)
+        """
+        n, k, d = tokens.shape
+        memory = self._restart(memory, reset, self.memory_init)
+        positions, write_weights, written_positions = self._slot_schedule(positions, token_steps, reset, complete)
+        # Without cached outputs, the positions before ``query_offsets`` are recomputed where a later layer, the
+        # write or the caller needs them; the last layer computes only the queried one if none of them does.
+        full_last = query_offsets is None or write_weights is not None or return_outputs
+        written_memory, layer_outputs = [], []
+        h = tokens
+        for i, layer in enumerate(self.layers):
+            mem, pos = memory[:, i], positions[:, i]
+            if outputs is not None:
+                out = layer(h, token_steps, mem, pos, query_offsets)
+                h = outputs[:, i].scatter(1, query_offsets.view(n, 1, 1).expand(n, 1, d), out)
+            else:
+                last = i == len(self.layers) - 1
+                h = out = layer(h, token_steps, mem, pos, None if full_last or not last else query_offsets)
+            layer_outputs.append(h)
+            if write_weights is not None:
+                candidates = layer.candidates(h, mem, layer.memory_bias(token_steps, pos, slots_query=True))
+                written_memory.append(_blend(mem, candidates, write_weights[:, i]))
+        if write_weights is not None:
+            memory = torch.stack(written_memory, dim=1)
+        return out, memory, written_positions, torch.stack(layer_outputs, dim=1) if return_outputs else None
+
+    def _restart(self, memory: torch.Tensor, reset: Optional[torch.Tensor], initial: torch.Tensor) -> torch.Tensor:
+        """Memory [N, ...] from its ``initial`` content where ``reset`` [N] (None: nowhere), detached between
+        segments if the config says so."""
+        if reset is not None:
+            memory = torch.where(reset.view(-1, *[1] * (memory.dim() - 1)), initial.to(memory.dtype), memory)
+        return memory.detach() if self.config.detach_memory else memory
+
+    def _slot_schedule(
+        self,
+        positions: torch.Tensor,
+        token_steps: torch.Tensor,
+        reset: Optional[torch.Tensor],
+        complete: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Slot positions [N, L, M] around one segment (token steps [N, K]) that ``reset`` / ``complete`` [N] rows.
+
+        :return: the positions the segment reads, the LRU blend weights [N, L, M] of its write (None: no write)
+            and the positions after it
+        """
+        if reset is not None:
+            positions = positions.masked_fill(reset.view(-1, 1, 1), -1)
+        if complete is None or not self.config.use_memory_write:
+            return positions, None, positions
+        cfg = self.config
+        weights, written = lru_weights(positions, token_steps[:, -1], cfg.alpha, cfg.empty_slot_write == "hard", complete)
+        return positions, weights, written
+
+
+def _per_segment(bias: Optional[torch.Tensor], n_segments: int) -> List[Optional[torch.Tensor]]:
+    """A bias [N * S, ...] computed for all segments at once, as one [N, ...] per segment (all None for None)."""
+    if bias is None:
+        return [None] * n_segments
+    return list(bias.view(-1, n_segments, *bias.shape[1:]).unbind(1))

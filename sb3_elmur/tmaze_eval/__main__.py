@@ -1,0 +1,3 @@
+from sb3_elmur.tmaze_eval.cli import main
+
+main()
