@@ -25,7 +25,8 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur import ElmurPPO, presets
+from sb3_elmur import ElmurPPO
+from sb3_elmur.common import presets
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.bc.collect import collect_episodes
 from sb3_elmur.bc.datasets import EpisodeDataset

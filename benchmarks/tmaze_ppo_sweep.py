@@ -19,7 +19,8 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.vec_env import VecMonitor
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur import ElmurPPO, presets
+from sb3_elmur import ElmurPPO
+from sb3_elmur.common import presets
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
 

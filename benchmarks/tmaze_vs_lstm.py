@@ -44,7 +44,7 @@ def run_one(
     from stable_baselines3.common.vec_env import VecMonitor
 
     import sb3_elmur  # noqa: F401
-    from sb3_elmur import presets
+    from sb3_elmur.common import presets
     from sb3_elmur.envs import TMazeVecEnv
     from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
 
@@ -238,7 +238,7 @@ def main() -> None:
 
 def _ppo_overrides(ppo_kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The PPO kwargs that differ from presets.TMAZE_PPO_KWARGS."""
-    from sb3_elmur import presets
+    from sb3_elmur.common import presets
 
     return {k: v for k, v in ppo_kwargs.items() if presets.TMAZE_PPO_KWARGS.get(k) != v}
 

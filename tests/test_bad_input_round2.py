@@ -23,7 +23,9 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 
 import sb3_elmur  # noqa: F401  (registers the envs and policy names)
-from sb3_elmur import ElmurPPO, compare, tmaze_eval, utils
+from sb3_elmur import ElmurPPO, compare, tmaze_eval
+from sb3_elmur.common import utils
+from sb3_elmur.tmaze_eval import cli as tmaze_eval_cli
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.bc.collect import collect_episodes, make_tmaze_dataset
 from sb3_elmur.bc.datasets import Episode, EpisodeDataset
@@ -175,7 +177,7 @@ class _InterruptedAtSecondCorridor:
 
 def test_ctrl_c_in_tmaze_eval_is_one_line_and_keeps_the_results(tmp_path, monkeypatch):
     (tmp_path / "model.zip").write_bytes(b"")
-    monkeypatch.setattr(tmaze_eval, "load_algorithm", lambda *args, **kwargs: _InterruptedAtSecondCorridor())
+    monkeypatch.setattr(tmaze_eval_cli, "load_algorithm", lambda *args, **kwargs: _InterruptedAtSecondCorridor())
     out = tmp_path / "results.json"
     status, output = _tmaze_eval(tmp_path / "model.zip", "--corridors", 5, 9, "--episodes", 2, "--out", out)
     assert status == 130 and "Traceback" not in output

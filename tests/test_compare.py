@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from sb3_elmur import ElmurPPO, compare, utils
+from sb3_elmur import ElmurPPO, compare
+from sb3_elmur.common import utils
 from sb3_elmur.compare import (
     POPGYM_WRAPPERS,
     build_specs,

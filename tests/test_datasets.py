@@ -11,7 +11,8 @@ import torch
 from gymnasium import spaces
 
 import sb3_elmur  # noqa: F401
-import sb3_elmur.datasets as datasets
+import sb3_elmur.bc.datasets as datasets
+from sb3_elmur.bc import minari
 from sb3_elmur.bc.collect import make_tmaze_dataset
 from sb3_elmur.bc.datasets import EpisodeDataset
 from sb3_elmur.bc.minari import check_minari_id
@@ -192,7 +193,7 @@ def test_two_concurrent_writers_of_one_id_the_second_refuses(minari_folder, monk
 
 def test_a_write_refuses_an_id_locked_or_written_since_its_first_check(minari_folder, monkeypatch, capsys):
     dataset = make_tmaze_dataset(3, seed=0)
-    with datasets._exclusive_write("tmaze/locked-v0", minari_folder):
+    with minari._exclusive_write("tmaze/locked-v0", minari_folder):
         with pytest.raises(FileExistsError, match="'tmaze/locked-v0' is being written by another process"):
             dataset.to_minari("tmaze/locked-v0", env="sb3_elmur/TMaze-v0")
         with pytest.raises(SystemExit) as exit_info:

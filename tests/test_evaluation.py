@@ -16,7 +16,8 @@ from sb3_contrib import RecurrentPPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur import policies, tmaze_eval
+from sb3_elmur.common import actor
+from sb3_elmur.tmaze_eval import cli as tmaze_eval  # the command: its main and the names it looks up
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.envs.tmaze import DOWN, RIGHT, UP
 from sb3_elmur.common.evaluation import _actor, evaluate_success
@@ -371,7 +372,7 @@ def test_compiled_actor_matches_eager(deterministic, monkeypatch):
             compiles.append(args)
             return compile(*args, **kwargs)
 
-        monkeypatch.setattr(policies.th, "compile", counted_compile)
+        monkeypatch.setattr(actor.th, "compile", counted_compile)
         results = list(evaluate_tmaze_corridors(model, [12, 20], n_episodes=4, compile=True))
         monkeypatch.undo()
         eager_results = list(evaluate_tmaze_corridors(model, [12, 20], n_episodes=4))

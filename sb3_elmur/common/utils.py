@@ -443,30 +443,3 @@ def new_report_path(parser: Any, out: Union[str, Path], overwrite: bool) -> Path
     if path.exists() and not overwrite:
         parser.error(f"{path} exists: pass --overwrite to replace it, or --out another file")
     return path
-
-
-def check_device(device: Any, what: str = "device") -> None:
-    """Refuse a CUDA device this machine does not have: SB3's ``get_device`` falls back to the CPU without a word,
-    so ``--device cuda:7`` on a machine without it would train on the CPU, silently, many times slower.
-
-    :param device: a torch device or its name ("auto", "cpu", "cuda", "cuda:1", ...)
-    :param what: the argument's name, for the message
-    :raises ValueError: a device that torch does not know, or a CUDA device that is not there
-    """
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"{what} {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:0', 'auto')") from error
-    if parsed.type != "cuda":
-        return
-    if not torch.cuda.is_available():
-        raise ValueError(f"{what} {device!r} asks for CUDA, which is not available on this machine: use 'cpu' (or 'auto')")
-    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-            f"cuda:{torch.cuda.device_count() - 1}"
-        )
