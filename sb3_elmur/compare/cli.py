@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 from sb3_elmur.common.checks import check_device, check_int
 from sb3_elmur.compare import worker
 from sb3_elmur.compare.envs import check_runs
-from sb3_elmur.compare.launcher import PreparedRuns, launch_runs, prepare_runs
+from sb3_elmur.compare.launcher import launch_runs, prepare_runs
 from sb3_elmur.compare.records import read_record, record_paths_in
 from sb3_elmur.compare.report import write_report
 from sb3_elmur.compare.spec import (
@@ -128,11 +128,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command (or, with ``--worker``, one run in its process).
+
+    :param argv: the arguments (default: ``sys.argv[1:]``)
+    :return: exit code: 1 if a run failed, else 0; with ``--worker``, :func:`run_worker`'s. Refused settings exit
+        with 2 (``parser.error``) before any run starts.
+    """
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.worker:
         return run_worker(Path(args.worker), args.deadline, args.lock_fd)
-    prepared = PreparedRuns([], [], [], {})
     try:
         settings = settings_from_args(args)
         out = Path(settings.get("out") or "compare_runs")

@@ -1,4 +1,5 @@
-"""Building the envs of a run spec, and setting up every env and algorithm once before any worker starts."""
+"""Building the envs and the model of a run spec, and setting up every env and algorithm once before any worker
+starts."""
 
 import functools
 import importlib
@@ -50,6 +51,22 @@ def make_env(spec: Dict[str, Any], n_envs: int, seed: int) -> Any:
     )
 
 
+def make_model(spec: Dict[str, Any], env: Any, device: str, **kwargs: Any) -> Any:
+    """A new model of a run: the spec's algorithm and policy class, with its policy and PPO keyword arguments.
+
+    :param spec: the run's spec
+    :param env: the env it trains on
+    :param device: torch device
+    :param kwargs: other keyword arguments of the algorithm (``seed``, ``tensorboard_log``, ``verbose``)
+    :return: the model
+    """
+    _, policy_class = resolve_policy(spec["policy"])
+    return algorithm_class(spec["algo"])(
+        policy_class, env, policy_kwargs=resolve_classes(spec["policy_kwargs"]), device=device, **kwargs,
+        **spec["ppo_kwargs"],
+    )  # fmt: skip
+
+
 def check_runs(specs: List[Dict[str, Any]]) -> None:
     """Set up every env and algorithm of ``specs`` once, in this process, before any worker starts: an unknown env
     id, a bad env kwarg or a bad PPO or policy kwarg value would otherwise fail each run in its worker, named only
@@ -74,9 +91,7 @@ def check_runs(specs: List[Dict[str, Any]]) -> None:
                 "--gym-packages"
             ) from error
         try:
-            _, policy_class = resolve_policy(spec["policy"])
-            algorithm_class(spec["algo"])(policy_class, env, policy_kwargs=resolve_classes(spec["policy_kwargs"]),
-                                          device="cpu", **spec["ppo_kwargs"])
+            make_model(spec, env, "cpu")
         except Exception as error:
             raise ValueError(
                 f"cannot set up {spec['algo']} with the policy {spec['label']}={spec['policy']} on {spec['env_id']!r} "

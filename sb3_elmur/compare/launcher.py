@@ -11,7 +11,16 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 from sb3_elmur.common.utils import write_json_atomically
 from sb3_elmur.compare import worker
 from sb3_elmur.compare.locks import RunLock
-from sb3_elmur.compare.records import FINISHED, UNFINISHED, RunPaths, new_record, read_record, run_name
+from sb3_elmur.compare.records import (
+    FINISHED,
+    UNFINISHED,
+    RunPaths,
+    final_success,
+    last_error_line,
+    new_record,
+    read_record,
+    run_name,
+)
 
 
 class PreparedRuns(NamedTuple):
@@ -127,14 +136,14 @@ def _outcome(path: Path, returncode: int) -> Tuple[str, bool]:
         return f"FAILED (exit code {returncode}): {error} (log: {log})", True
     status = record["status"]
     if status == FINISHED and returncode == 0:
-        success = (record["evaluations"].get("success_rate") or [None])[-1]
+        success = final_success(record)
         return (f"finished in {record['wall_time_s']:.0f} s: final mean return {record['final_mean_return']:.3f}, "
                 f"MMER {record['mmer']:.3f}" + (f", success {success:.2f}" if success is not None else ""), False)
     if status == UNFINISHED and returncode == 0:
         return (f"stopped at step {record['num_timesteps']:,} of {record['spec']['timesteps']:,} (time budget): the "
                 "same command resumes it", False)
-    error_lines = [line for line in str(record.get("error", "")).splitlines() if line.strip()]
-    why = f": {error_lines[-1].strip()}" if error_lines else ""
+    error = last_error_line(record)
+    why = f": {error}" if error else ""
     return f"FAILED ({status}, exit code {returncode}){why} (log: {log})", True
 
 

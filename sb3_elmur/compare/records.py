@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 FINISHED, UNFINISHED, FAILED, PENDING = "finished", "unfinished", "failed", "pending"
 
@@ -73,6 +73,17 @@ def new_record(spec: Dict[str, Any], options: Dict[str, Any]) -> Dict[str, Any]:
         eval_time_s=0.0,
         sessions=0,
     )
+
+
+def final_success(record: Dict[str, Any]) -> Optional[float]:
+    """The success rate of a run's last evaluation (None: the env reports no ``is_success``, or no evaluation)."""
+    return (record["evaluations"].get("success_rate") or [None])[-1]
+
+
+def last_error_line(record: Dict[str, Any]) -> Optional[str]:
+    """The last line of a failed run's error (the exception), or None if none was recorded."""
+    lines = [line for line in str(record.get("error", "")).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else None
 
 
 def run_name(spec: Dict[str, Any]) -> str:

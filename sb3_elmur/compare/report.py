@@ -11,7 +11,17 @@ import numpy as np
 
 from sb3_elmur.common.utils import write_json_atomically, write_text_atomically
 from sb3_elmur.compare.plot import plot_curves
-from sb3_elmur.compare.records import FAILED, FINISHED, RunPaths, group_records, read_record, record_paths_in, run_name
+from sb3_elmur.compare.records import (
+    FAILED,
+    FINISHED,
+    RunPaths,
+    final_success,
+    group_records,
+    last_error_line,
+    read_record,
+    record_paths_in,
+    run_name,
+)
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -40,9 +50,9 @@ def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if done:
             for key in ("final_mean_return", "mmer", "mmer_normalised", "wall_time_s"):
                 row[key], row[f"{key}_std"] = _mean_std([r[key] for r in done])
-            final_success = [(r["evaluations"].get("success_rate") or [None])[-1] for r in done]
-            if None not in final_success:
-                row["final_success"], row["final_success_std"] = _mean_std(final_success)
+            successes = [final_success(r) for r in done]
+            if None not in successes:
+                row["final_success"], row["final_success_std"] = _mean_std(successes)
         rows.append(row)
     return rows
 
@@ -132,9 +142,8 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
         lines += ["", "## Failed runs", "", "Left out of the scores and curves; their logs say why (a later invocation "
                   "with the same settings runs them again):", ""]
         for record in failed:
-            error = [line for line in str(record.get("error", "")).splitlines() if line.strip()]
             log = RunPaths(Path(), record["spec"]).log
-            lines.append(f"- {run_name(record['spec'])}: {error[-1].strip() if error else 'no error recorded'} ({log})")
+            lines.append(f"- {run_name(record['spec'])}: {last_error_line(record) or 'no error recorded'} ({log})")
     text = "\n".join(lines) + "\n"
     write_text_atomically(path, text)
     return text

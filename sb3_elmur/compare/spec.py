@@ -328,13 +328,8 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     settings: Dict[str, Any] = load_config_file(args.config) if args.config else {}
     for key in ("policy_kwargs", "env_kwargs", "wrappers"):
         settings[key] = dict(settings.get(key) or {})
-    cli: Dict[str, Any] = {
-        key: getattr(args, key)
-        for key in (
-            "envs", "policies", "seeds", "timesteps", "n_envs", "eval_freq", "eval_episodes", "stochastic_eval",
-            "gym_packages", "out", "jobs", "threads", "device", "elmur_scalars",
-        )
-    }
+    # The options that are not mappings (those are merged key by key, below).
+    cli: Dict[str, Any] = {key: getattr(args, key) for key in CONFIG_KEYS if key not in DICT_KEYS}
     settings.update({key: value for key, value in cli.items() if value is not None})
     if args.ppo_kwargs is not None:
         settings["ppo_kwargs"] = {**(settings.get("ppo_kwargs") or {}), **parse_json_dict(args.ppo_kwargs, "--ppo-kwargs")}

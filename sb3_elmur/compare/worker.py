@@ -11,9 +11,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from sb3_elmur.common.utils import algorithm_class, remove_leftover_temp_files, write_atomically, write_json_atomically
-from sb3_elmur.common.utils import zip_problem as _zip_problem
-from sb3_elmur.compare.envs import make_env
+from sb3_elmur.common.utils import (
+    algorithm_class,
+    remove_leftover_temp_files,
+    write_atomically,
+    write_json_atomically,
+    zip_problem,
+)
+from sb3_elmur.compare.envs import make_env, make_model
 from sb3_elmur.compare.locks import RunLock
 from sb3_elmur.compare.records import FAILED, FINISHED, UNFINISHED, RunPaths, new_record, read_record, run_scores
 from sb3_elmur.compare.spec import resolve_classes, resolve_policy
@@ -148,7 +153,6 @@ def _train_run(record_path: Path, deadline: Optional[float]) -> int:
         from sb3_elmur.common.policies import ElmurPolicy
 
         algo = algorithm_class(spec["algo"])
-        _, policy_class = resolve_policy(spec["policy"])
         env = make_env(spec, spec["n_envs"], spec["seed"])
         eval_env = make_env(spec, min(spec["n_envs"], spec["eval_episodes"]), spec["seed"] + EVAL_SEED_OFFSET)
         model = load_checkpoint(algo, paths.checkpoint, record, env, options["device"])
@@ -162,15 +166,13 @@ def _train_run(record_path: Path, deadline: Optional[float]) -> int:
         else:
             record["evaluations"] = new_record(spec, options)["evaluations"]
             record["wall_time_s"] = record["eval_time_s"] = previous_wall_time = 0.0
-            model = algo(
-                policy_class,
+            model = make_model(
+                spec,
                 env,
+                options["device"],
                 seed=spec["seed"],
-                policy_kwargs=resolve_classes(spec["policy_kwargs"]),
                 tensorboard_log=str(paths.tensorboard) if importlib.util.find_spec("tensorboard") is not None else None,
                 verbose=0,
-                device=options["device"],
-                **spec["ppo_kwargs"],
             )
         record["n_parameters"] = int(sum(p.numel() for p in model.policy.parameters()))
         record["versions"] = _versions()
@@ -182,7 +184,7 @@ def _train_run(record_path: Path, deadline: Optional[float]) -> int:
 
         evaluator = _build_evaluator(eval_env, spec, record, checkpoint, deadline)
         callbacks = [evaluator]
-        if options["elmur_scalars"] and issubclass(policy_class, ElmurPolicy):
+        if options["elmur_scalars"] and isinstance(model.policy, ElmurPolicy):
             callbacks.append(ElmurTensorboardCallback())
         # Also called when nothing is left to learn (a session that ended between its last update and the end of
         # its run): learn() then only sets up the logger and callbacks that the final evaluation uses.
@@ -237,7 +239,7 @@ def load_checkpoint(algo: type, checkpoint: Path, record: Dict[str, Any], env: A
     if not checkpoint.exists():
         print(f"no checkpoint {checkpoint} for step {record['num_timesteps']}: restarting the run from step 0", flush=True)
         return None
-    problem = _zip_problem(checkpoint)
+    problem = zip_problem(checkpoint)
     model = None
     if problem is None:
         # Other errors (e.g. a bad --device) are not the checkpoint's fault: they fail the run, checkpoint kept.
