@@ -1,13 +1,14 @@
 """The lock that keeps two invocations from training the same run at once."""
 
 import datetime
-import fcntl
 import json
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Optional
+
+from sb3_elmur.common.utils import open_locked
 
 
 class RunLock:
@@ -25,23 +26,9 @@ class RunLock:
 
     def acquire(self) -> bool:
         """Take the lock without waiting. :return: whether it was taken (False: another process holds it)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            # A holder removes the file before it unlocks (release): a lock on a file no longer at the path locks
-            # nothing that others see, so open the current one again (as utils.exclusive_lock does).
-            try:
-                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                break
-            os.close(fd)
+        fd = open_locked(self.path)
+        if fd is None:
+            return False
         holder = dict(
             pid=os.getpid(),
             host=socket.gethostname(),
