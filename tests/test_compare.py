@@ -267,7 +267,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     prepared.release()  # run_worker takes the run's lock itself
     # A session whose time runs out at the third rollout (the clock passes the deadline on its third reading).
     readings = iter([0.0, 0.0])
-    monkeypatch.setattr(compare, "_clock", lambda: next(readings, 1e12))
+    monkeypatch.setattr(compare.worker, "_clock", lambda: next(readings, 1e12))
     assert run_worker(path, deadline=1.0) == 0
     record = read_record(path)
     assert record["status"] == "unfinished" and record["num_timesteps"] == 2 * 64 * 4
@@ -471,7 +471,7 @@ def test_report_covers_the_runs_of_earlier_invocations(comparison, tmp_path, cap
     def launch_in_process(record_paths, jobs, deadline, locks):  # a worker process would import torch anew (slow)
         return [path for path in record_paths if run_worker(path, deadline, locks[path].fd) != 0]
 
-    monkeypatch.setattr(compare, "launch_runs", launch_in_process)
+    monkeypatch.setattr(compare.cli, "launch_runs", launch_in_process)
     # A second invocation on the same --out with runs disjoint from the first one's.
     assert compare.main([*TINY_ARGS, "--policies", "MlpPolicy", "--seeds", "1", "--out", str(out)]) == 0
     assert "1 runs: 0 finished (skipped), 1 to run" in capsys.readouterr().out

@@ -156,7 +156,7 @@ def _compare_error(capsys, argv) -> str:
 
     launched = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compare, "launch_runs", lambda *args, **kwargs: launched.append(args) or [])
+        patch.setattr(compare.cli, "launch_runs", lambda *args, **kwargs: launched.append(args) or [])
         with pytest.raises(SystemExit) as error:
             compare.main(argv)
     assert error.value.code == 2 and not launched

@@ -29,6 +29,33 @@ class LockedError(FileExistsError):
     """Another process (or another open of the file in this one) holds an :func:`exclusive_lock`."""
 
 
+def open_locked(path: Path, wait: bool = False) -> Optional[int]:
+    """An open descriptor of the lock file ``path`` (created, and its folder) with an exclusive ``flock`` on it, or
+    None if another process (or another open of the file in this one) holds it (with ``wait``: wait for it).
+
+    :param path: the lock file
+    :param wait: wait until the holder releases it, instead of returning None
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        # The holder before us removes the file before it unlocks: a lock on a file no longer at ``path`` locks
+        # nothing that others see, so open the current one again.
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the lock file ``path`` (created, with this process's pid in it, and removed on
@@ -42,27 +69,13 @@ def exclusive_lock(path: Path, wait: bool = False) -> Iterator[None]:
     :raise LockedError: if the lock is held and not ``wait``; the message names the file and the holder's pid
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_locked(path, wait)
+    if fd is None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            try:
-                holder = f"process {int(path.read_text())}"
-            except (OSError, ValueError):  # not written yet, or removed meanwhile
-                holder = "another process"
-            raise LockedError(f"{holder} holds the lock {path}") from None
-        # The holder before us removes the file before it unlocks: a lock on a file no longer at ``path`` locks
-        # nothing that others see, so open the current one again.
-        try:
-            current = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
+            holder = f"process {int(path.read_text())}"
+        except (OSError, ValueError):  # not written yet, or removed meanwhile
+            holder = "another process"
+        raise LockedError(f"{holder} holds the lock {path}")
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

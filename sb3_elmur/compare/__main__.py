@@ -1,0 +1,5 @@
+import sys
+
+from sb3_elmur.compare.cli import main
+
+sys.exit(main())
