@@ -41,7 +41,7 @@ def _epilog() -> str:
         "Policies: RecurrentPPO aliases (ElmurPolicy, MlpLstmPolicy, ...) run with sb3-contrib's RecurrentPPO, PPO "
         "aliases (MlpPolicy, ...) with SB3's PPO, a dotted class path with the one its base class fits; "
         "LABEL=POLICY names a variant (e.g. elmur64=ElmurPolicy, then --policy-kwargs elmur64='{\"d_model\": 64}').",
-        f"Defaults (sb3_elmur/presets.py, the small parameter-matched T-Maze pair): PPO kwargs "
+        f"Defaults (sb3_elmur/common/presets.py, the small parameter-matched T-Maze pair): PPO kwargs "
         f"{json.dumps(DEFAULT_PPO_KWARGS)}; policy kwargs by policy name {json.dumps(DEFAULT_POLICY_KWARGS)}. "
         "Given kwargs are merged over them; a label's kwargs on the command line replace the config file's.",
         f"POPGym ids get the wrappers {', '.join(POPGYM_WRAPPERS)} unless --wrappers says otherwise "
