@@ -134,8 +134,12 @@ class ElmurModel(nn.Module):
         grid = grid.index_put(index, self.embed(x))
         position = torch.arange(k, device=x.device)
 
-        h, memory, positions = self._run_segments(grid, plan.segment_start_step.unsqueeze(-1) + position, state,
-                                                  plan.reset, plan.complete)
+        # Which segments reset or write, as None where no row does: most do neither, and skip the masking.
+        resets = [r if any_reset else None for r, any_reset in zip(plan.reset.unbind(1), plan.reset.any(0).tolist())]
+        completes = [c if any_complete else None
+                     for c, any_complete in zip(plan.complete.unbind(1), plan.complete.any(0).tolist())]
+        token_steps = plan.segment_start_step.unsqueeze(-1) + position
+        h, memory, positions, _ = self._run_segments(grid, token_steps, state.memory, state.positions, resets, completes)
         out = self.ln_out(h)[index]  # from [N, S, K, D]
 
         # The last segment, if incomplete, becomes the state's prefix.
@@ -146,46 +150,71 @@ class ElmurModel(nn.Module):
         return out, ElmurState(memory, positions, segment, last_step + 1)
 
     def _run_segments(
-        self, grid: torch.Tensor, token_steps: torch.Tensor, state: ElmurState, reset: torch.Tensor, complete: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run segments [N, S, K, D] at steps [N, S, K] through every layer, from ``state``'s memory; ``reset`` and
-        ``complete`` [N, S] as in :class:`_SegmentPlan`. :return: output tokens, memory and positions after them."""
+        self,
+        grid: torch.Tensor,
+        token_steps: torch.Tensor,
+        memory: torch.Tensor,
+        positions: torch.Tensor,
+        resets: List[Optional[torch.Tensor]],
+        completes: List[Optional[torch.Tensor]],
+        query_offsets: Optional[torch.Tensor] = None,
+        outputs: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer stack, for training and acting alike: segments [N, S, K, D] at episode steps [N, S, K] through
+        every layer, from ``memory`` [N, L, M, D] and its slot ``positions`` [N, L, M].
+
+        :param resets: per segment, the rows whose episode starts in it ([N] bool), or None where no row's does
+        :param completes: per segment, the rows that hold its last position and write to memory, or None
+        :param query_offsets: acting, one segment (S = 1): the position [N] of each row's new token; with
+            ``outputs``, every layer computes that position only and splices it into its cached outputs
+        :param outputs: [N, L, K, D] every layer's outputs at the segment's earlier positions (the cache that
+            the previous step returned), or None to compute every position
+        :return: the last layer's outputs [N, S, K, D], memory and positions after the segments, and (S = 1) every
+            layer's outputs [N, L, K, D], the cache of the next step
+        """
         n, n_segments, k, d = grid.shape
-        resets = [r if any_reset else None for r, any_reset in zip(reset.unbind(1), reset.any(0).tolist())]
-        completes = [c if any_complete else None for c, any_complete in zip(complete.unbind(1), complete.any(0).tolist())]
         # Slot positions and LRU choices depend on the plan only, never on memory content: schedule them for every
         # segment first, so that each layer looks its distance biases up once for all segments.
-        read_positions, write_weights, positions = [], [], state.positions
+        read_positions, write_weights = [], []
         for s in range(n_segments):
             before, weights, positions = self._slot_schedule(positions, token_steps[:, s], resets[s], completes[s])
             read_positions.append(before)
             write_weights.append(weights)
         read_positions = torch.stack(read_positions, dim=1)  # [N, S, L, M]
         flat_steps = token_steps.view(n * n_segments, k)
+        query_steps = None if outputs is None else flat_steps.gather(1, query_offsets.view(n, 1))  # [N, 1]
         any_write = any(weights is not None for weights in write_weights)
 
         # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
         # only the memory read, feed-forward and write go segment by segment (with the schedule above: training
         # passes 1.37-1.52x faster, benchmarks/results/training_speed.md).
-        h = grid
-        new_memory = []
+        h, new_memory, layer_outputs = grid, [], []
         for i, layer in enumerate(self.layers):
-            h = layer.self_attend(h.view(n * n_segments, k, d)).view(n, n_segments, k, d)
             layer_positions = read_positions[:, :, i].reshape(n * n_segments, -1)
-            read_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=False), n_segments)
+            if outputs is None:
+                x = layer.self_attend(h.view(n * n_segments, k, d)).view(n, n_segments, k, d)
+                read_bias = layer.memory_bias(flat_steps, layer_positions, slots_query=False)
+            else:  # the new token only: [N, 1, 1, D]
+                x = layer.self_attend(h[:, 0], query_offsets).unsqueeze(1)
+                read_bias = layer.memory_bias(query_steps, layer_positions, slots_query=False)
+            read_biases = _per_segment(read_bias, n_segments)
             write_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=True)
                                         if any_write else None, n_segments)
-            memory = state.memory[:, i]
+            layer_memory = memory[:, i]
             segment_outputs = []
             for s in range(n_segments):
-                memory = self._restart(memory, resets[s], self.memory_init[i])
-                out = layer.read_memory(h[:, s], memory, read_biases[s])
+                layer_memory = self._restart(layer_memory, resets[s], self.memory_init[i])
+                out = layer.read_memory(x[:, s], layer_memory, read_biases[s])
+                if outputs is not None:
+                    out = outputs[:, i].scatter(1, query_offsets.view(n, 1, 1).expand(n, 1, d), out)
                 if write_weights[s] is not None:
-                    memory = _blend(memory, layer.candidates(out, memory, write_biases[s]), write_weights[s][:, i])
+                    candidates = layer.candidates(out, layer_memory, write_biases[s])
+                    layer_memory = _blend(layer_memory, candidates, write_weights[s][:, i])
                 segment_outputs.append(out)
             h = torch.stack(segment_outputs, dim=1)
-            new_memory.append(memory)
-        return h, torch.stack(new_memory, dim=1), positions
+            new_memory.append(layer_memory)
+            layer_outputs.append(segment_outputs[-1])
+        return h, torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, dim=1)
 
     def step(
         self,
@@ -195,7 +224,7 @@ class ElmurModel(nn.Module):
         outputs: Optional[torch.Tensor] = None,
         return_outputs: bool = True,
     ) -> Tuple[torch.Tensor, ElmurState, Optional[torch.Tensor]]:
-        """One step of N rows (acting), same result as the segment-parallel path with less bookkeeping.
+        """One step of N rows (acting): the layer stack of training (:meth:`_run_segments`) on the state's segment.
 
         Memory is frozen inside a segment, so the outputs of every layer at the segment's earlier positions do
         not change: with them (``outputs``, returned by the previous call for this very state) every layer
@@ -204,7 +233,7 @@ class ElmurModel(nn.Module):
         :param x: [N, input_dim] inputs; :param state: state before the step
         :param episode_starts: [N] bool, True where a new episode begins
         :param outputs: [N, L, K, D] layer outputs of the state's current segment (as returned with ``state``),
-            or None to compute them from the state (then the last layer computes only the new token)
+            or None to compute them from the state
         :param return_outputs: return the layer outputs for the next call (else None)
         :return: output [N, d_model], state after the step, layer outputs of its segment
         """
@@ -252,67 +281,15 @@ class ElmurModel(nn.Module):
         tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
         tokens = tokens.scatter(1, offset.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
         token_steps = (step - offset).unsqueeze(1) + torch.arange(k, device=x.device)
-        out, memory, positions, outputs = self._segment(
-            tokens, token_steps, state.memory, state.positions, reset, complete, offset, outputs, return_outputs
+        h, memory, positions, layer_outputs = self._run_segments(
+            tokens.unsqueeze(1), token_steps.unsqueeze(1), state.memory, state.positions, [reset], [complete],
+            offset, outputs,
         )
-        if out.shape[1] == k:  # computed at every position
-            out = out[torch.arange(n, device=x.device), offset]
-        else:
-            out = out[:, 0]
+        out = h[:, 0].gather(1, offset.view(n, 1, 1).expand(n, 1, d))[:, 0]
         if complete is not None:  # the next segment starts empty
             tokens = tokens.masked_fill(complete.view(n, 1, 1), 0.0)
         segment = tokens[:, : k - 1]  # a view either way: the same strides for the next step's compiled graph
-        return self.ln_out(out), ElmurState(memory, positions, segment, step + 1), outputs
-
-    def _segment(
-        self,
-        tokens: torch.Tensor,
-        token_steps: torch.Tensor,
-        memory: torch.Tensor,
-        positions: torch.Tensor,
-        reset: Optional[torch.Tensor],
-        complete: Optional[torch.Tensor],
-        query_offsets: Optional[torch.Tensor] = None,
-        outputs: Optional[torch.Tensor] = None,
-        return_outputs: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Run one segment through every layer and commit the memory writes of the rows that complete it.
-
-        :param tokens: [N, K, D] input tokens; :param token_steps: [N, K] their episode steps
-        :param memory: [N, L, M, D] memory before the segment; :param positions: [N, L, M] its slot positions
-        :param reset: [N] the episode starts in this segment: memory restarts from its initial content
-            (None: no row resets)
-        :param complete: [N] the segment holds its last position: write to memory (None: no row completes)
-        :param query_offsets: [N] acting: the one position per row whose output is needed
-        :param outputs: [N, L, K, D] acting: every layer's outputs at the positions before ``query_offsets``;
-            each layer then computes the ``query_offsets`` position only
-        :param return_outputs: also return every layer's outputs [N, L, K, D]
-        :return: output tokens [N, K, D], or [N, 1, D] at ``query_offsets`` when only those were computed;
-            memory and positions after the segment; every layer's outputs (None unless ``return_outputs``)
-        """
-        n, k, d = tokens.shape
-        memory = self._restart(memory, reset, self.memory_init)
-        positions, write_weights, written_positions = self._slot_schedule(positions, token_steps, reset, complete)
-        # Without cached outputs, the positions before ``query_offsets`` are recomputed where a later layer, the
-        # write or the caller needs them; the last layer computes only the queried one if none of them does.
-        full_last = query_offsets is None or write_weights is not None or return_outputs
-        written_memory, layer_outputs = [], []
-        h = tokens
-        for i, layer in enumerate(self.layers):
-            mem, pos = memory[:, i], positions[:, i]
-            if outputs is not None:
-                out = layer(h, token_steps, mem, pos, query_offsets)
-                h = outputs[:, i].scatter(1, query_offsets.view(n, 1, 1).expand(n, 1, d), out)
-            else:
-                last = i == len(self.layers) - 1
-                h = out = layer(h, token_steps, mem, pos, None if full_last or not last else query_offsets)
-            layer_outputs.append(h)
-            if write_weights is not None:
-                candidates = layer.candidates(h, mem, layer.memory_bias(token_steps, pos, slots_query=True))
-                written_memory.append(_blend(mem, candidates, write_weights[:, i]))
-        if write_weights is not None:
-            memory = torch.stack(written_memory, dim=1)
-        return out, memory, written_positions, torch.stack(layer_outputs, dim=1) if return_outputs else None
+        return self.ln_out(out), ElmurState(memory, positions, segment, step + 1), layer_outputs if return_outputs else None
 
     def _restart(self, memory: torch.Tensor, reset: Optional[torch.Tensor], initial: torch.Tensor) -> torch.Tensor:
         """Memory [N, ...] from its ``initial`` content where ``reset`` [N] (None: nowhere), detached between
