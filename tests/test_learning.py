@@ -28,7 +28,8 @@ CORRIDOR = 10
 # Every learning test trains for a fixed budget, then evaluates once, on observation noise its training env (seed
 # 0) never drew. The budgets sit inside a stretch of seed 0's learning curve, evaluated every 8,192 env steps on
 # EVAL_SEED, where the result already holds (online T-Maze learning is not monotonic: success can fall back to
-# 0.5 after reaching 1.0, benchmarks/results/tmaze_runs), so the test does not pass by evaluating until it does.
+# 0.5 after reaching 1.0, the curves in benchmarks/results/tmaze_vs_lstm*.json), so the test does not pass by
+# evaluating until it does.
 EVAL_SEED = 10_000
 
 
