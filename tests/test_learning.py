@@ -87,7 +87,7 @@ def test_elmur_ppo_learns_memory_across_rollouts():
     """Passive T-Maze corridor 24 with rollouts of 16 steps: the cue and the junction are never in one rollout,
     so the decision is right only if the memory horizon carries credit back to the cue's write in an earlier
     rollout. Raw advantages and a small entropy bonus let the policy walk the corridor and still try turns at
-    the junction (with normalized advantages it never turned: benchmarks/results/elmur_ppo_learning). Seed 0:
+    the junction (with normalized advantages it never turned: benchmarks/results/elmur_ppo_learning.md). Seed 0:
     1.00 from 49,152 to 81,920 env steps, 0.45-0.50 before."""
     env = _env(corridor=24, terminate_on_timeout=True)
     ppo_kwargs = {**TMAZE_PPO_KWARGS, "n_steps": 16, "ent_coef": 0.001, "normalize_advantage": False}
