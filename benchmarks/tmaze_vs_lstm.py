@@ -75,7 +75,7 @@ def run_one(
         def _on_step(self) -> bool:
             return True
 
-    lengths = corridor if min_corridor >= corridor else (min_corridor, corridor)
+    lengths = (min_corridor, corridor) if 0 < min_corridor < corridor else corridor  # 0: corridor L only
     env = VecMonitor(TMazeVecEnv(n_envs, corridor_length=lengths, variant="passive", seed=seed))
     policy_kwargs = SIZES[size][policy]
     policy_kwargs = getattr(presets, policy_kwargs) if isinstance(policy_kwargs, str) else policy_kwargs
