@@ -10,6 +10,10 @@ Each variant runs in its own subprocess that imports ``sb3_elmur`` from its sour
 exported with ``git archive``). Rounds alternate between the variants and the table gives the median over rounds
 and the ratio baseline / current, so that load from other jobs on the machine weighs on both alike. Every child
 compiles with an empty inductor cache, so the compile time is that of a first run.
+
+The T-Maze cases act with the offline model of ``benchmarks/tmaze_offline.py`` (ElmurPolicy, seed 0, 1000 gradient
+steps), ``runs/acting_speed/tmaze_offline_ElmurPolicy_s0.zip``; when that file is missing, this script trains it
+there first (about 30 s; ``runs/`` is git-ignored) with the working tree's code.
 """
 
 import argparse
@@ -26,7 +30,8 @@ from pathlib import Path
 from typing import Callable, Dict
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "benchmarks/results/tmaze_offline/ElmurPolicy_s0.zip"
+# The offline T-Maze model the eval-loop cases act with: trained by ensure_model when missing
+MODEL = ROOT / "runs" / "acting_speed" / "tmaze_offline_ElmurPolicy_s0.zip"
 
 
 # Keys of a child's results that are seconds, not milliseconds per step: reported below the table.
@@ -83,6 +88,22 @@ def training_passes(steps: int) -> Dict[str, float]:
     return results
 
 
+def ensure_model() -> None:
+    """Train ``MODEL`` as ``benchmarks/tmaze_offline.py`` trains ElmurPolicy seed 0 (1000 gradient steps, about
+    30 s on one thread), if it is missing."""
+    if MODEL.exists():
+        return
+    import torch
+
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tmaze_offline import train
+
+    print(f"training the offline T-Maze model {MODEL} (missing)", flush=True)
+    MODEL.parent.mkdir(parents=True, exist_ok=True)
+    train("ElmurPolicy", 0, 1000, MODEL)
+
+
 def child(steps: int, cases: str) -> Dict[str, float]:
     """Time every case with the ``sb3_elmur`` found first on ``sys.path``."""
     if cases == "training":
@@ -100,7 +121,7 @@ def child(steps: int, cases: str) -> Dict[str, float]:
 
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     results = {}
-    offline = RecurrentBC.load(ROOT / MODEL, device="cpu")
+    offline = RecurrentBC.load(MODEL, device="cpu")
 
     def tmaze_loop(batch: int, compile: bool = False) -> None:
         # The loop of evaluate_tmaze at a 10^6 corridor (nobody reaches the junction within these steps).
@@ -185,6 +206,8 @@ def main() -> None:
     from sb3_elmur.common.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
     out = new_report_path(parser, args.out, args.overwrite)
+    if args.cases != "training":
+        ensure_model()
 
     with tempfile.TemporaryDirectory() as baseline_dir:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "sb3_elmur"], check=True,

@@ -2,13 +2,15 @@
 
 On a CUDA machine (the paper-scale setting: 256 GPU-simulated envs, both cameras and the joints, 128 x 128):
 
-    python benchmarks/maniskill_gpu.py --policy elmur --out benchmarks/results/maniskill_gpu/elmur
-    python benchmarks/maniskill_gpu.py --policy lstm --out benchmarks/results/maniskill_gpu/lstm
+    python benchmarks/maniskill_gpu.py --policy elmur
+    python benchmarks/maniskill_gpu.py --policy lstm
 
 Every chunk of training appends env steps/s (whole loop), the training success rate and mean return of the last 100
 finished episodes to ``<out>/progress.json`` and ``progress.md``, and saves ``<out>/model.zip`` (written atomically);
-a re-run with the same ``--out`` resumes from that model. ``--dry-run`` runs the same code on the CPU backend with
-2 envs, 36 x 36 images and two chunks of one rollout, in a few seconds (CI exercises it).
+a re-run with the same ``--out`` (default ``runs/maniskill_gpu/<policy>``, git-ignored) resumes from that model. The
+summary to commit is ``progress.md`` and ``progress.json``, copied to ``benchmarks/results/maniskill_gpu/<policy>/``.
+``--dry-run`` runs the same code on the CPU backend with 2 envs, 36 x 36 images and two chunks of one rollout, in a
+few seconds (CI exercises it).
 """
 
 import argparse
@@ -61,7 +63,7 @@ def main() -> None:
                         "chunks).")
     parser.add_argument("--chunk", type=int, default=500_000, help="Env steps between progress records.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the model and the envs.")
-    parser.add_argument("--out", default="benchmarks/results/maniskill_gpu/elmur", help="Output folder.")
+    parser.add_argument("--out", default=None, help="Output folder (default: runs/maniskill_gpu/POLICY).")
     parser.add_argument("--dry-run", action="store_true", help="CPU backend, 2 envs, 36 x 36, two chunks of one rollout.")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -75,7 +77,7 @@ def main() -> None:
     else:
         sim_backend, device = "gpu", "cuda"
     args.timesteps = args.timesteps or 10_000_000
-    out = Path(args.out)
+    out = Path(args.out or f"runs/maniskill_gpu/{args.policy}")
     out.mkdir(parents=True, exist_ok=True)
     settings = {key: getattr(args, key) for key in ("task", "policy", "n_envs", "image_size", "n_steps", "seed")}
     settings_path = out / "settings.json"

@@ -3,21 +3,34 @@ on six POPGym tasks, ElmurPolicy against the BC-LSTM (MlpLstmPolicy) at the same
 
     python benchmarks/popgym_offline.py --seeds 0 1 2
 
-The experts are the ElmurPPO agents of the POPGym comparison (``benchmarks/results/popgym``: seed 0 of each task,
-saved as ``<runs>/<task>/ElmurPPO-ElmurPolicy/seed0_model.zip``; models are not committed, the comparison's command
-in the README makes them). Each task's dataset is the expert's greedy episodes, recorded with
-``sb3_elmur.datasets.collect_episodes``; both policies train on the same windows (5 segments of 20 steps) with the
-same learning rate, batch and number of gradient steps, and are evaluated on 100 greedy episodes. Every (task,
-policy, seed) trains once and is evaluated once (records kept), so the run can be split across sessions. The
-table is written beside ``--out`` as ``<out>.md``; the committed one is ``benchmarks/results/popgym_offline.md``.
+The experts are ElmurPPO agents trained as in the POPGym comparison (``benchmarks/results/popgym``): seed 0 of
+each task, 100k env steps, ``presets.POPGYM_POLICY_KWARGS`` and ``POPGYM_PPO_KWARGS`` with sequences of 32 steps and
+a memory horizon of 16 (ElmurPPO's defaults when the committed experts were trained), saved by ``sb3_elmur.compare``
+as ``<runs>/<task>/ElmurPPO-ElmurPolicy/seed0_model.zip``. Models are not committed: an expert that is missing is
+trained first, by ``python -m sb3_elmur.compare ... --out runs/popgym`` (``--runs`` is that folder's ``runs``;
+about 2-7 min per task on one core, ``--jobs`` at a time). Each task's dataset is the expert's greedy episodes,
+recorded with ``sb3_elmur.datasets.collect_episodes``; both policies train on the same windows (5 segments of 20
+steps) with the same learning rate, batch and number of gradient steps, and are evaluated on 100 greedy episodes.
+Every (task, policy, seed) trains once and is evaluated once (models and records in ``--out``, under ``runs/``:
+git-ignored), so the run can be split across sessions. The report is rebuilt from every record in ``--out``:
+``--report``.md (the table, with the command, commit, machine and date) and ``--report``.json (each run's record),
+``benchmarks/results/popgym_offline.*`` by default, which an existing report only replaces with ``--overwrite``.
+``--report-only`` rewrites it from ``--out``'s records, or, in a fresh clone with none, from ``--report``.json.
 """
 
 import argparse
+import contextlib
 import json
+import os
+import platform
+import shlex
+import subprocess
 import sys
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -31,6 +44,8 @@ from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.bc.collect import collect_episodes
 from sb3_elmur.bc.datasets import EpisodeDataset
 from sb3_elmur.common.utils import (
+    code_commit,
+    new_report_path,
     refuse_record_problems,
     train_and_evaluate_once,
     write_json_atomically,
@@ -46,20 +61,55 @@ CONFIGS: Dict[str, Any] = {
     "MlpLstmPolicy": ("MlpLstmPolicy", presets.POPGYM_LSTM_POLICY_KWARGS),
 }
 EVAL_EPISODES = 100
+# The experts' training: the POPGym comparison's ElmurPPO runs (README), seed 0; PPO kwargs over compare's defaults
+# (presets.TMAZE_PPO_KWARGS), which make presets.POPGYM_PPO_KWARGS with ElmurPPO's sequences and horizon of then.
+EXPERT_LABEL = "ElmurPPO-ElmurPolicy"
+EXPERT_TIMESTEPS = 100_000
+EXPERT_PPO_KWARGS: Dict[str, Any] = {"learning_rate": presets.POPGYM_PPO_KWARGS["learning_rate"],
+                                     "sequence_length": 32, "memory_horizon": 16}
+# What a report names besides its runs (the last command's)
+ORIGIN = ("command", "commit", "machine", "date")
+
+
+def expert_path(runs: Path, task: str) -> Path:
+    return runs / task / EXPERT_LABEL / "seed0_model.zip"
+
+
+def train_experts(tasks: List[str], runs: Path, jobs: int) -> None:
+    """Train the missing experts of ``tasks`` with ``sb3_elmur.compare`` into ``runs.parent`` (it writes
+    ``<out>/runs``); finished runs there are skipped, unfinished ones resumed."""
+    missing = [task for task in tasks if not expert_path(runs, task).exists()]
+    if not missing:
+        return
+    if runs.name != "runs":
+        sys.exit(f"experts missing in {runs}, which is not a comparison's runs folder (<out>/runs) to train them into")
+    compare = [sys.executable, "-m", "sb3_elmur.compare", "--envs", *missing, "--policies", "ElmurPPO:ElmurPolicy",
+               "--policy-kwargs", f"{EXPERT_LABEL}={json.dumps(presets.POPGYM_POLICY_KWARGS)}",
+               "--ppo-kwargs", json.dumps(EXPERT_PPO_KWARGS), "--seeds", "0", "--timesteps", str(EXPERT_TIMESTEPS),
+               "--jobs", str(jobs), "--out", str(runs.parent)]
+    print("training the missing experts:", " ".join(shlex.quote(arg) for arg in compare), flush=True)
+    subprocess.run(compare, check=True)
+    still = [task for task in missing if not expert_path(runs, task).exists()]
+    if still:
+        sys.exit(f"the comparison ended without the experts of {still} (see {runs.parent})")
+
+
+def provenance() -> Dict[str, str]:
+    """The code's commit, the machine and the date, for records and reports."""
+    return {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                       f"torch {torch.__version__}, one thread per process"}
 
 
 def expert_dataset(task: str, runs: Path, out: Path, n_episodes: int) -> EpisodeDataset:
     """The expert's greedy episodes of ``task`` (its return kept in ``<out>/<task>/expert.json``)."""
-    expert_path = runs / task / "ElmurPPO-ElmurPolicy" / "seed0_model.zip"
-    if not expert_path.exists():
-        sys.exit(f"{expert_path} is missing: run the README's POPGym comparison with ElmurPPO:ElmurPolicy first "
-                 "(it saves each seed's model), or pass --runs")
-    expert = ElmurPPO.load(expert_path, device="cpu")
+    path = expert_path(runs, task)
+    expert = ElmurPPO.load(path, device="cpu")
     start = time.perf_counter()
     dataset = collect_episodes(expert, make_popgym_env(task), n_episodes, deterministic=True, seed=0)
     returns = [float(episode.rewards.sum()) for episode in dataset.episodes]
     write_json_atomically(out / task / "expert.json", {
-        "expert": str(expert_path), "episodes": n_episodes, "steps": dataset.n_steps,
+        "expert": str(path), "episodes": n_episodes, "steps": dataset.n_steps,
         "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns)),
         "collect_seconds": time.perf_counter() - start,
     })
@@ -74,16 +124,35 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds, one model each.")
     parser.add_argument("--episodes", type=int, default=300, help="Expert episodes per dataset.")
     parser.add_argument("--gradient-steps", type=int, default=1000, help="Gradient steps of behaviour cloning.")
-    parser.add_argument("--runs", default="benchmarks/results/popgym/runs", help="Folder of the experts' runs.")
-    parser.add_argument("--out", default="runs/popgym_offline",
-                        help="Folder of models and records (the committed benchmarks/results/popgym_offline keeps "
-                             "records without models: it cannot be resumed, only reported).")
+    parser.add_argument("--runs", default="runs/popgym/runs",
+                        help="Folder of the experts' runs: a comparison's <out>/runs; missing experts are trained there "
+                             "first (sb3_elmur.compare, 100k env steps each, about 2-7 min on one core).")
+    parser.add_argument("--jobs", type=int, default=1, help="Experts trained at a time when some are missing.")
+    parser.add_argument("--out", default="runs/popgym_offline", help="Folder of models and per-run records (resumable).")
+    parser.add_argument("--report", default="benchmarks/results/popgym_offline",
+                        help="Report path without suffix: REPORT.md (table) and REPORT.json (every run's record).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Rewrite the report from the records in --out (none: from REPORT.json), without training.")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
-    out = Path(args.out)
+    out, report = Path(args.out), Path(args.report)
+    saved = json.loads(Path(f"{report}.json").read_text()) if Path(f"{report}.json").exists() else None
+    if args.report_only:
+        new_report_path(parser, f"{report}.md", args.overwrite)
+        if saved is None and not any(out.glob("*/expert.json")):
+            parser.error(f"--report-only: no records in {out} and no {report}.json")
+        origin = {key: saved[key] for key in ORIGIN} if saved else {"command": command(), **provenance()}
+        write_report(out, report, saved, origin)
+        return
     settings = {"gradient_steps": args.gradient_steps, "episodes": args.episodes}
     refuse_record_problems(parser, [(out / task, f"{name}_s{seed}") for task in args.tasks for name in args.configs
                                     for seed in args.seeds], settings)
+    new_report_path(parser, f"{report}.md", args.overwrite)
+    # An expert is needed wherever a model is still to be trained (its dataset is collected then)
+    train_experts([task for task in args.tasks if any(not (out / task / f"{name}_s{seed}.zip").exists()
+                                                      for name in args.configs for seed in args.seeds)],
+                  Path(args.runs), args.jobs)
 
     for task in args.tasks:
         (out / task).mkdir(parents=True, exist_ok=True)
@@ -99,7 +168,8 @@ def main() -> None:
             model.learn(args.gradient_steps)
             cpu_seconds = time.process_time() - start
             model.save(path)
-            return {"train_cpu_seconds": cpu_seconds, "parameters": sum(p.numel() for p in model.policy.parameters())}
+            return {"train_cpu_seconds": cpu_seconds, "parameters": sum(p.numel() for p in model.policy.parameters()),
+                    **provenance()}
 
         def evaluate(model: RecurrentBC, n_episodes: int, seed: int) -> Dict[str, Any]:
             env = DummyVecEnv([lambda: make_popgym_env(task)] * 10)
@@ -116,16 +186,47 @@ def main() -> None:
                     [EVAL_EPISODES], settings=settings,
                 )
 
-    write_text_atomically(out.parent / f"{out.name}.md", report(out, " ".join(sys.argv[1:])))
-    print((out.parent / f"{out.name}.md").read_text())
+    write_report(out, report, None, {"command": command(), **provenance()})
 
 
-def report(out: Path, command: str) -> str:
+def command() -> str:
+    return "python benchmarks/popgym_offline.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+
+
+@contextlib.contextmanager
+def records_folder(out: Path, saved: Optional[Dict[str, Any]]) -> Iterator[Path]:
+    """``out`` if it holds records, else a temporary folder with the records of the saved report (a fresh clone)."""
+    if any(out.glob("*/expert.json")) or saved is None:
+        yield out
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for name, record in saved["runs"].items():
+            (Path(folder) / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
+            (Path(folder) / f"{name}.json").write_text(json.dumps(record))
+        yield Path(folder)
+
+
+def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origin: Dict[str, str]) -> None:
+    """``report``.md (:func:`table`) and .json (every record: ``<task>/<name>_s<seed>`` and ``<task>/expert``) from
+    the records in ``out`` (or ``saved``'s); ``origin``: the command, commit, machine and date the report names."""
+    with records_folder(out, saved) as folder:
+        text = table(folder, origin, report.name)
+        runs = {path.relative_to(folder).with_suffix("").as_posix(): json.loads(path.read_text())
+                for path in sorted(folder.glob("*/*.json"))}
+    write_json_atomically(Path(f"{report}.json"), {**origin, "runs": runs})
+    write_text_atomically(Path(f"{report}.md"), text)
+    print(text)
+
+
+def table(out: Path, origin: Dict[str, str], name: str) -> str:
     """The table of every record in ``out``: per task and policy, mean and std over seeds of the mean return."""
     lines = [
         "# POPGym offline: RecurrentBC, ElmurPolicy against BC-LSTM",
         "",
-        f"Command: `python benchmarks/popgym_offline.py {command}` (runs accumulate across commands)",
+        f"Command: `{origin['command']}` (runs accumulate across commands)",
+        "",
+        f"Commit: {origin['commit']}; machine: {origin['machine']}; date: {origin['date']} (the last command's; "
+        f"each run's record: `{name}.json`).",
         "",
         "Return: mean over the seeds (± std over seeds) of each model's mean return on 100 greedy episodes; expert: "
         "the mean return of its dataset.",

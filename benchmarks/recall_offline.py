@@ -4,20 +4,31 @@ with and without RecurrentBC's burn-in, against the BC-LSTM baseline, trained by
 both under the paper's protocol (episodes of 2-30 steps, 3 segments).
 
     python benchmarks/recall_offline.py --seeds 0 1 2 --lengths 30 100 1000 10000 100000
-    python benchmarks/recall_offline.py --wait --out benchmarks/results/recall_offline_wait
+    python benchmarks/recall_offline.py --wait --out runs/recall_offline_wait --report benchmarks/results/recall_offline_wait
 
 ``--wait`` is the task's other form: the expert waits until the query and names the cue only there (T-Maze's
 structure with a noisy corridor), so the memory is supervised once per episode.
 
-Every (configuration, seed) trains once (model saved) and every length is evaluated once (result cached), so the
-run can be split across sessions; the table is rebuilt from everything evaluated so far.
+Every (configuration, seed) trains once (model and record in ``--out``, under ``runs/``: git-ignored) and every
+length is evaluated once (result cached), so the run can be split across sessions. The report is rebuilt from every
+record in ``--out``: ``--report``.md (the table, with the command, commit, machine and date), ``--report``.json
+(each run's record) and ``--report``.png (success against length), which an existing report only replaces with
+``--overwrite``. ``--report-only`` rewrites the report from ``--out``'s records, or, in a fresh clone with none,
+from ``--report``.json.
 """
 
 import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
 import sys
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
@@ -27,10 +38,13 @@ from sb3_elmur.bc.collect import make_recall_dataset
 from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv
 from sb3_elmur.common.evaluation import evaluate_success
 from sb3_elmur.common.utils import (
+    code_commit,
+    new_report_path,
     plot_success_by_length,
     refuse_record_problems,
     success_table_rows,
     train_and_evaluate_once,
+    write_json_atomically,
     write_text_atomically,
 )
 
@@ -74,7 +88,30 @@ def train(name: str, seed: int, gradient_steps: int, wait: bool, path: Path) -> 
     cpu_seconds = time.process_time() - start
     model.save(path)
     return {"train_cpu_seconds": cpu_seconds, "gradient_steps": gradient_steps,
-            "parameters": sum(p.numel() for p in model.policy.parameters())}
+            "parameters": sum(p.numel() for p in model.policy.parameters()), **provenance()}
+
+
+# What a report names besides its runs (the last command's)
+ORIGIN = ("command", "commit", "machine", "date")
+
+
+def provenance() -> Dict[str, str]:
+    """The code's commit, the machine and the date, for records and reports."""
+    return {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                       f"torch {torch.__version__}, one thread per process"}
+
+
+@contextlib.contextmanager
+def records_folder(out: Path, saved: Optional[Dict[str, Any]]) -> Iterator[Path]:
+    """``out`` if it holds records, else a temporary folder with the records of the saved report (a fresh clone)."""
+    if any(out.glob("*_s*.json")) or saved is None:
+        yield out
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for name, record in saved["runs"].items():
+            (Path(folder) / f"{name}.json").write_text(json.dumps(record))
+        yield Path(folder)
 
 
 def main() -> None:
@@ -87,12 +124,26 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[30, 100, 1000, 10_000, 100_000],
                         help="Episode lengths to evaluate at (100 episodes each).")
     parser.add_argument("--gradient-steps", type=int, default=1000, help="Gradient steps of behaviour cloning.")
-    parser.add_argument("--out", default="benchmarks/results/recall_offline", help="Folder of models, results and table.")
+    parser.add_argument("--out", default="runs/recall_offline", help="Folder of models and per-run records (resumable).")
+    parser.add_argument("--report", default="benchmarks/results/recall_offline",
+                        help="Report path without suffix: REPORT.md (table), REPORT.json (every run's record), REPORT.png.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Rewrite the report from the records in --out (none: from REPORT.json), without training.")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
-    out = Path(args.out)
+    out, report = Path(args.out), Path(args.report)
+    saved = json.loads(Path(f"{report}.json").read_text()) if Path(f"{report}.json").exists() else None
+    if args.report_only:
+        new_report_path(parser, f"{report}.md", args.overwrite)
+        if saved is None and not any(out.glob("*_s*.json")):
+            parser.error(f"--report-only: no records in {out} and no {report}.json")
+        origin = {key: saved[key] for key in ORIGIN} if saved else {"command": command(), **provenance()}
+        write_report(out, report, saved, origin)
+        return
     settings = {"gradient_steps": args.gradient_steps, "wait": args.wait}
     refuse_record_problems(parser, [(out, f"{name}_s{seed}") for name in args.configs for seed in args.seeds], settings)
+    new_report_path(parser, f"{report}.md", args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     def evaluate(model: RecurrentBC, length: int, seed: int) -> Dict[str, Any]:
@@ -110,12 +161,29 @@ def main() -> None:
                 args.lengths, settings=settings,
             )
 
-    lengths, rows = success_table_rows(out)
+    write_report(out, report, None, {"command": command(), **provenance()})
+
+
+def command() -> str:
+    return "python benchmarks/recall_offline.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+
+
+def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origin: Dict[str, str]) -> None:
+    """``report``.md, .json and .png from the records in ``out`` (or ``saved``'s); ``origin``: the command,
+    commit, machine and date the report names. The form (every-step or waiting) is the records'."""
+    with records_folder(out, saved) as folder:
+        lengths, rows = success_table_rows(folder)
+        wait = any(record.get("wait") for _, _, record, _ in rows)
+        plot_success_by_length(folder, Path(f"{report}.png"),
+                               f"Noisy recall{' (waiting expert)' if wait else ''}: success far past the training length")
     lines = [
-        f"# Noisy recall{' (waiting expert)' if args.wait else ''} offline: trained on 30-100-step episodes (2000 "
+        f"# Noisy recall{' (waiting expert)' if wait else ''} offline: trained on 30-100-step episodes (2000 "
         "oracle episodes; the paper's protocol: 2-30), evaluated up to 10^5 steps",
         "",
-        "Command: `python benchmarks/recall_offline.py " + " ".join(sys.argv[1:]) + "` (runs accumulate across commands)",
+        f"Command: `{origin['command']}` (runs accumulate across commands)",
+        "",
+        f"Commit: {origin['commit']}; machine: {origin['machine']}; date: {origin['date']} (the last command's; "
+        f"each run's record: `{report.name}.json`).",
         "",
         "3 cues (chance 0.33), 4 Gaussian noise entries per observation; windows of 10 segments of 10 steps (the "
         "paper's protocol: 3); success over 100 greedy episodes per length; train = CPU seconds of RecurrentBC.learn.",
@@ -126,13 +194,11 @@ def main() -> None:
     for config, seed, record, cells in rows:
         lines.append(f"| {config} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", f"Plot: `{out.name}.png` (success against the evaluation length, mean and seeds)."]
+    lines += ["", f"Plot: `{report.name}.png` (success against the evaluation length, mean and seeds)."]
     text = "\n".join(lines) + "\n"
-    plot_success_by_length(out, out.parent / f"{out.name}.png",
-                           f"Noisy recall{' (waiting expert)' if args.wait else ''}: success far past the training length")
-    write_text_atomically(out.parent / f"{out.name}.md", text)
+    write_json_atomically(Path(f"{report}.json"), {**origin, "runs": {f"{c}_s{s}": r for c, s, r, _ in rows}})
+    write_text_atomically(Path(f"{report}.md"), text)
     print(text)
-
 
 if __name__ == "__main__":
     main()

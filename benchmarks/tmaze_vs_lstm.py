@@ -1,8 +1,12 @@
 """RecurrentPPO with ElmurPolicy versus MlpLstmPolicy on the passive T-Maze: success, speed and memory.
 
 Both policies get the same env-step budget, seeds and PPO settings, at a similar parameter count. Each run is
-a subprocess (so peak memory is its own) that writes a JSON file; finished runs are skipped, so a long
-benchmark can be split across sessions. The table (markdown) and plot (PNG) are rebuilt from all JSON files.
+a subprocess (so peak memory is its own) that writes a JSON file in ``--out`` (``runs/tmaze_vs_lstm``: git-ignored);
+finished runs are skipped, so a long benchmark can be split across sessions. The report is rebuilt from all of
+them: ``--report``.md (the table, with the command, commit, machine and date), .png (learning curves) and .json
+(every run's record), ``benchmarks/results/tmaze_vs_lstm.*`` by default; settings other than the defaults add a tag
+of their own to the names (``tmaze_vs_lstm_<hash>.*``). An existing report is only replaced with ``--overwrite``;
+``--report-only`` rewrites it from ``--out``'s records, or, in a fresh clone with none, from its .json.
 
     python benchmarks/tmaze_vs_lstm.py --corridors 10 30 100 300 --timesteps 500000 --seeds 0 --jobs 2
 """
@@ -10,17 +14,28 @@ benchmark can be split across sessions. The table (markdown) and plot (PNG) are 
 import argparse
 import hashlib
 import json
+import os
+import platform
 import resource
 import shlex
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List
 
-from sb3_elmur.common.utils import write_atomically, write_json_atomically, write_text_atomically
+from sb3_elmur.common.utils import (
+    code_commit,
+    new_report_path,
+    write_atomically,
+    write_json_atomically,
+    write_text_atomically,
+)
 
 POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
+# What a report names besides its runs (the last command's)
+ORIGIN = ("command", "commit", "machine", "date")
 # Policy sizes at similar parameter counts: "small" is the T-Maze preset (about 43k parameters each), "large"
 # the zoo configs' default (about 250k each: ELMUR 2 x 64 wide, LSTM 160 units).
 SIZES = {
@@ -64,7 +79,7 @@ def run_one(
         def _on_step(self) -> bool:
             return True
 
-    lengths = corridor if min_corridor >= corridor else (min_corridor, corridor)
+    lengths = (min_corridor, corridor) if 0 < min_corridor < corridor else corridor  # 0: corridor L only
     env = VecMonitor(TMazeVecEnv(n_envs, corridor_length=lengths, variant="passive", seed=seed))
     policy_kwargs = SIZES[size][policy]
     policy_kwargs = getattr(presets, policy_kwargs) if isinstance(policy_kwargs, str) else policy_kwargs
@@ -98,17 +113,31 @@ def run_one(
         "total_steps_per_s": steps / learn_time,
         "train_share": train_time / learn_time,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **provenance(),
     }
 
 
-def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suffix: str = "") -> None:
-    """Markdown table (one row per policy and corridor, mean over seeds) and a PNG of learning curves."""
+def provenance() -> Dict[str, str]:
+    """The code's commit, the machine and the date, for records and reports."""
+    import torch
+
+    return {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                       f"torch {torch.__version__}, one thread per process"}
+
+
+def write_report(results: List[Dict[str, Any]], report: Path, origin: Dict[str, str]) -> None:
+    """``report``.md (one row per policy and corridor, mean over seeds), .png (learning curves) and .json (every
+    run's record); ``origin``: the command, commit, machine and date the report names."""
     import numpy as np
 
     rows = [
         "# Passive T-Maze: ElmurPolicy vs MlpLstmPolicy (sb3-contrib RecurrentPPO)",
         "",
-        f"Command: `{command}`",
+        f"Command: `{origin['command']}`",
+        "",
+        f"Commit: {origin['commit']}; machine: {origin['machine']}; date: {origin['date']} (the last command's; "
+        f"each run's record: `{report.name}.json`).",
         "",
         "| corridor | policy | params | seeds | final success (per seed) | best success | env steps/s rollout | "
         "train | total | train share | peak RSS MB |",
@@ -144,7 +173,8 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suf
     rows += ["", f"Budget: {', '.join(f'{b:,}' for b in budget)} env steps per run, 8 envs, success over 100 greedy "
              "episodes (half per cue) at the end of training (final) and at the best of the evaluations during "
              "training (best). Steps/s exclude evaluation."]
-    write_text_atomically(out_dir / f"tmaze_vs_lstm{suffix}.md", "\n".join(rows) + "\n")
+    write_json_atomically(Path(f"{report}.json"), {**origin, "runs": results})
+    write_text_atomically(Path(f"{report}.md"), "\n".join(rows) + "\n")
     print("\n".join(rows))
 
     import matplotlib
@@ -165,7 +195,7 @@ def write_report(results: List[Dict[str, Any]], out_dir: Path, command: str, suf
     axes[0][0].set_ylabel("success")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    write_atomically(out_dir / f"tmaze_vs_lstm{suffix}.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    write_atomically(Path(f"{report}.png"), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def main() -> None:
@@ -185,12 +215,15 @@ def main() -> None:
     parser.add_argument("--min-corridor", type=int, default=0,
                         help="Train on corridors drawn in MIN..L and evaluate at L (0: L only).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one core each).")
-    parser.add_argument("--out", default="benchmarks/results", help="Folder of run records, table and plot.")
+    parser.add_argument("--out", default="runs/tmaze_vs_lstm", help="Folder of the run records (resumable).")
+    parser.add_argument("--report", default="benchmarks/results/tmaze_vs_lstm",
+                        help="Report path without suffix (and tag): REPORT.md (table), REPORT.png, REPORT.json (runs).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Rewrite the report from the records in --out (none: from REPORT.json), without training.")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON to this path
     args = parser.parse_args()
-    out_dir = Path(args.out)
-    runs_dir = out_dir / "tmaze_runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.out)
 
     if args.run:
         policy, corridor, seed = args.policies[0], args.corridors[0], args.seeds[0]
@@ -203,12 +236,22 @@ def main() -> None:
     settings = dict(size=args.size, ppo_kwargs=_ppo_overrides(json.loads(args.ppo_kwargs)), min_corridor=args.min_corridor)
     tag = "" if settings == dict(size="small", ppo_kwargs={}, min_corridor=0) else "_" + hashlib.sha1(
         json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    report = Path(f"{args.report}{tag}")
+    new_report_path(parser, f"{report}.md", args.overwrite)
+    command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    saved = json.loads(Path(f"{report}.json").read_text()) if Path(f"{report}.json").exists() else None
+    if args.report_only and not list(runs_dir.glob(f"*{tag}.json")):
+        if saved is None:
+            parser.error(f"--report-only: no records in {runs_dir} and no {report}.json")
+        write_report(saved["runs"], report, {key: saved[key] for key in ORIGIN})
+        return
+    runs_dir.mkdir(parents=True, exist_ok=True)
     pending = []
     for corridor in args.corridors:
         for policy in args.policies:
             for seed in args.seeds:
                 path = runs_dir / f"{policy}_L{corridor}_s{seed}_{args.timesteps}{tag}.json"
-                if not path.exists():
+                if not path.exists() and not args.report_only:
                     pending.append((policy, corridor, seed, path))
     running: List[subprocess.Popen] = []
     while pending or running:
@@ -216,7 +259,7 @@ def main() -> None:
             policy, corridor, seed, path = pending.pop(0)
             cmd = [sys.executable, __file__, "--run", str(path), "--policies", policy, "--corridors", str(corridor),
                    "--seeds", str(seed), "--timesteps", str(args.timesteps), "--eval-every", str(args.eval_every),
-                   "--n-envs", str(args.n_envs), "--out", str(out_dir), "--size", args.size,
+                   "--n-envs", str(args.n_envs), "--out", str(runs_dir), "--size", args.size,
                    "--ppo-kwargs", args.ppo_kwargs, "--min-corridor", str(args.min_corridor)]
             running.append(subprocess.Popen(cmd))
         time.sleep(1)
@@ -232,8 +275,8 @@ def main() -> None:
         and dict(size=r.get("size", "small"), ppo_kwargs=_ppo_overrides(r.get("ppo_kwargs", {})),
                  min_corridor=r.get("min_corridor", 0)) == settings
     ]
-    command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_report(results, out_dir, command, tag)
+    origin = {key: saved[key] for key in ORIGIN} if args.report_only and saved else {"command": command, **provenance()}
+    write_report(results, report, origin)
 
 
 def _ppo_overrides(ppo_kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -28,7 +28,8 @@ CORRIDOR = 10
 # Every learning test trains for a fixed budget, then evaluates once, on observation noise its training env (seed
 # 0) never drew. The budgets sit inside a stretch of seed 0's learning curve, evaluated every 8,192 env steps on
 # EVAL_SEED, where the result already holds (online T-Maze learning is not monotonic: success can fall back to
-# 0.5 after reaching 1.0, benchmarks/results/tmaze_runs), so the test does not pass by evaluating until it does.
+# 0.5 after reaching 1.0, the curves in benchmarks/results/tmaze_vs_lstm*.json), so the test does not pass by
+# evaluating until it does.
 EVAL_SEED = 10_000
 
 
@@ -86,7 +87,7 @@ def test_elmur_ppo_learns_memory_across_rollouts():
     """Passive T-Maze corridor 24 with rollouts of 16 steps: the cue and the junction are never in one rollout,
     so the decision is right only if the memory horizon carries credit back to the cue's write in an earlier
     rollout. Raw advantages and a small entropy bonus let the policy walk the corridor and still try turns at
-    the junction (with normalized advantages it never turned: benchmarks/results/elmur_ppo_learning). Seed 0:
+    the junction (with normalized advantages it never turned: benchmarks/results/elmur_ppo_learning.md). Seed 0:
     1.00 from 49,152 to 81,920 env steps, 0.45-0.50 before."""
     env = _env(corridor=24, terminate_on_timeout=True)
     ppo_kwargs = {**TMAZE_PPO_KWARGS, "n_steps": 16, "ent_coef": 0.001, "normalize_advantage": False}

@@ -3,6 +3,7 @@
 The wrapper tests use small local envs and run without POPGym; the POPGym tests skip when it is not installed.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -248,9 +249,16 @@ def test_offline_benchmark_clones_an_expert_and_tabulates_both_policies(popgym_i
     expert.save(tmp_path / "runs" / task / "ElmurPPO-ElmurPolicy" / "seed0_model.zip")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "popgym_offline.py"
     command = [sys.executable, str(script), "--tasks", task, "--seeds", "0", "--episodes", "2", "--gradient-steps",
-               "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+               "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--report", str(tmp_path / "report")]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    report = (tmp_path / "out.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    records = json.loads((tmp_path / "report.json").read_text())["runs"]
+    assert sorted(records) == [f"{task}/ElmurPolicy_s0", f"{task}/MlpLstmPolicy_s0", f"{task}/expert"]
+    # A fresh clone has the report's JSON but no records: --report-only rebuilds the same table from it.
+    rebuild = [sys.executable, str(script), "--out", str(tmp_path / "none"), "--report", str(tmp_path / "report"),
+               "--report-only", "--overwrite"]
+    subprocess.run(rebuild, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "report.md").read_text() == report
     assert "ELMUR >= BC-LSTM on 1 of 1 tasks." in report or "ELMUR >= BC-LSTM on 0 of 1 tasks." in report
     row = next(line for line in report.splitlines() if line.startswith(f"| {task} |"))
     assert row.count(" ± ") == 2 and "| 1/1 |" in row
