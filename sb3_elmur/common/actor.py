@@ -25,7 +25,7 @@ class ElmurActor:
     """
 
     def __init__(self, policy: ElmurPolicy, n_envs: int, compile: bool = False) -> None:
-        self.policy = policy
+        self.policy, self.n_envs = policy, n_envs
         self.model = policy.lstm_actor.model
         self.state = self.model.initial_state(n_envs, policy.device)
         self.outputs: Optional[th.Tensor] = None
@@ -47,12 +47,38 @@ class ElmurActor:
             latent_pi, latent_vf = self.policy.mlp_extractor.forward_actor(latent), None
         return latent_pi, latent_vf, state, outputs
 
+    def advance(
+        self, obs: Union[th.Tensor, Dict[str, th.Tensor]], state: ElmurState, episode_starts: th.Tensor,
+        outputs: Optional[th.Tensor] = None,
+    ) -> Tuple[th.Tensor, Optional[th.Tensor], ElmurState, Optional[th.Tensor]]:
+        """One step from ``state`` (the acting path of rollouts, evaluation and the history rebuild of ElmurPPO).
+
+        :param obs: observations of the state's rows, as tensors
+        :param state: the state before the step; :param outputs: its cached layer outputs (None: recomputed)
+        :param episode_starts: [n] bool, True where the observation starts an episode
+        :return: the actor's and the critic's latents (the critic's None for a policy with a separate critic
+            backbone), the state after the step and its layer outputs
+        :raises NonFiniteError: an observation holds NaN or inf
+        """
+        check_finite_observation(obs, "ElmurActor.step (acting)")
+        branches = self.model.step_branches(state, episode_starts)
+        if self.compiled is None or branches[2] is not None or outputs is None or len(state.step) != self.n_envs:
+            return self._step_core(obs, state, branches, outputs)
+        try:
+            return self.compiled(obs, state, branches, outputs)
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise RuntimeError(
+                f"torch.compile of the acting step failed ({message}); on CPU it needs a working C++ compiler: "
+                "act without compile (compile_acting=False; tmaze_eval: without --compile)"
+            ) from error
+
     def step(
         self, obs: Union[th.Tensor, Dict[str, th.Tensor]], episode_starts: th.Tensor, rows: Optional[th.Tensor] = None,
         commit: bool = True,
     ) -> Tuple[th.Tensor, Optional[th.Tensor]]:
-        """One step of every env (or of ``rows``): the actor's and the critic's latents (the critic's None for a
-        policy with a separate critic backbone).
+        """One step of every env (or of ``rows``) from the actor's state: the actor's and the critic's latents
+        (see :meth:`advance`).
 
         :param obs: observations of the envs (of ``rows``), as tensors
         :param episode_starts: [n] bool, True where the observation starts an episode
@@ -60,25 +86,11 @@ class ElmurActor:
         :param commit: keep the new state (False: look ahead, e.g. the value of a terminal observation)
         :raises NonFiniteError: an observation holds NaN or inf
         """
-        check_finite_observation(obs, "ElmurActor.step (acting)")
         state, outputs = self.state, self.outputs
         if rows is not None:
             state = ElmurState(*(part[rows] for part in state))
             outputs = None if outputs is None else outputs[rows]
-        branches = self.model.step_branches(state, episode_starts)
-        if self.compiled is not None and branches[2] is None and outputs is not None and rows is None:
-            try:
-                latent_pi, latent_vf, state, outputs = self.compiled(obs, state, branches, outputs)
-            except Exception as error:
-                message = f"{type(error).__name__}: {error}".splitlines()[0]
-                raise RuntimeError(
-                    f"torch.compile of the acting step failed ({message}); on CPU it needs a working C++ compiler: "
-                    "act without compile (compile_acting=False; tmaze_eval: without --compile)"
-                ) from error
-        else:
-            latent_pi, latent_vf, state, outputs = self._step_core(obs, state, branches, outputs)
+        latent_pi, latent_vf, state, outputs = self.advance(obs, state, episode_starts, outputs)
         if commit:
             self.state, self.outputs = state, outputs
         return latent_pi, latent_vf
-
-

@@ -156,7 +156,7 @@ class ElmurRolloutBuffer:
         self.history_anchor[rows] = start[rows]
         start = start[rows]
         lengths = h - start
-        model, policy = actor.model, actor.policy
+        policy = actor.policy
 
         def observations(times: th.Tensor) -> TensorObs:
             """The observations of ``rows`` at ``times`` ([R] or [R, T]), flattened row-major."""
@@ -172,8 +172,7 @@ class ElmurRolloutBuffer:
         for offset in range(shortest, int(lengths.max())):  # the rest, fewer than context_length steps
             active = lengths > offset
             times = th.where(active, start + offset, h - 1)
-            _, stepped, _ = model.step(policy.extract_features(observations(times)), state,
-                                       self.episode_starts[times, rows] & active, return_outputs=False)
+            _, _, stepped, _ = actor.advance(observations(times), state, self.episode_starts[times, rows] & active)
             state = select_rows(active, stepped, state)
         actor.set_state(ElmurState(*(whole.index_copy(0, rows, part) for whole, part in zip(actor.state, state))))
 
