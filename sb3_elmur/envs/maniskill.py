@@ -36,6 +36,7 @@ from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper, Ve
 
 from sb3_elmur.common.checks import check_int
 from sb3_elmur.envs import mikasa_family, vulkan
+from sb3_elmur.envs.vulkan.installer import _ICD, _resolve_dir
 
 OBS_MODES = ("state", "rgb", "rgb+joints", "memory_state")
 # Observation entries that give the answer of a memory task away (MIKASA-Robo): never shown unless asked for.
@@ -96,7 +97,7 @@ def _say_what_is_used(vulkan_found: bool) -> None:
         return
     _said_what_is_used = True
     icd = os.environ.get("VK_ICD_FILENAMES")
-    lavapipe = vulkan._resolve_dir(None) / vulkan._ICD
+    lavapipe = _resolve_dir(None) / _ICD
     if not vulkan_found:
         driver = "no Vulkan driver (install one: python -m sb3_elmur.envs.vulkan install)"
     elif icd is not None and Path(icd) == lavapipe:
