@@ -133,15 +133,15 @@ def test_tmaze_step_names_a_wrong_number_of_actions(actions):
 
 @pytest.mark.parametrize("seed", ["abc", -1, 1.5, True])
 def test_maniskill_seed_is_checked_before_any_work(monkeypatch, seed):
-    import sb3_elmur.envs.maniskill as maniskill
+    from sb3_elmur.envs.maniskill import vec_env
 
     def no_work(*args, **kwargs):
         raise AssertionError("the seed must be refused before the task is looked up or a worker starts")
 
-    monkeypatch.setattr(maniskill, "check_task", no_work)
-    monkeypatch.setattr(maniskill, "_check_observation_settings", no_work)
+    monkeypatch.setattr(vec_env, "check_task", no_work)
+    monkeypatch.setattr(vec_env, "_check_observation_settings", no_work)
     with pytest.raises(ValueError, match=rf"ManiSkillVecEnv seed must be a non-negative integer, got {seed!r}"):
-        maniskill.ManiSkillVecEnv("PickCube-v1", seed=seed, sim_backend="cpu")
+        vec_env.ManiSkillVecEnv("PickCube-v1", seed=seed, sim_backend="cpu")
 
 
 # ------------------------------------------------------------------------------------------------------------
