@@ -243,7 +243,7 @@ def test_mikasa_observations_hide_the_oracle_unless_asked() -> None:
 def test_remember_color_memory_state_shows_the_colour_only_at_the_start() -> None:
     """``memory_state``: joints, TCP pose and each cube's position and visibility by colour. The target cube alone
     in the first steps (the cue), none during the delay, all of them on the table after it (on the CPU backend
-    the suite leaves them hidden: :class:`~sb3_elmur.envs.maniskill._CubesReturnOnCpu` puts them back)."""
+    the suite leaves them hidden: :class:`~sb3_elmur.envs.maniskill.mikasa._CubesReturnOnCpu` puts them back)."""
     env = ManiSkillVecEnv("RememberColor3-v0", n_envs=1, obs_mode="memory_state", seed=0)
     visible = [env.reset()[0, 25:].reshape(3, 4)[:, 3]]
     target = int(env.get_attr("oracle_info")[0][0])  # this episode's colour

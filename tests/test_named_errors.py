@@ -133,15 +133,15 @@ def test_tmaze_step_names_a_wrong_number_of_actions(actions):
 
 @pytest.mark.parametrize("seed", ["abc", -1, 1.5, True])
 def test_maniskill_seed_is_checked_before_any_work(monkeypatch, seed):
-    import sb3_elmur.envs.maniskill as maniskill
+    from sb3_elmur.envs.maniskill import vec_env
 
     def no_work(*args, **kwargs):
         raise AssertionError("the seed must be refused before the task is looked up or a worker starts")
 
-    monkeypatch.setattr(maniskill, "check_task", no_work)
-    monkeypatch.setattr(maniskill, "_check_observation_settings", no_work)
+    monkeypatch.setattr(vec_env, "check_task", no_work)
+    monkeypatch.setattr(vec_env, "_check_observation_settings", no_work)
     with pytest.raises(ValueError, match=rf"ManiSkillVecEnv seed must be a non-negative integer, got {seed!r}"):
-        maniskill.ManiSkillVecEnv("PickCube-v1", seed=seed, sim_backend="cpu")
+        vec_env.ManiSkillVecEnv("PickCube-v1", seed=seed, sim_backend="cpu")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -244,21 +244,22 @@ def _fake_install(folder, library):
     import json
     import shutil
 
-    from sb3_elmur.envs import vulkan
+    from sb3_elmur.envs.vulkan import installer
 
-    lib = folder / vulkan._LIB
+    lib = folder / installer._LIB
     lib.mkdir(parents=True)
-    shutil.copyfile(library, lib / vulkan._DRIVER)
-    icd = {"file_format_version": "1.0.0", "ICD": {"library_path": str(lib / vulkan._DRIVER), "api_version": "1.3.0"}}
-    (folder / vulkan._ICD).write_text(json.dumps(icd))
-    (folder / vulkan._MANIFEST).write_text(json.dumps({"codename": "x", "packages": {}, "preload": []}))
-    return lib / vulkan._DRIVER
+    shutil.copyfile(library, lib / installer._DRIVER)
+    icd = {"file_format_version": "1.0.0", "ICD": {"library_path": str(lib / installer._DRIVER), "api_version": "1.3.0"}}
+    (folder / installer._ICD).write_text(json.dumps(icd))
+    (folder / installer._MANIFEST).write_text(json.dumps({"codename": "x", "packages": {}, "preload": []}))
+    return lib / installer._DRIVER
 
 
 def test_vulkan_install_reinstalls_a_truncated_driver(tmp_path, monkeypatch, capsys):
     import shutil
 
     from sb3_elmur.envs import vulkan
+    from sb3_elmur.envs.vulkan.elf import _elf_problem
 
     library = Path(torch.__file__).parent / "lib" / "libc10.so"  # a real ELF shared library wherever torch is
     if not library.is_file():
@@ -269,7 +270,7 @@ def test_vulkan_install_reinstalls_a_truncated_driver(tmp_path, monkeypatch, cap
     assert "already installed" in capsys.readouterr().err
     with open(driver, "r+b") as f:  # cut short, as by a killed copy
         f.truncate(driver.stat().st_size // 2)
-    assert "truncated" in vulkan._elf_problem(driver)
+    assert "truncated" in _elf_problem(driver)
     assert not vulkan.is_installed(tmp_path / "lavapipe")
     monkeypatch.setattr(shutil, "which", lambda tool: None)  # stop before any download
     with pytest.raises(RuntimeError, match="`apt-get` not found"):

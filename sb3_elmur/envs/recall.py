@@ -14,14 +14,15 @@ supervision of the memory comes at the end of the episode.
 - :class:`RecallOracle` and :func:`make_recall_dataset`: the expert and its episodes, for ``RecurrentBC``
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from sb3_elmur.common.checks import check_int
+from sb3_elmur.common.vec_env import BatchedVecEnv
 
 Length = Union[int, Tuple[int, int]]
 
@@ -121,7 +122,7 @@ class NoisyRecallEnv(gym.Env):
         return obs[0], float(reward[0]), bool(done[0]), False, {"is_success": bool(success[0])} if done[0] else {}
 
 
-class NoisyRecallVecEnv(VecEnv):
+class NoisyRecallVecEnv(BatchedVecEnv):
     """``n_envs`` noisy recall episodes, numpy-vectorized (see :class:`NoisyRecallEnv`); done envs start a new
     episode at once (SB3's auto-reset), ``info["terminal_observation"]`` and ``info["is_success"]`` on their last
     step. Episode statistics: wrap in SB3's ``VecMonitor``.
@@ -135,8 +136,7 @@ class NoisyRecallVecEnv(VecEnv):
                  noise_std: float = 1.0, wait: bool = False, seed: Optional[int] = None) -> None:
         self.episodes = _RecallEpisodes(check_int("n_envs", n_envs), n_cues, length, check_int("noise_dims", noise_dims, 0),
                                         noise_std, wait, seed)
-        self.render_mode = None
-        super().__init__(n_envs, *_spaces(self.episodes))
+        super().__init__(n_envs, *_spaces(self.episodes), seed=seed)
         self._actions = np.zeros(n_envs, dtype=np.int64)
 
     def reset(self) -> np.ndarray:
@@ -150,34 +150,11 @@ class NoisyRecallVecEnv(VecEnv):
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, rewards, dones, success = self.episodes.step(self._actions)
-        infos: List[Dict[str, Any]] = [{} for _ in range(self.num_envs)]
         done_rows = np.flatnonzero(dones)
+        infos = self._step_infos(done_rows, obs[done_rows], success[done_rows].tolist(), [False] * len(done_rows))
         if len(done_rows):
-            for row in done_rows:
-                infos[row] = {"terminal_observation": obs[row].copy(), "is_success": bool(success[row]),
-                              "TimeLimit.truncated": False}
             obs[done_rows] = self.episodes.reset(done_rows)
         return obs, rewards, dones, infos
-
-    def close(self) -> None:
-        pass
-
-    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> List[Any]:
-        return [getattr(self, attr_name)] * len(self._get_indices(indices))
-
-    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        setattr(self, attr_name, value)
-
-    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **kwargs: Any) -> List[Any]:
-        return [getattr(self, method_name)(*method_args, **kwargs)] * len(self._get_indices(indices))
-
-    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> List[bool]:
-        return [False] * len(self._get_indices(indices))
-
-    def _get_indices(self, indices: VecEnvIndices) -> Sequence[int]:
-        if indices is None:
-            return range(self.num_envs)
-        return [indices] if isinstance(indices, int) else list(indices)
 
 
 class RecallOracle:

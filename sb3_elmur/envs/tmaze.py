@@ -17,13 +17,15 @@ offline datasets).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
+
+from sb3_elmur.common.vec_env import BatchedVecEnv
 
 # Action ids
 RIGHT, UP, LEFT, DOWN = 0, 1, 2, 3
@@ -37,13 +39,15 @@ OBS_DIM = 4
 _NOISE_BLOCK_SIZE = 1 << 16
 
 
-def _check_corridor_length(corridor_length: Any) -> int:
+def _check_positive_int(value: Any, name: str) -> int:
     # bool is a subclass of int but ``corridor_length=True`` is almost surely a bug
-    if isinstance(corridor_length, bool) or not isinstance(corridor_length, (int, np.integer)):
-        raise ValueError(f"`corridor_length` must be an int >= 1, got {corridor_length!r}")
-    if corridor_length < 1:
-        raise ValueError(f"`corridor_length` must be an int >= 1, got {corridor_length!r}")
-    return int(corridor_length)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_corridor_length(corridor_length: Any) -> int:
+    return _check_positive_int(corridor_length, "corridor_length")
 
 
 def _check_variant(variant: Any) -> str:
@@ -215,7 +219,7 @@ def _render_ansi(corridor_length: int, position: int, y: int, cue: int, elapsed_
     return f"step {elapsed_steps}/{time_limit} cue {cue:+d}\n{pad}{up}\n{''.join(corridor)}\n{pad}{down}\n"
 
 
-class TMazeVecEnv(VecEnv):
+class TMazeVecEnv(BatchedVecEnv):
     """
     Batch of ``num_envs`` T-Mazes simulated with numpy (no Python loop over envs
     except to build the info dicts of finished episodes).
@@ -226,8 +230,8 @@ class TMazeVecEnv(VecEnv):
     last step and ``infos[i]["TimeLimit.truncated"]`` is True for timeouts (False for goals).
 
     There are no sub-env objects: ``get_attr``/``set_attr``/``env_method`` act on
-    this batch object, except for the per-env state ``cue``, ``position`` and
-    ``elapsed_steps`` which ``get_attr`` returns per env.
+    this batch object, except for the per-env state ``cue``, ``position``,
+    ``elapsed_steps`` and ``episode_corridor_length`` which ``get_attr`` returns per env.
 
     :param num_envs: Number of environments
     :param corridor_length: Length ``L`` of the corridor (int >= 1), or a range ``(low, high)``: every episode
@@ -242,8 +246,7 @@ class TMazeVecEnv(VecEnv):
         :class:`TMazeEnv`
     """
 
-    # Per-env state readable through ``get_attr``: name -> internal array
-    _PER_ENV_ATTRS = {"cue": "_cue", "position": "_x", "elapsed_steps": "_steps", "episode_corridor_length": "_lengths"}
+    per_env_attrs = {"cue": "_cue", "position": "_x", "elapsed_steps": "_steps", "episode_corridor_length": "_lengths"}
 
     def __init__(
         self,
@@ -255,9 +258,7 @@ class TMazeVecEnv(VecEnv):
         cues: Sequence[int] | np.ndarray | None = None,
         terminate_on_timeout: bool = False,
     ):
-        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"`num_envs` must be an int >= 1, got {num_envs!r}")
-        num_envs = int(num_envs)
+        num_envs = _check_positive_int(num_envs, "num_envs")
         if isinstance(corridor_length, (tuple, list)):
             if len(corridor_length) != 2 or _check_corridor_length(corridor_length[0]) > _check_corridor_length(corridor_length[1]):
                 raise ValueError(f"a `corridor_length` range must be (low, high) with 1 <= low <= high, got {corridor_length!r}")
@@ -271,9 +272,8 @@ class TMazeVecEnv(VecEnv):
         # The longest episode (the limit of the longest corridor, with a range)
         self.time_limit = self._length_range[1] + 2
         self.penalty = 1.0 / self._length_range[0] if self._variant == "passive" else 0.0
-        # Needed by VecEnv.__init__ (through get_attr)
-        self.render_mode = None
-        super().__init__(num_envs, _make_observation_space(), spaces.Discrete(4))
+        # seed: reseeds at the first reset() as well, so that seed=s behaves like seed(s) + reset()
+        super().__init__(num_envs, _make_observation_space(), spaces.Discrete(4), seed=seed)
 
         self._set_rng(seed)
         self._lengths = np.full(num_envs, self._length_range[0], dtype=np.int64)
@@ -284,9 +284,6 @@ class TMazeVecEnv(VecEnv):
         self._obs = np.zeros((num_envs, OBS_DIM), dtype=np.float32)
         self._actions = np.zeros(num_envs, dtype=np.int64)
         self._reset_envs(np.arange(num_envs))
-        if seed is not None:
-            # Reseed at the first reset() as well, so that seed=s behaves like seed(s) + reset()
-            self.seed(seed)
 
     @staticmethod
     def _check_cues(cues: Sequence[int] | np.ndarray | None, num_envs: int) -> np.ndarray | None:
@@ -336,6 +333,12 @@ class TMazeVecEnv(VecEnv):
         self._noise_row += 1
         return row
 
+    def _new_cues(self, indices: np.ndarray) -> np.ndarray:
+        """The cues of new episodes of the envs ``indices``: the fixed ones when given, else random."""
+        if self._fixed_cues is not None:
+            return self._fixed_cues[indices]
+        return self._rng.integers(0, 2, size=len(indices)) * 2 - 1
+
     def _reset_envs(self, indices: np.ndarray, cues: np.ndarray | None = None, noise: np.ndarray | None = None) -> None:
         """
         Start a new episode for the given envs and write their first observation.
@@ -345,10 +348,7 @@ class TMazeVecEnv(VecEnv):
         :param noise: Noise of the first observations (drawn when None and noise is enabled)
         """
         if cues is None:
-            if self._fixed_cues is not None:
-                cues = self._fixed_cues[indices]
-            else:
-                cues = self._rng.integers(0, 2, size=len(indices)) * 2 - 1
+            cues = self._new_cues(indices)
         low, high = self._length_range
         if low < high:
             self._lengths[indices] = self._rng.integers(low, high + 1, size=len(indices))
@@ -372,18 +372,13 @@ class TMazeVecEnv(VecEnv):
         # Seeds and options (from seed() / set_options()) are only used once, like DummyVecEnv
         if self._seeds[0] is not None:
             self._set_rng(self._seeds[0])
-        all_envs = np.arange(self.num_envs)
+        all_envs, cues = np.arange(self.num_envs), None
         if any(options.get("cue") is not None for options in self._options):
-            if self._fixed_cues is not None:
-                cues = self._fixed_cues.copy()
-            else:
-                cues = self._rng.integers(0, 2, size=self.num_envs) * 2 - 1
+            cues = self._new_cues(all_envs)  # a copy (fancy indexing) of fixed cues
             for i, options in enumerate(self._options):
                 if options.get("cue") is not None:
                     cues[i] = _check_cue(options["cue"])
-            self._reset_envs(all_envs, cues)
-        else:
-            self._reset_envs(all_envs)
+        self._reset_envs(all_envs, cues)
         self._reset_seeds()
         self._reset_options()
         self.reset_infos = [{} for _ in range(self.num_envs)]
@@ -441,58 +436,13 @@ class TMazeVecEnv(VecEnv):
             obs[:, 3] = noise[: self.num_envs]
             reset_noise = noise[self.num_envs :]
 
-        # Fresh dicts (cheap) so that a consumer writing into an info cannot leak into later steps
-        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        if dones.any():
-            done_idx = np.flatnonzero(dones)
-            terminal_obs = obs[done_idx]
-            is_success = success[done_idx].tolist()
-            timeouts = (truncated[done_idx] & (not self.terminate_on_timeout)).tolist()
-            for j, i in enumerate(done_idx.tolist()):
-                infos[i] = {
-                    "terminal_observation": terminal_obs[j],
-                    "is_success": is_success[j],
-                    "TimeLimit.truncated": timeouts[j],
-                }
+        done_idx = np.flatnonzero(dones)
+        timeouts = truncated[done_idx] & (not self.terminate_on_timeout)
+        infos = self._step_infos(done_idx, obs[done_idx], success[done_idx].tolist(), timeouts.tolist())
+        if len(done_idx):
             self._reset_envs(done_idx, noise=None if reset_noise is None else reset_noise[done_idx])
 
         return obs.copy(), rewards, dones, infos
-
-    def close(self) -> None:
-        pass
-
-    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        indices = list(self._get_indices(indices))
-        if attr_name in self._PER_ENV_ATTRS:
-            values = getattr(self, self._PER_ENV_ATTRS[attr_name])
-            return [values[i].item() for i in indices]
-        value = getattr(self, attr_name)
-        return [value for _ in indices]
-
-    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        if attr_name in self._PER_ENV_ATTRS:
-            raise AttributeError(f"`{attr_name}` is per-env state of TMazeVecEnv and cannot be set")
-        indices = list(self._get_indices(indices))
-        # All envs share a single object, so a partial assignment cannot be honored
-        if sorted(set(indices)) != list(range(self.num_envs)):
-            raise ValueError(f"TMazeVecEnv attributes are shared by all envs, cannot set `{attr_name}` for a subset")
-        setattr(self, attr_name, value)
-
-    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
-        # The batch stands in for every sub-env: call once (no repeated side effects), replicate the result
-        indices = list(self._get_indices(indices))
-        result = getattr(self, method_name)(*method_args, **method_kwargs)
-        return [result for _ in indices]
-
-    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
-        # No gymnasium wrappers are involved in a numpy-vectorized env
-        return [False for _ in self._get_indices(indices)]
-
-    def _get_indices(self, indices: VecEnvIndices) -> Iterable[int]:
-        if isinstance(indices, np.integer):
-            indices = int(indices)
-        return super()._get_indices(indices)
-
 
 class TMazeOracle:
     """
@@ -505,9 +455,7 @@ class TMazeOracle:
     """
 
     def __init__(self, num_envs: int = 1):
-        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"`num_envs` must be an int >= 1, got {num_envs!r}")
-        self.num_envs = int(num_envs)
+        self.num_envs = _check_positive_int(num_envs, "num_envs")
         self._cue = np.zeros(self.num_envs, dtype=np.float32)
 
     def reset(self) -> None:
