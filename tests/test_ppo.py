@@ -116,9 +116,9 @@ def test_gradient_reaches_a_write_of_the_previous_rollout_only_within_the_horizo
     buffer = model.rollout_buffer
     table = {key: value[:1] for key, value in buffer.sequences().items()}  # env 0, rollout steps 0-7
     anchor, first = int(table["anchor"]), int(table["first"])
-    data = buffer._samples(table)
+    data = buffer.samples(table)
     obs = data.observations.clone().requires_grad_(True)
-    _, log_prob, _ = model.policy.evaluate_actions(obs, data.actions.long().flatten(), data.lstm_states,
+    _, log_prob, _ = model.policy.evaluate_actions(obs, data.actions.long().flatten(), data.states,
                                                    data.episode_starts)
     log_prob[data.mask > 0.5].sum().backward()
     # Steps 0-7 of the episode are the previous rollout; its segments [0, 4) and [4, 8) completed there.
@@ -140,7 +140,7 @@ def test_training_rows_are_cut_at_episode_starts():
     assert int(buffer.episode_starts[buffer.history_length + 1:].sum()) >= 2
     rows = 0
     for data in buffer.get(model.batch_size):
-        n = data.lstm_states.step.shape[0]
+        n = data.states.step.shape[0]
         mask, starts = data.mask.view(n, -1) > 0.5, data.episode_starts.view(n, -1) > 0.5
         assert mask.any(dim=1).all()
         assert not starts[:, 1:].any()
@@ -151,7 +151,7 @@ def test_training_rows_are_cut_at_episode_starts():
     start = buffer.history_length + time
     table = {"env": torch.tensor([env, env]), "anchor": torch.tensor([start, start]),
              "first": torch.tensor([start, start]), "end": torch.tensor([start + 1, start + 3])}
-    data = buffer._samples(table)
+    data = buffer.samples(table)
     starts = data.episode_starts.view(2, -1) > 0.5
     assert starts.shape[1] >= 3 and starts[:, 0].all() and not starts[:, 1:].any()
 

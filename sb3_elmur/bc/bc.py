@@ -27,7 +27,10 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
+from sb3_elmur.bc.advice import warn_if_long_burn_in, warn_if_no_evictions
 from sb3_elmur.bc.datasets import EpisodeDataset, Windows, map_observations, n_rows
+from sb3_elmur.bc.losses import action_loss
+from sb3_elmur.bc.saving import split_old_final_action_head, to_cpu
 from sb3_elmur.common.backbone import fresh_recurrent_state
 from sb3_elmur.common.checks import check_bool, check_float, check_int, check_max_grad_norm
 from sb3_elmur.common.evaluation import check_model_spaces
@@ -35,11 +38,6 @@ from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 
 SelfRecurrentBC = TypeVar("SelfRecurrentBC", bound="RecurrentBC")
-
-# A burn-in this many times longer than the window it serves is warned about (once): it runs the policy, without
-# gradient, over that many steps for every step trained, and dominates the cost of a gradient step.
-LONG_BURN_IN_RATIO = 100
-
 
 class NonFiniteLossError(FloatingPointError):
     """The behaviour-cloning loss is NaN or inf: the step was skipped, the parameters are unchanged."""
@@ -217,8 +215,8 @@ class RecurrentBC(BaseAlgorithm):
         their own attributes, and refused the zip of a model with a head; they now load it, without the head."""
         if self.final_action_head is not None and self.final_action_optimizer is not None:
             self._final_action_state = {
-                "head": _to_cpu(self.final_action_head.state_dict()),
-                "optimizer": _to_cpu(self.final_action_optimizer.state_dict()),
+                "head": to_cpu(self.final_action_head.state_dict()),
+                "optimizer": to_cpu(self.final_action_optimizer.state_dict()),
             }
         try:
             super().save(path, exclude=exclude, include=include)
@@ -248,7 +246,8 @@ class RecurrentBC(BaseAlgorithm):
             if data is not None and data.get("_final_action_state") is not None:
                 self._load_final_action_state(data["_final_action_state"])
         if "final_action_head" in load_path_or_dict:
-            load_path_or_dict = self._split_old_final_action_head(load_path_or_dict)
+            load_path_or_dict, head_state = split_old_final_action_head(load_path_or_dict)
+            self._load_final_action_state(head_state)
         old_zip = "policy.optimizer" not in load_path_or_dict
         if old_zip and "policy" in load_path_or_dict:
             warnings.warn(
@@ -258,69 +257,6 @@ class RecurrentBC(BaseAlgorithm):
             )
             load_path_or_dict = {**load_path_or_dict, "policy.optimizer": self.policy.optimizer.state_dict()}
         super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
-
-    def _split_old_final_action_head(self, params: Dict[str, Any]) -> Dict[str, Any]:
-        """The parameters of a zip whose final-action head was a torch file of its own and a second parameter group
-        of the policy's optimizer: the head (and its group's Adam state) restored, the rest returned."""
-        params = dict(params)
-        head = params.pop("final_action_head")
-        optimizer = params.get("policy.optimizer")
-        head_optimizer = None
-        if optimizer is not None and len(optimizer["param_groups"]) == 2:
-            groups = optimizer["param_groups"]
-
-            def only(group: Dict[str, Any]) -> Dict[str, Any]:
-                ids = set(group["params"])
-                return {"state": {i: s for i, s in optimizer["state"].items() if i in ids}, "param_groups": [group]}
-
-            params["policy.optimizer"], head_optimizer = only(groups[0]), only(groups[1])
-        self._load_final_action_state({"head": head, "optimizer": head_optimizer})
-        return params
-
-    def _warn_if_no_evictions(self) -> None:
-        """Warn (once per dataset) when no training episode overwrites any ELMUR memory slot twice."""
-        config = getattr(self.policy, "elmur_config", None)
-        if config is None or self.dataset is None or getattr(self, "_eviction_checked", None) is self.dataset:
-            return
-        self._eviction_checked = self.dataset
-        longest = max(len(episode) for episode in self.dataset.episodes)
-        writes = longest // config.context_length  # one memory write per completed segment
-        if writes > config.memory_size + 1:
-            return
-        warnings.warn(
-            f"the longest training episode has {longest} steps: {writes} memory writes (segments of "
-            f"{config.context_length} steps) into {config.memory_size} slots, so no slot is overwritten twice.\n"
-            "Memory may then not keep a cue through evictions: on noisy recall such models fell to 0.36-0.71 (chance "
-            "0.33) from 100 steps on (benchmarks/results/recall_offline_wait.md); train on episodes of more than "
-            f"{(config.memory_size + 1) * config.context_length} steps to teach it.",
-            UserWarning,
-        )
-
-    def _action_loss(self, distribution: Distribution, actions: th.Tensor, mask: th.Tensor) -> Tuple[th.Tensor, th.Tensor]:
-        """Per-step loss and (discrete actions) per-step correctness of the greedy action."""
-        dist = distribution.distribution
-        if isinstance(self.action_space, spaces.Discrete):
-            target = actions.long().flatten()
-            loss = F.cross_entropy(dist.logits, target, reduction="none", label_smoothing=self.label_smoothing)
-            correct = (dist.logits.argmax(-1) == target).float()
-        elif isinstance(self.action_space, spaces.MultiDiscrete):
-            targets = actions.long().unbind(dim=1)
-            loss = sum(
-                F.cross_entropy(d.logits, t, reduction="none", label_smoothing=self.label_smoothing)
-                for d, t in zip(dist, targets)
-            )
-            correct = th.stack([d.logits.argmax(-1) == t for d, t in zip(dist, targets)], dim=1).all(dim=1).float()
-        elif isinstance(self.action_space, spaces.MultiBinary):
-            target = actions.float()
-            loss = F.binary_cross_entropy_with_logits(dist.logits, target, reduction="none").sum(dim=1)
-            correct = ((dist.logits > 0).float() == target).all(dim=1).float()
-        elif self.continuous_loss == "mse":
-            loss = (distribution.mode() - actions.float()).pow(2).sum(dim=1)
-            correct = th.zeros_like(loss)
-        else:
-            loss = -distribution.log_prob(actions.float())
-            correct = th.zeros_like(loss)
-        return loss * mask, correct * mask
 
     def _fresh_state(self, n: int) -> Tuple[th.Tensor, th.Tensor]:
         return fresh_recurrent_state(self.policy, n, self.device)
@@ -432,7 +368,7 @@ class RecurrentBC(BaseAlgorithm):
         actions, mask = windows.actions, windows.mask
         start = time.perf_counter()
         state = self._burn_in_state(windows.prefixes, windows.prefix_segments)
-        self._warn_if_long_burn_in(windows, time.perf_counter() - start)
+        warn_if_long_burn_in(self, windows, time.perf_counter() - start)
         if self.final_action_head is not None:  # Discrete actions: one per window
             final_actions = th.as_tensor(windows.final_actions, device=self.device).long().view(-1, 1).expand(mask.shape)
         total_loss, final_loss = th.zeros((), device=self.device), th.zeros((), device=self.device)
@@ -441,7 +377,8 @@ class RecurrentBC(BaseAlgorithm):
             part_actions = actions[:, cut]
             part_actions = th.as_tensor(part_actions.reshape(-1, *actions.shape[2:]), device=self.device)
             part_mask = th.as_tensor(mask[:, cut].reshape(-1), device=self.device)
-            loss, correct = self._action_loss(distribution, part_actions, part_mask)
+            loss, correct = action_loss(distribution, part_actions, part_mask, self.action_space,
+                                        self.label_smoothing, self.continuous_loss)
             total_loss = total_loss + loss.sum()
             total_correct += float(correct.sum())
             if self.final_action_head is not None:
@@ -454,27 +391,6 @@ class RecurrentBC(BaseAlgorithm):
             return total_loss / n_real, metrics
         metrics.update(final_action_loss=final_loss.item() / n_real, final_action_accuracy=final_correct / n_real)
         return (total_loss + self.final_action_coef * final_loss) / n_real, metrics
-
-    def _warn_if_long_burn_in(self, windows: Windows, seconds: float) -> None:
-        """Warn (once) when a window's burn-in runs the policy over :data:`LONG_BURN_IN_RATIO` times more steps than
-        the window trains on: a 40,000-step episode made every gradient step take seconds, without a word."""
-        if not self.burn_in or getattr(self, "_long_burn_in_warned", False) or self.dataset is None:
-            return
-        window = self.sections * self.context_length
-        prefix = int(windows.prefix_segments.max()) * self.context_length
-        if prefix < LONG_BURN_IN_RATIO * window:
-            return
-        self._long_burn_in_warned = True
-        longest = max(len(episode) for episode in self.dataset.episodes)
-        warnings.warn(
-            f"RecurrentBC burn-in: the longest training episode has {longest:,} steps, and a window that starts late "
-            f"in it is preceded by a burn-in through the steps before it (without gradient), up to {prefix:,} steps "
-            f"here: {prefix // window:,}x the {window} steps (sections x context_length) the window trains on. This "
-            f"gradient step's burn-in took {seconds:.1f} s (batch_size={self.batch_size}). To train faster: "
-            "burn_in=False (windows start from an empty memory, as the reference code does: no cost, but a memory "
-            "they never have when acting), shorter training episodes, or longer windows (sections, context_length).",
-            UserWarning,
-        )
 
     def _non_finite(self, what: str) -> NonFiniteLossError:
         return NonFiniteLossError(
@@ -529,7 +445,7 @@ class RecurrentBC(BaseAlgorithm):
         """
         if self.dataset is None:
             raise ValueError("RecurrentBC needs a dataset: pass dataset= or call set_dataset() before learn()")
-        self._warn_if_no_evictions()
+        warn_if_no_evictions(self)
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name)
         if progress_bar:
             callback = CallbackList([callback, _GradientStepProgressBar()])
@@ -565,15 +481,3 @@ class RecurrentBC(BaseAlgorithm):
         check_model_spaces(self, model.observation_space, model.action_space, f"the env {name}")
         model.policy.load_state_dict(self.policy.state_dict())
         return model
-
-
-def _to_cpu(value: Any) -> Any:
-    """``value`` (a state dict, nested in dicts and lists) with its tensors moved to the CPU: a zip saved on a GPU
-    machine must load on one without CUDA, and the state is unpickled where it was saved."""
-    if isinstance(value, th.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value

@@ -92,10 +92,8 @@ class ElmurTensorboardCallback(BaseCallback):
             return True
         # The states after this step's forward pass (``locals`` of collect_rollouts); before the first step
         # of a rollout only the model's last states exist.
-        actor = getattr(self.model, "_actor", None)  # ElmurPPO keeps the typed state itself
-        if actor is not None:
-            state = actor.state
-        else:
+        state = getattr(self.model, "acting_state", None)  # ElmurPPO keeps the typed state itself
+        if state is None:
             lstm_states = self.locals.get("lstm_states", getattr(self.model, "_last_lstm_states", None))
             if lstm_states is None:
                 return True
@@ -150,11 +148,11 @@ class ElmurTensorboardCallback(BaseCallback):
                     # Its training sequences, all at once. They hold steps that are not the rollout's, or not once:
                     # burn-in steps before a sequence (an earlier sequence's, or the previous rollout's) and padding
                     # that repeats a row's last step; only the steps the losses count (``mask``) are measured.
-                    data = buffer._samples(buffer.sequences())
-                    n_rows = data.lstm_states.step.shape[0]
+                    data = buffer.samples()
+                    n_rows = data.states.step.shape[0]
                     starts = data.episode_starts.reshape(n_rows, -1) > 0.5
                     records.token_mask = data.mask.reshape(n_rows, -1) > 0.5
-                    self.model.policy.backbone_sequences(data.observations, data.lstm_states, starts)
+                    self.model.policy.backbone_sequences(data.observations, data.states, starts)
                 else:
                     self.backbone(*self._rollout_inputs())
         finally:

@@ -33,7 +33,7 @@ TensorObs = Union[th.Tensor, Dict[str, th.Tensor]]
 class ElmurRolloutBufferSamples(NamedTuple):
     """A minibatch of N sequences of T steps, flattened sequence-major (what ``RecurrentPPO.train`` reads).
 
-    ``lstm_states`` is the typed state before each sequence's first step; ``mask`` marks the steps that count
+    ``states`` is the typed state before each sequence's first step; ``mask`` marks the steps that count
     in the losses (not the burn-in before them, nor the padding after them).
     """
 
@@ -43,9 +43,14 @@ class ElmurRolloutBufferSamples(NamedTuple):
     old_log_prob: th.Tensor
     advantages: th.Tensor
     returns: th.Tensor
-    lstm_states: ElmurState
+    states: ElmurState
     episode_starts: th.Tensor
     mask: th.Tensor
+
+    @property
+    def lstm_states(self) -> ElmurState:
+        """``states``, under the name sb3-contrib's ``RecurrentPPO.train`` (which ElmurPPO runs) reads."""
+        return self.states
 
 
 class ElmurRolloutBuffer:
@@ -312,7 +317,7 @@ class ElmurRolloutBuffer:
         per_batch = n_sequences if batch_size is None else max(1, batch_size // self.sequence_length)
         order = th.randperm(n_sequences, device=self.device)
         for begin in range(0, n_sequences, per_batch):
-            yield self._samples({key: value[order[begin : begin + per_batch]] for key, value in table.items()})
+            yield self.samples({key: value[order[begin : begin + per_batch]] for key, value in table.items()})
 
     @staticmethod
     def _flat(x: th.Tensor) -> th.Tensor:
@@ -340,8 +345,10 @@ class ElmurRolloutBuffer:
             "end": piece_end[keep],
         }
 
-    def _samples(self, table: Dict[str, th.Tensor]) -> ElmurRolloutBufferSamples:
-        table = self._split_at_episode_starts(table)
+    def samples(self, table: Optional[Dict[str, th.Tensor]] = None) -> ElmurRolloutBufferSamples:
+        """The training data of the sequences of ``table`` (from :meth:`sequences`; None: all of the rollout's) in one
+        batch, each cut into rows at episode starts."""
+        table = self._split_at_episode_starts(self.sequences() if table is None else table)
         envs, anchor, first, end = table["env"], table["anchor"], table["first"], table["end"]
         length = int((end - anchor).max())
         times = anchor.unsqueeze(1) + th.arange(length, device=self.device)
@@ -360,7 +367,7 @@ class ElmurRolloutBuffer:
             old_log_prob=self._flat(self.log_probs[steps, rows]),
             advantages=self._flat(self.advantages[steps, rows]),
             returns=self._flat(self.lambda_returns[steps, rows]),
-            lstm_states=self.anchor_states(anchor, envs),
+            states=self.anchor_states(anchor, envs),
             episode_starts=self._flat(self.episode_starts[times, rows] & inside).float(),
             mask=self._flat(mask).float(),
         )

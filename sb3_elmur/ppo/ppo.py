@@ -15,6 +15,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.common.actor import ElmurActor
 from sb3_elmur.common.checks import check_bool, check_device, check_int, check_max_grad_norm, check_memory, format_bytes
+from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 from sb3_elmur.ppo.buffers import ElmurRolloutBuffer
 
@@ -271,6 +272,11 @@ class ElmurPPO(RecurrentPPO):
         progress_bar: bool = False,
     ) -> SelfElmurPPO:
         return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+
+    @property
+    def acting_state(self) -> Optional[ElmurState]:
+        """The typed ELMUR state of every env after the last step of acting (None before the model is set up)."""
+        return None if self._actor is None else self._actor.state
 
     def _excluded_save_params(self) -> List[str]:
         return super()._excluded_save_params() + ["_actor"]
