@@ -384,18 +384,17 @@ def test_step_with_layer_outputs_equals_sequence(kwargs):
     _assert_states_close(seq_state, step_state)
 
 
-def test_fused_attention_matches_the_explicit_one(monkeypatch):
-    """``Attention.fused`` (scaled_dot_product_attention, the default on GPU) computes what the explicit CPU path
-    does, in training (whole sequences) and acting (one step) alike."""
+def test_attention_is_the_explicit_formula():
+    """``Attention`` (one fused kernel) computes softmax(q k^T / sqrt(d_head) + bias) v per head, with the bias of
+    acting (one query) and of training (a causal mask with -inf) alike."""
     torch.manual_seed(0)
-    model = ElmurModel(5, ElmurConfig(d_model=16, n_heads=2, n_layers=2, memory_size=2, context_length=4))
-    x, starts = torch.randn(3, 11, 5), torch.zeros(3, 11, dtype=torch.bool)
-    starts[1, 6] = True
-    results = []
-    for fused in (False, True):
-        monkeypatch.setattr(Attention, "fused", fused)
-        out, state = model(x, model.initial_state(3), starts)
-        step_out, _, _ = model.step(x[:, 0], state, torch.zeros(3, dtype=torch.bool))
-        results.append((out, step_out, state.memory))
-    for explicit, fused in zip(*results):
-        torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+    attention = Attention(ElmurConfig(d_model=16, n_heads=2))
+    for tq, tk in ((1, 4), (4, 4)):
+        queries, keys = torch.randn(3, tq, 16), torch.randn(3, tk, 16)
+        bias = torch.randn(3, 2, tq, tk).masked_fill(torch.rand(3, 2, tq, tk) < 0.3, float("-inf"))
+        bias[..., 0] = 0.0  # every query keeps a key
+        q = attention.query(queries).view(3, tq, 2, 8).transpose(1, 2)
+        k, v = attention.key_value(keys).view(3, tk, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, dim=-1)
+        expected = attention.proj((weights @ v).transpose(1, 2).reshape(3, tq, 16))
+        torch.testing.assert_close(attention(queries, keys, bias), expected, atol=1e-6, rtol=0)
