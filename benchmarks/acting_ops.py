@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
-from sb3_elmur.common.actor import ElmurActor
+from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.utils import (
     new_report_path,
     positive_int_argument,
@@ -44,7 +44,7 @@ def elmur_step(n_envs: int, compile: bool) -> Callable[[], None]:
     obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs, dtype=torch.bool)
 
     def step() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), unvalidated_distributions():  # as ElmurPPO's rollouts
             latent_pi, latent_vf = actor.step(obs, starts)
             distribution = policy._get_action_dist_from_latent(latent_pi)
             actions = distribution.get_actions()

@@ -13,7 +13,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_elmur.common.actor import ElmurActor
+from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.checks import check_bool, check_device, check_int, check_max_grad_norm, check_memory, format_bytes
 from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
@@ -214,7 +214,7 @@ class ElmurPPO(RecurrentPPO):
             rollout_buffer.restore_actor_state(actor)
         n_steps = 0
         while n_steps < n_rollout_steps:
-            with th.no_grad():
+            with th.no_grad(), unvalidated_distributions():
                 obs = as_device_tensor(self._last_obs, device)
                 starts = th.as_tensor(self._last_episode_starts, dtype=th.bool, device=device)
                 rollout_buffer.record_anchor(actor.state, starts)
