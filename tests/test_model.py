@@ -398,3 +398,20 @@ def test_attention_is_the_explicit_formula():
         weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, dim=-1)
         expected = attention.proj((weights @ v).transpose(1, 2).reshape(3, tq, 16))
         torch.testing.assert_close(attention(queries, keys, bias), expected, atol=1e-6, rtol=0)
+
+
+def test_read_init_std_sets_the_memory_reads_value_and_output_weights_only():
+    torch.manual_seed(0)
+    default = ElmurModel(6, ElmurConfig())
+    torch.manual_seed(0)
+    larger = ElmurModel(6, ElmurConfig(read_init_std=0.1))
+    for name, weight in larger.state_dict().items():
+        expected = default.state_dict()[name].clone()
+        if name.endswith("read.proj.weight"):
+            expected *= 5
+        elif name.endswith("read.key_value.weight"):
+            expected[64:] *= 5  # the values; the keys keep the common init
+        torch.testing.assert_close(weight, expected, atol=1e-7, rtol=0, msg=name)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="read_init_std"):
+            ElmurConfig(read_init_std=bad)

@@ -38,6 +38,10 @@ class ElmurConfig:
     :param use_memory_write: ablation switch for the memory write (memory then stays at its initial value)
     :param use_distance_bias: ablation switch for the distance bias of read and write
     :param detach_memory: cut gradients between segments (the reference code's behaviour)
+    :param read_init_std: std of the initial weights of the memory read's value and output projections (every other
+        weight: 0.02, GPT-2's). At 0.02 the read adds little to a token, so what memory holds barely shows in its
+        output before training; larger values make it visible from the start (an extension beyond the paper,
+        measured in ``benchmarks/results/memory_probe.md``)
     """
 
     d_model: int = 64
@@ -60,6 +64,7 @@ class ElmurConfig:
     use_memory_write: bool = True
     use_distance_bias: bool = True
     detach_memory: bool = False
+    read_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         if self.max_distance is None:
@@ -68,7 +73,7 @@ class ElmurConfig:
         for name in ("d_model", "n_layers", "n_heads", "memory_size", "context_length", "mlp_ratio", "max_distance"):
             setattr(self, name, check_int(f"ElmurConfig.{name}", getattr(self, name)))
         self.distance_buckets = check_int("ElmurConfig.distance_buckets", self.distance_buckets)
-        for name in ("alpha", "memory_init_std", "dropout", "attn_dropout", "memory_dropout"):
+        for name in ("alpha", "memory_init_std", "dropout", "attn_dropout", "memory_dropout", "read_init_std"):
             setattr(self, name, check_float(f"ElmurConfig.{name}", getattr(self, name)))
         for name in ("use_memory_read", "use_memory_write", "use_distance_bias", "detach_memory"):
             setattr(self, name, check_bool(f"ElmurConfig.{name}", getattr(self, name)))
@@ -89,8 +94,9 @@ class ElmurConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ElmurConfig.{name} must be in [0, 1), got {value!r}")
-        if self.memory_init_std < 0.0:
-            raise ValueError(f"ElmurConfig.memory_init_std must be >= 0, got {self.memory_init_std!r}")
+        for name in ("memory_init_std", "read_init_std"):
+            if not getattr(self, name) >= 0.0:  # NaN fails too
+                raise ValueError(f"ElmurConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.distance_bias == "log" and not 8 <= self.distance_buckets <= self.max_distance:
             raise ValueError(
                 f"ElmurConfig.distance_buckets must be in [8, max_distance], got {self.distance_buckets!r}"

@@ -23,6 +23,10 @@ from sb3_elmur.common.layers import ElmurLayer
 from sb3_elmur.common.memory import ElmurState, _blend, lru_weights
 
 
+# Weights start at this std (GPT-2's), except the memory read's (ElmurConfig.read_init_std).
+INIT_STD = 0.02
+
+
 class _SegmentPlan(NamedTuple):
     """Where each input step lands in the [N, S, K] grid of segments (see ``ElmurModel._plan``)."""
 
@@ -58,6 +62,10 @@ class ElmurModel(nn.Module):
         self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.n_layers))
         self.ln_out = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()
         self.apply(self._init_weights)
+        with torch.no_grad():  # the memory read's value and output projections at config.read_init_std
+            for layer in self.layers:
+                layer.read.key_value.weight[config.d_model:].mul_(config.read_init_std / INIT_STD)
+                layer.read.proj.weight.mul_(config.read_init_std / INIT_STD)
         init = torch.randn(config.n_layers, config.memory_size, config.d_model) * config.memory_init_std
         self.register_buffer("memory_init", init)
 
@@ -65,7 +73,7 @@ class ElmurModel(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         # Small weights (as in GPT-2) keep attention near-uniform and residual branches small at the start.
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
             nn.init.zeros_(module.bias)
 
     def initial_state(self, batch_size: int, device: Optional[torch.device] = None) -> ElmurState:
