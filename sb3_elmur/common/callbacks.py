@@ -13,7 +13,6 @@ from sb3_elmur.common.backbone import ElmurBackbone
 from sb3_elmur.common.checks import check_int
 from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.model import ElmurModel
-from sb3_elmur.ppo.buffers import ElmurRolloutBuffer
 
 
 def memory_stats(state: ElmurState) -> Dict[str, np.ndarray]:
@@ -144,7 +143,7 @@ class ElmurTensorboardCallback(BaseCallback):
         records = AttentionRecorder(self.backbone.model)
         try:
             with th.no_grad():
-                if isinstance(buffer, ElmurRolloutBuffer):
+                if hasattr(buffer, "samples"):  # ElmurPPO's ElmurRolloutBuffer (common/ does not import ppo/)
                     # Its training sequences, all at once. They hold steps that are not the rollout's, or not once:
                     # burn-in steps before a sequence (an earlier sequence's, or the previous rollout's) and padding
                     # that repeats a row's last step; only the steps the losses count (``mask``) are measured.
