@@ -19,18 +19,13 @@ git-ignored), so the run can be split across sessions. The report is rebuilt fro
 """
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import date
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -44,14 +39,17 @@ from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.bc.collect import collect_episodes
 from sb3_elmur.bc.datasets import EpisodeDataset
 from sb3_elmur.common.utils import (
-    code_commit,
     new_report_path,
     refuse_record_problems,
     train_and_evaluate_once,
     write_json_atomically,
-    write_text_atomically,
 )
 from sb3_elmur.envs.popgym import make_popgym_env
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
+from reports import (  # noqa: E402
+    add_report_options, learn_and_save, origin_lines, records_folder, report_origin, rewrite_report, save_report,
+)
 
 TASKS = ["popgym-RepeatPreviousEasy-v0", "popgym-CountRecallEasy-v0", "popgym-AutoencodeEasy-v0",
          "popgym-PositionOnlyCartPoleEasy-v0", "popgym-HigherLowerEasy-v0", "popgym-ConcentrationEasy-v0"]
@@ -67,8 +65,8 @@ EXPERT_LABEL = "ElmurPPO-ElmurPolicy"
 EXPERT_TIMESTEPS = 100_000
 EXPERT_PPO_KWARGS: Dict[str, Any] = {"learning_rate": presets.POPGYM_PPO_KWARGS["learning_rate"],
                                      "sequence_length": 32, "memory_horizon": 16}
-# What a report names besides its runs (the last command's)
-ORIGIN = ("command", "commit", "machine", "date")
+# The records in --out: one expert record per task folder that holds runs (``<task>/<name>_s<seed>.json`` beside it)
+RECORDS = "*/expert.json"
 
 
 def expert_path(runs: Path, task: str) -> Path:
@@ -92,13 +90,6 @@ def train_experts(tasks: List[str], runs: Path, jobs: int) -> None:
     still = [task for task in missing if not expert_path(runs, task).exists()]
     if still:
         sys.exit(f"the comparison ended without the experts of {still} (see {runs.parent})")
-
-
-def provenance() -> Dict[str, str]:
-    """The code's commit, the machine and the date, for records and reports."""
-    return {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-                       f"torch {torch.__version__}, one thread per process"}
 
 
 def expert_dataset(task: str, runs: Path, out: Path, n_episodes: int) -> EpisodeDataset:
@@ -128,23 +119,13 @@ def main() -> None:
                         help="Folder of the experts' runs: a comparison's <out>/runs; missing experts are trained there "
                              "first (sb3_elmur.compare, 100k env steps each, about 2-7 min on one core).")
     parser.add_argument("--jobs", type=int, default=1, help="Experts trained at a time when some are missing.")
-    parser.add_argument("--out", default="runs/popgym_offline", help="Folder of models and per-run records (resumable).")
-    parser.add_argument("--report", default="benchmarks/results/popgym_offline",
-                        help="Report path without suffix: REPORT.md (table) and REPORT.json (every run's record).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
-    parser.add_argument("--report-only", action="store_true",
-                        help="Rewrite the report from the records in --out (none: from REPORT.json), without training.")
+    add_report_options(parser, "runs/popgym_offline", "benchmarks/results/popgym_offline")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
-    out, report = Path(args.out), Path(args.report)
-    saved = json.loads(Path(f"{report}.json").read_text()) if Path(f"{report}.json").exists() else None
     if args.report_only:
-        new_report_path(parser, f"{report}.md", args.overwrite)
-        if saved is None and not any(out.glob("*/expert.json")):
-            parser.error(f"--report-only: no records in {out} and no {report}.json")
-        origin = {key: saved[key] for key in ORIGIN} if saved else {"command": command(), **provenance()}
-        write_report(out, report, saved, origin)
+        rewrite_report(parser, args, write_report, RECORDS)
         return
+    out, report = Path(args.out), Path(args.report)
     settings = {"gradient_steps": args.gradient_steps, "episodes": args.episodes}
     refuse_record_problems(parser, [(out / task, f"{name}_s{seed}") for task in args.tasks for name in args.configs
                                     for seed in args.seeds], settings)
@@ -164,12 +145,7 @@ def main() -> None:
             policy, policy_kwargs = CONFIGS[policy_name]
             model = RecurrentBC(policy, make_popgym_env(task), datasets[0], learning_rate=1e-3, batch_size=32,
                                 sections=5, context_length=20, policy_kwargs=policy_kwargs, seed=seed)
-            start = time.process_time()
-            model.learn(args.gradient_steps)
-            cpu_seconds = time.process_time() - start
-            model.save(path)
-            return {"train_cpu_seconds": cpu_seconds, "parameters": sum(p.numel() for p in model.policy.parameters()),
-                    **provenance()}
+            return learn_and_save(model, args.gradient_steps, path)
 
         def evaluate(model: RecurrentBC, n_episodes: int, seed: int) -> Dict[str, Any]:
             env = DummyVecEnv([lambda: make_popgym_env(task)] * 10)
@@ -186,36 +162,17 @@ def main() -> None:
                     [EVAL_EPISODES], settings=settings,
                 )
 
-    write_report(out, report, None, {"command": command(), **provenance()})
-
-
-def command() -> str:
-    return "python benchmarks/popgym_offline.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
-
-
-@contextlib.contextmanager
-def records_folder(out: Path, saved: Optional[Dict[str, Any]]) -> Iterator[Path]:
-    """``out`` if it holds records, else a temporary folder with the records of the saved report (a fresh clone)."""
-    if any(out.glob("*/expert.json")) or saved is None:
-        yield out
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        for name, record in saved["runs"].items():
-            (Path(folder) / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
-            (Path(folder) / f"{name}.json").write_text(json.dumps(record))
-        yield Path(folder)
+    write_report(out, report, None, report_origin(parser))
 
 
 def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origin: Dict[str, str]) -> None:
     """``report``.md (:func:`table`) and .json (every record: ``<task>/<name>_s<seed>`` and ``<task>/expert``) from
     the records in ``out`` (or ``saved``'s); ``origin``: the command, commit, machine and date the report names."""
-    with records_folder(out, saved) as folder:
+    with records_folder(out, saved, RECORDS) as folder:
         text = table(folder, origin, report.name)
         runs = {path.relative_to(folder).with_suffix("").as_posix(): json.loads(path.read_text())
                 for path in sorted(folder.glob("*/*.json"))}
-    write_json_atomically(Path(f"{report}.json"), {**origin, "runs": runs})
-    write_text_atomically(Path(f"{report}.md"), text)
-    print(text)
+    save_report(report, origin, runs, text)
 
 
 def table(out: Path, origin: Dict[str, str], name: str) -> str:
@@ -223,11 +180,7 @@ def table(out: Path, origin: Dict[str, str], name: str) -> str:
     lines = [
         "# POPGym offline: RecurrentBC, ElmurPolicy against BC-LSTM",
         "",
-        f"Command: `{origin['command']}` (runs accumulate across commands)",
-        "",
-        f"Commit: {origin['commit']}; machine: {origin['machine']}; date: {origin['date']} (the last command's; "
-        f"each run's record: `{name}.json`).",
-        "",
+        *origin_lines(origin, name),
         "Return: mean over the seeds (± std over seeds) of each model's mean return on 100 greedy episodes; expert: "
         "the mean return of its dataset.",
         "",

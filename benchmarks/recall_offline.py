@@ -18,17 +18,10 @@ from ``--report``.json.
 """
 
 import argparse
-import contextlib
-import json
-import os
-import platform
-import shlex
 import sys
-import tempfile
 import time
-from datetime import date
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -38,14 +31,16 @@ from sb3_elmur.bc.collect import make_recall_dataset
 from sb3_elmur.envs import NoisyRecallEnv, NoisyRecallVecEnv
 from sb3_elmur.common.evaluation import evaluate_success
 from sb3_elmur.common.utils import (
-    code_commit,
     new_report_path,
     plot_success_by_length,
     refuse_record_problems,
     success_table_rows,
     train_and_evaluate_once,
-    write_json_atomically,
-    write_text_atomically,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
+from reports import (  # noqa: E402
+    add_report_options, learn_and_save, origin_lines, records_folder, report_origin, rewrite_report, save_report,
 )
 
 ELMUR = dict(d_model=64, n_layers=2, n_heads=2, memory_size=2, context_length=10)
@@ -83,35 +78,7 @@ def train(name: str, seed: int, gradient_steps: int, wait: bool, path: Path) -> 
     model = RecurrentBC(policy, NoisyRecallEnv(wait=wait), dataset, learning_rate=1e-3, batch_size=64,
                         sections=episodes["sections"], context_length=10, policy_kwargs=policy_kwargs, seed=seed,
                         **bc_kwargs)
-    start = time.process_time()
-    model.learn(gradient_steps)
-    cpu_seconds = time.process_time() - start
-    model.save(path)
-    return {"train_cpu_seconds": cpu_seconds, "gradient_steps": gradient_steps,
-            "parameters": sum(p.numel() for p in model.policy.parameters()), **provenance()}
-
-
-# What a report names besides its runs (the last command's)
-ORIGIN = ("command", "commit", "machine", "date")
-
-
-def provenance() -> Dict[str, str]:
-    """The code's commit, the machine and the date, for records and reports."""
-    return {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-                       f"torch {torch.__version__}, one thread per process"}
-
-
-@contextlib.contextmanager
-def records_folder(out: Path, saved: Optional[Dict[str, Any]]) -> Iterator[Path]:
-    """``out`` if it holds records, else a temporary folder with the records of the saved report (a fresh clone)."""
-    if any(out.glob("*_s*.json")) or saved is None:
-        yield out
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        for name, record in saved["runs"].items():
-            (Path(folder) / f"{name}.json").write_text(json.dumps(record))
-        yield Path(folder)
+    return learn_and_save(model, gradient_steps, path)
 
 
 def main() -> None:
@@ -124,23 +91,14 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[30, 100, 1000, 10_000, 100_000],
                         help="Episode lengths to evaluate at (100 episodes each).")
     parser.add_argument("--gradient-steps", type=int, default=1000, help="Gradient steps of behaviour cloning.")
-    parser.add_argument("--out", default="runs/recall_offline", help="Folder of models and per-run records (resumable).")
-    parser.add_argument("--report", default="benchmarks/results/recall_offline",
-                        help="Report path without suffix: REPORT.md (table), REPORT.json (every run's record), REPORT.png.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
-    parser.add_argument("--report-only", action="store_true",
-                        help="Rewrite the report from the records in --out (none: from REPORT.json), without training.")
+    add_report_options(parser, "runs/recall_offline", "benchmarks/results/recall_offline", report_help=(
+        "Report path without suffix: REPORT.md (table), REPORT.json (every run's record), REPORT.png."))
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
-    out, report = Path(args.out), Path(args.report)
-    saved = json.loads(Path(f"{report}.json").read_text()) if Path(f"{report}.json").exists() else None
     if args.report_only:
-        new_report_path(parser, f"{report}.md", args.overwrite)
-        if saved is None and not any(out.glob("*_s*.json")):
-            parser.error(f"--report-only: no records in {out} and no {report}.json")
-        origin = {key: saved[key] for key in ORIGIN} if saved else {"command": command(), **provenance()}
-        write_report(out, report, saved, origin)
+        rewrite_report(parser, args, write_report)
         return
+    out, report = Path(args.out), Path(args.report)
     settings = {"gradient_steps": args.gradient_steps, "wait": args.wait}
     refuse_record_problems(parser, [(out, f"{name}_s{seed}") for name in args.configs for seed in args.seeds], settings)
     new_report_path(parser, f"{report}.md", args.overwrite)
@@ -161,11 +119,7 @@ def main() -> None:
                 args.lengths, settings=settings,
             )
 
-    write_report(out, report, None, {"command": command(), **provenance()})
-
-
-def command() -> str:
-    return "python benchmarks/recall_offline.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    write_report(out, report, None, report_origin(parser))
 
 
 def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origin: Dict[str, str]) -> None:
@@ -180,11 +134,7 @@ def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origi
         f"# Noisy recall{' (waiting expert)' if wait else ''} offline: trained on 30-100-step episodes (2000 "
         "oracle episodes; the paper's protocol: 2-30), evaluated up to 10^5 steps",
         "",
-        f"Command: `{origin['command']}` (runs accumulate across commands)",
-        "",
-        f"Commit: {origin['commit']}; machine: {origin['machine']}; date: {origin['date']} (the last command's; "
-        f"each run's record: `{report.name}.json`).",
-        "",
+        *origin_lines(origin, report),
         "3 cues (chance 0.33), 4 Gaussian noise entries per observation; windows of 10 segments of 10 steps (the "
         "paper's protocol: 3); success over 100 greedy episodes per length; train = CPU seconds of RecurrentBC.learn.",
         "",
@@ -195,10 +145,7 @@ def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origi
         lines.append(f"| {config} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
                      + " | ".join(cells) + " |")
     lines += ["", f"Plot: `{report.name}.png` (success against the evaluation length, mean and seeds)."]
-    text = "\n".join(lines) + "\n"
-    write_json_atomically(Path(f"{report}.json"), {**origin, "runs": {f"{c}_s{s}": r for c, s, r, _ in rows}})
-    write_text_atomically(Path(f"{report}.md"), text)
-    print(text)
+    save_report(report, origin, {f"{c}_s{s}": r for c, s, r, _ in rows}, "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

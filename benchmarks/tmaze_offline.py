@@ -13,17 +13,10 @@ clone with none, from ``--report``.json.
 """
 
 import argparse
-import contextlib
-import json
-import os
-import platform
-import shlex
 import sys
-import tempfile
 import time
-from datetime import date
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import gymnasium as gym
 import torch
@@ -32,22 +25,17 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur.bc import RecurrentBC
 from sb3_elmur.bc.collect import make_tmaze_dataset
 from sb3_elmur.tmaze_eval.evaluation import evaluate_tmaze
-from sb3_elmur.common.utils import (
-    code_commit,
-    new_report_path,
-    success_table_rows,
-    train_and_evaluate_once,
-    write_json_atomically,
-    write_text_atomically,
+from sb3_elmur.common.utils import new_report_path, success_table_rows, train_and_evaluate_once
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
+from reports import (  # noqa: E402
+    add_report_options, learn_and_save, origin_lines, records_folder, report_origin, rewrite_report, save_report,
 )
 
 POLICIES: Dict[str, Dict[str, Any]] = {
     "ElmurPolicy": dict(d_model=32, n_layers=1, n_heads=2, memory_size=2, context_length=10),
     "MlpLstmPolicy": dict(lstm_hidden_size=64),
 }
-
-# What a report names besides its runs (the last command's)
-ORIGIN = ("command", "commit", "machine", "date")
 
 
 def train(policy: str, seed: int, gradient_steps: int, path: Path) -> Dict[str, Any]:
@@ -63,31 +51,7 @@ def train(policy: str, seed: int, gradient_steps: int, path: Path) -> Dict[str, 
         policy_kwargs=POLICIES[policy],
         seed=seed,
     )
-    start = time.process_time()
-    model.learn(gradient_steps)
-    cpu_seconds = time.process_time() - start
-    model.save(path)
-    return {"train_cpu_seconds": cpu_seconds, "gradient_steps": gradient_steps,
-            "parameters": sum(p.numel() for p in model.policy.parameters()), **provenance()}
-
-
-def provenance() -> Dict[str, str]:
-    """The code's commit, the machine and the date, for records and reports."""
-    return {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-                       f"torch {torch.__version__}, one thread per process"}
-
-
-@contextlib.contextmanager
-def records_folder(out: Path, saved: Optional[Dict[str, Any]]) -> Iterator[Path]:
-    """``out`` if it holds records, else a temporary folder with the records of the saved report (a fresh clone)."""
-    if any(out.glob("*_s*.json")) or saved is None:
-        yield out
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        for name, record in saved["runs"].items():
-            (Path(folder) / f"{name}.json").write_text(json.dumps(record))
-        yield Path(folder)
+    return learn_and_save(model, gradient_steps, path)
 
 
 def main() -> None:
@@ -108,23 +72,14 @@ def main() -> None:
     parser.add_argument(
         "--reevaluate", type=int, nargs="*", default=[], help="Corridors to evaluate again, replacing their cached results."
     )
-    parser.add_argument("--out", default="runs/tmaze_offline", help="Folder of models and per-run records (resumable).")
-    parser.add_argument("--report", default="benchmarks/results/tmaze_offline",
-                        help="Report path without suffix: REPORT.md (table) and REPORT.json (every run's record).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
-    parser.add_argument("--report-only", action="store_true",
-                        help="Rewrite the report from the records in --out (none: from REPORT.json), without training.")
+    add_report_options(parser, "runs/tmaze_offline", "benchmarks/results/tmaze_offline")
     args = parser.parse_args()
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
-    out, report = Path(args.out), Path(args.report)
-    saved = json.loads(Path(f"{report}.json").read_text()) if Path(f"{report}.json").exists() else None
-    new_report_path(parser, f"{report}.md", args.overwrite)
     if args.report_only:
-        if saved is None and not any(out.glob("*_s*.json")):
-            parser.error(f"--report-only: no records in {out} and no {report}.json")
-        origin = {key: saved[key] for key in ORIGIN} if saved else {"command": command(), **provenance()}
-        write_report(out, report, saved, origin)
+        rewrite_report(parser, args, write_report)
         return
+    out, report = Path(args.out), Path(args.report)
+    new_report_path(parser, f"{report}.md", args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     def evaluate(model: RecurrentBC, corridor: int) -> Dict[str, Any]:
@@ -141,11 +96,7 @@ def main() -> None:
                 lambda path: RecurrentBC.load(path, device="cpu"), evaluate, args.corridors, args.reevaluate,
             )
 
-    write_report(out, report, None, {"command": command(), **provenance()})
-
-
-def command() -> str:
-    return "python benchmarks/tmaze_offline.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    write_report(out, report, None, report_origin(parser))
 
 
 def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origin: Dict[str, str]) -> None:
@@ -156,11 +107,7 @@ def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origi
     lines = [
         "# T-Maze offline: trained on corridors 1..28 (2000 oracle episodes), evaluated up to 10^6 steps",
         "",
-        f"Command: `{origin['command']}` (runs accumulate across commands)",
-        "",
-        f"Commit: {origin['commit']}; machine: {origin['machine']}; date: {origin['date']} (the last command's; "
-        f"each run's record: `{report.name}.json`).",
-        "",
+        *origin_lines(origin, report),
         "Success over 100 greedy episodes (50 per cue); train = CPU seconds of RecurrentBC.learn; "
         "eval seconds (wall) of the longest corridor in the last column, with the number of evaluation processes.",
         "",
@@ -173,11 +120,8 @@ def write_report(out: Path, report: Path, saved: Optional[Dict[str, Any]], origi
         processes = f"{longest.get('workers', 1)} proc.{', compiled' if longest.get('compile') else ''}"
         lines.append(f"| {policy} | {seed} | {record.get('parameters', 0):,} | {record.get('train_cpu_seconds', 0):.0f} | "
                      + " | ".join(cells) + f" | {longest['seconds']:.0f} ({processes}) |")
-    text = "\n".join(lines) + "\n"
     runs = {f"{policy}_s{seed}": record for policy, seed, record, _ in rows}
-    write_json_atomically(Path(f"{report}.json"), {**origin, "runs": runs})
-    write_text_atomically(Path(f"{report}.md"), text)
-    print(text)
+    save_report(report, origin, runs, "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()

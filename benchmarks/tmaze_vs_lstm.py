@@ -14,28 +14,19 @@ of their own to the names (``tmaze_vs_lstm_<hash>.*``). An existing report is on
 import argparse
 import hashlib
 import json
-import os
-import platform
 import resource
-import shlex
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List
 
-from sb3_elmur.common.utils import (
-    code_commit,
-    new_report_path,
-    write_atomically,
-    write_json_atomically,
-    write_text_atomically,
-)
+from sb3_elmur.common.utils import new_report_path, write_atomically, write_json_atomically
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
+from reports import add_report_options, origin_lines, provenance, report_origin, save_report, saved_report  # noqa: E402
 
 POLICIES = ("ElmurPolicy", "MlpLstmPolicy")
-# What a report names besides its runs (the last command's)
-ORIGIN = ("command", "commit", "machine", "date")
 # Policy sizes at similar parameter counts: "small" is the T-Maze preset (about 43k parameters each), "large"
 # the zoo configs' default (about 250k each: ELMUR 2 x 64 wide, LSTM 160 units).
 SIZES = {
@@ -117,15 +108,6 @@ def run_one(
     }
 
 
-def provenance() -> Dict[str, str]:
-    """The code's commit, the machine and the date, for records and reports."""
-    import torch
-
-    return {"commit": code_commit(Path(__file__).parent), "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-                       f"torch {torch.__version__}, one thread per process"}
-
-
 def write_report(results: List[Dict[str, Any]], report: Path, origin: Dict[str, str]) -> None:
     """``report``.md (one row per policy and corridor, mean over seeds), .png (learning curves) and .json (every
     run's record); ``origin``: the command, commit, machine and date the report names."""
@@ -134,11 +116,7 @@ def write_report(results: List[Dict[str, Any]], report: Path, origin: Dict[str, 
     rows = [
         "# Passive T-Maze: ElmurPolicy vs MlpLstmPolicy (sb3-contrib RecurrentPPO)",
         "",
-        f"Command: `{origin['command']}`",
-        "",
-        f"Commit: {origin['commit']}; machine: {origin['machine']}; date: {origin['date']} (the last command's; "
-        f"each run's record: `{report.name}.json`).",
-        "",
+        *origin_lines(origin, report, accumulate=False),
         "| corridor | policy | params | seeds | final success (per seed) | best success | env steps/s rollout | "
         "train | total | train share | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -173,9 +151,7 @@ def write_report(results: List[Dict[str, Any]], report: Path, origin: Dict[str, 
     rows += ["", f"Budget: {', '.join(f'{b:,}' for b in budget)} env steps per run, 8 envs, success over 100 greedy "
              "episodes (half per cue) at the end of training (final) and at the best of the evaluations during "
              "training (best). Steps/s exclude evaluation."]
-    write_json_atomically(Path(f"{report}.json"), {**origin, "runs": results})
-    write_text_atomically(Path(f"{report}.md"), "\n".join(rows) + "\n")
-    print("\n".join(rows))
+    save_report(report, origin, results, "\n".join(rows) + "\n")
 
     import matplotlib
 
@@ -215,12 +191,9 @@ def main() -> None:
     parser.add_argument("--min-corridor", type=int, default=0,
                         help="Train on corridors drawn in MIN..L and evaluate at L (0: L only).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one core each).")
-    parser.add_argument("--out", default="runs/tmaze_vs_lstm", help="Folder of the run records (resumable).")
-    parser.add_argument("--report", default="benchmarks/results/tmaze_vs_lstm",
-                        help="Report path without suffix (and tag): REPORT.md (table), REPORT.png, REPORT.json (runs).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report (else refused).")
-    parser.add_argument("--report-only", action="store_true",
-                        help="Rewrite the report from the records in --out (none: from REPORT.json), without training.")
+    add_report_options(parser, "runs/tmaze_vs_lstm", "benchmarks/results/tmaze_vs_lstm",
+                       "Folder of the run records (resumable).",
+                       "Report path without suffix (and tag): REPORT.md (table), REPORT.png, REPORT.json (runs).")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON to this path
     args = parser.parse_args()
     runs_dir = Path(args.out)
@@ -238,12 +211,11 @@ def main() -> None:
         json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     report = Path(f"{args.report}{tag}")
     new_report_path(parser, f"{report}.md", args.overwrite)
-    command = "python benchmarks/tmaze_vs_lstm.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    saved = json.loads(Path(f"{report}.json").read_text()) if Path(f"{report}.json").exists() else None
+    saved = saved_report(report)
     if args.report_only and not list(runs_dir.glob(f"*{tag}.json")):
         if saved is None:
             parser.error(f"--report-only: no records in {runs_dir} and no {report}.json")
-        write_report(saved["runs"], report, {key: saved[key] for key in ORIGIN})
+        write_report(saved["runs"], report, report_origin(parser, saved))
         return
     runs_dir.mkdir(parents=True, exist_ok=True)
     pending = []
@@ -275,7 +247,7 @@ def main() -> None:
         and dict(size=r.get("size", "small"), ppo_kwargs=_ppo_overrides(r.get("ppo_kwargs", {})),
                  min_corridor=r.get("min_corridor", 0)) == settings
     ]
-    origin = {key: saved[key] for key in ORIGIN} if args.report_only and saved else {"command": command, **provenance()}
+    origin = report_origin(parser, saved if args.report_only else None)
     write_report(results, report, origin)
 
 

@@ -23,7 +23,9 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-SCRIPTS = sorted(str(path.relative_to(REPO)) for folder in ("benchmarks", "examples") for path in (REPO / folder).glob("*.py"))
+# The files meant to be run (a `__main__` guard), not the modules they share (benchmarks/reports.py)
+SCRIPTS = sorted(str(path.relative_to(REPO)) for folder in ("benchmarks", "examples") for path in (REPO / folder).glob("*.py")
+                 if 'if __name__ == "__main__":' in path.read_text())
 
 # Training budgets are scaled down by rewriting the first argument of every `.learn(...)` call, a number literal
 # such as 150_000, to LEARN_STEPS, the number of episodes of `make_tmaze_dataset(...)` to DATASET_EPISODES, and
