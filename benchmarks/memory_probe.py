@@ -12,6 +12,8 @@ evaluation seeds the training never saw and measures, at each episode's query st
 - ``held``: the same probe on each layer's memory at the query: is the cue still there when it is needed?
   Where ``write`` is high and ``held`` is at chance, slot replacement or drift lost it (capacity); where both are
   high and ``success`` is at chance, the read or the heads did not learn to use it;
+- ``output``: the same probe on the actor's latent at the query (what the policy head reads): does the cue
+  reach the output of the step that needs it?
 - ``slot_step``: the episode step of the last write of the single slot that best holds the cue at the query (0 to
   K-1: the original write survived; later: the cue was copied forward by later writes);
 - ``grad_ratio``: over 64 episodes, the norm of the query loss's gradient (cross-entropy of the right answer) with
@@ -76,6 +78,7 @@ def probe(policy: Any, delay: int, seed: int) -> Dict[str, Any]:
     held, positions = actor.state.memory.clone(), actor.state.positions.clone()
     correct = np.zeros(N_PROBE, dtype=bool)
     entropy = np.zeros(N_PROBE)
+    query_latent = None  # what the heads see at the query
     with th.no_grad():
         for t in range(delay + 5):
             query = (obs[:, n_cues] == 1.0) & ~finished
@@ -88,6 +91,8 @@ def probe(policy: Any, delay: int, seed: int) -> Dict[str, Any]:
             if t == k - 1:  # the first segment has just been written
                 after_write = actor.state.memory.clone()
             if query.any():
+                query_latent = latent_pi.clone() if query_latent is None else query_latent
+                query_latent[rows] = latent_pi[rows]
                 log_p = th.log_softmax(logits, dim=1)
                 entropy[query] = -(log_p.exp() * log_p).sum(1).numpy()[query]
                 correct[query] = logits.argmax(1).numpy()[query] == cue[query]
@@ -104,7 +109,7 @@ def probe(policy: Any, delay: int, seed: int) -> Dict[str, Any]:
         best = int(np.argmax(per_slot))
         slot_steps.append(float(np.median(positions[:, layer, best].numpy())))
     return {"success": float(correct.mean()), "entropy": float(entropy.mean()), "write": write_acc,
-            "held": held_acc, "slot_step": slot_steps, "grad_ratio": gradient_ratio(policy, delay, seed)}
+            "held": held_acc, "output": ridge_accuracy(query_latent.numpy(), cue, n_cues), "slot_step": slot_steps, "grad_ratio": gradient_ratio(policy, delay, seed)}
 
 
 def gradient_ratio(policy: Any, delay: int, seed: int) -> float:
@@ -183,17 +188,39 @@ def report(out: Path, runs: List[Dict[str, Any]]) -> None:
              "the query, linear-probe accuracy of the cue from each layer's memory right after the cue's segment is "
              "written (`write`) and at the query (`held`) (chance 0.33), the median write step of the slot that "
              "best holds it at the query, and the query loss's gradient on the cue's write over the one on the "
-             "memory it reads (`grad ratio`). Layers are listed first to last.", ""]
+             "memory it reads (`grad ratio`); `output`: the probe on the actor's latent at the query (what the "
+             "policy head reads). Layers are listed first to last.", ""]
+    lines += summary(runs)
     for run_ in sorted(runs, key=lambda r: (r["delay"], r["label"], r["seed"])):
         lines += [f"## delay {run_['delay']}, {run_['label']}, seed {run_['seed']}", "",
                   f"`{run_['command']}` ({run_['commit']}, {run_['date']})", "",
-                  "| env steps | success | entropy | write | held | slot step | grad ratio |", "|---|---|---|---|---|---|---|"]
+                  "| env steps | success | entropy | write | held | output | slot step | grad ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in run_["probes"]:
+            output = f"{p['output']:.2f}" if "output" in p else "-"  # runs before the output probe have none
             lines.append(f"| {p['steps']:,} | {p['success']:.2f} | {p['entropy']:.2f} | "
                          f"{' / '.join(f'{a:.2f}' for a in p['write'])} | {' / '.join(f'{a:.2f}' for a in p['held'])} | "
-                         f"{' / '.join(f'{s:.0f}' for s in p['slot_step'])} | {p['grad_ratio']:.3f} |")
+                         f"{output} | {' / '.join(f'{s:.0f}' for s in p['slot_step'])} | {p['grad_ratio']:.3f} |")
         lines.append("")
     write_text_atomically(out.with_suffix(".md"), "\n".join(lines))
+
+
+def summary(runs: List[Dict[str, Any]]) -> List[str]:
+    """One row per delay, algorithm and label: final success and cue held at the query (minimum over layers), mean
+    +- std over its seeds."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for run_ in runs:
+        groups.setdefault((run_["delay"], run_["algo"], run_["label"]), []).append(run_)
+    lines = ["## Summary: at the end of training", "",
+             "| delay | algorithm | label | seeds | final success | held |", "|---|---|---|---|---|---|"]
+    for (delay, algo, label), group in sorted(groups.items()):
+        finals = [r["probes"][-1] for r in sorted(group, key=lambda r: r["seed"])]
+        success = np.array([p["success"] for p in finals])
+        held = np.array([min(p["held"]) for p in finals])
+        lines.append(f"| {delay} | {algo} | {label} | {', '.join(str(r['seed']) for r in sorted(group, key=lambda r: r['seed']))} "
+                     f"| {success.mean():.2f} +- {success.std():.2f} ({', '.join(f'{s:.2f}' for s in success)}) "
+                     f"| {held.mean():.2f} +- {held.std():.2f} |")
+    return lines + [""]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
