@@ -10,10 +10,13 @@ step time of a small model.
 """
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 import time
+from datetime import date
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
@@ -26,6 +29,7 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
 from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.utils import (
+    code_commit,
     new_report_path,
     positive_int_argument,
     write_json_atomically,
@@ -113,8 +117,10 @@ def main() -> None:
     lines = [
         "# Acting step: time and operator count, ELMUR against the LSTM",
         "",
-        f"Command: `python benchmarks/acting_ops.py {' '.join(sys.argv[1:])}` ({platform.machine()}, Python "
-        f"{platform.python_version()}, torch {torch.__version__}, one thread). {args.n_envs} envs; ms per step: median "
+        f"Command: `python benchmarks/acting_ops.py {' '.join(sys.argv[1:])}` (code {code_commit(Path(__file__).parent)}, "
+        f"{date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, torch {torch.__version__}, one "
+        f"thread). {args.n_envs} envs; ms per step: median "
         f"of {args.rounds} alternating rounds of {args.steps} steps; aten ops: calls from Python per step (compiled: "
         "the kernels the graph runs are not aten calls, so its count is not comparable).",
         "",
