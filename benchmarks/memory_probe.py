@@ -112,7 +112,7 @@ def probe(policy: Any, delay: int, seed: int) -> Dict[str, Any]:
             "held": held_acc, "output": ridge_accuracy(query_latent.numpy(), cue, n_cues), "slot_step": slot_steps, "grad_ratio": gradient_ratio(policy, delay, seed)}
 
 
-def gradient_ratio(policy: Any, delay: int, seed: int) -> float:
+def gradient_ratio(policy: Any, delay: int, seed: int) -> Optional[float]:
     """||d loss / d memory after the first segment|| / ||d loss / d memory read at the query|| (see the docstring)."""
     import torch as th
 
@@ -120,6 +120,8 @@ def gradient_ratio(policy: Any, delay: int, seed: int) -> float:
     from sb3_elmur.common.actor import ElmurActor
 
     model = policy.lstm_actor.model
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        return None  # a frozen backbone: no gradient flows into memory
     k, n_cues = model.config.context_length, 3
     length = delay  # one length for every episode: their queries fall on one step
     env = NoisyRecallVecEnv(N_GRAD, n_cues=n_cues, length=length, noise_dims=2, seed=PROBE_SEED + 1000 + seed)
@@ -160,6 +162,9 @@ def run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     cls = ElmurPPO if args.algo == "ElmurPPO" else RecurrentPPO
     model = cls("ElmurPolicy", make_env(task, N_ENVS, seed), seed=seed, policy_kwargs=args.policy_kwargs or None,
                 **args.ppo_kwargs)
+    if args.freeze_backbone:  # only the heads learn: can PPO read the cue from a latent that holds it?
+        for parameter in model.policy.lstm_actor.parameters():
+            parameter.requires_grad_(False)
     probes = [{"steps": 0, **probe(model.policy, args.delay, seed)}]
     print(f"seed {seed}: {probes[-1]}", flush=True)
 
@@ -179,6 +184,7 @@ def run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     model.learn(args.budget, callback=Probe())
     return {"label": args.label, "algo": args.algo, "seed": seed, "delay": args.delay, "budget": args.budget,
             "ppo_kwargs": args.ppo_kwargs, "policy_kwargs": args.policy_kwargs, "probes": probes,
+            "freeze_backbone": args.freeze_backbone,
             "wall_s": time.perf_counter() - began}
 
 
@@ -198,9 +204,10 @@ def report(out: Path, runs: List[Dict[str, Any]]) -> None:
                   "|---|---|---|---|---|---|---|---|"]
         for p in run_["probes"]:
             output = f"{p['output']:.2f}" if "output" in p else "-"  # runs before the output probe have none
+            grad_ratio = "-" if p["grad_ratio"] is None else f"{p['grad_ratio']:.3f}"
             lines.append(f"| {p['steps']:,} | {p['success']:.2f} | {p['entropy']:.2f} | "
                          f"{' / '.join(f'{a:.2f}' for a in p['write'])} | {' / '.join(f'{a:.2f}' for a in p['held'])} | "
-                         f"{output} | {' / '.join(f'{s:.0f}' for s in p['slot_step'])} | {p['grad_ratio']:.3f} |")
+                         f"{output} | {' / '.join(f'{s:.0f}' for s in p['slot_step'])} | {grad_ratio} |")
         lines.append("")
     write_text_atomically(out.with_suffix(".md"), "\n".join(lines))
 
@@ -232,6 +239,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--label", default="defaults", help="Name of these runs in the report.")
     parser.add_argument("--ppo-kwargs", type=json.loads, default={}, help="Algorithm settings beyond the defaults, as JSON.")
     parser.add_argument("--policy-kwargs", type=json.loads, default={}, help="Policy settings beyond the defaults, as JSON.")
+    parser.add_argument("--freeze-backbone", action="store_true",
+                        help="Train the heads only, the ELMUR backbone kept at its initial weights.")
     parser.add_argument("--budget", type=positive_int_argument, default=150_000, help="Env steps per run.")
     parser.add_argument("--probe-every", type=positive_int_argument, default=25_000, help="Env steps between probes.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory_probe",
