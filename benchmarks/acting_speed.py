@@ -64,8 +64,11 @@ def training_passes(steps: int) -> Dict[str, float]:
     segment before them: 56 steps) and RecurrentPPO's (sequences of up to 128 steps, here 1 x 128)."""
     import torch
 
-    from sb3_elmur.common.config import ElmurConfig
-    from sb3_elmur.common.model import ElmurModel
+    try:
+        from sb3_elmur.common.config import ElmurConfig
+        from sb3_elmur.common.model import ElmurModel
+    except ImportError:  # a baseline from before the common/ layout
+        from sb3_elmur.model import ElmurConfig, ElmurModel
 
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     torch.manual_seed(0)
@@ -199,6 +202,10 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
+        # pip's editable install serves its own tree from a finder that comes before sys.path: drop it, so that the
+        # child imports the tree it is given (without this, baseline and current were the same code).
+        sys.meta_path[:] = [finder for finder in sys.meta_path
+                            if not str(getattr(finder, "__module__", type(finder).__module__)).startswith("__editable__")]
         sys.path.insert(0, args.child)
         print(json.dumps(child(args.steps, args.cases)))
         return
