@@ -115,7 +115,10 @@ class MLP(nn.Module):
 
 
 class ElmurLayer(nn.Module):
-    """One layer: causal self-attention, memory read, feed-forward; and the write candidate for its memory."""
+    """One layer: causal self-attention, memory read, feed-forward; and the write candidate for its memory.
+
+    ``ElmurModel._run_segments`` calls the sub-layers in turn (:meth:`self_attend`, :meth:`read_memory`,
+    :meth:`candidates`), for whole segments in training and for one new token in acting."""
 
     def __init__(self, config: ElmurConfig) -> None:
         super().__init__()
@@ -155,23 +158,6 @@ class ElmurLayer(nn.Module):
         # An empty slot writes as if last written at step -1, so its first write can still tell the segment's
         # tokens apart by position; tokens read an empty slot through the "empty" bucket 0.
         return self.read_bias(distance, (positions < 0).unsqueeze(-2)).permute(0, 3, 1, 2)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        token_steps: torch.Tensor,
-        memory: torch.Tensor,
-        positions: torch.Tensor,
-        query_offsets: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """:param x: [N, K, D] segment tokens; :param token_steps: [N, K] their steps in the episode;
-        :param memory: [N, M, D]; :param positions: [N, M];
-        :param query_offsets: [N] if given, compute the output of that one position per row only (acting).
-        :return: output tokens [N, K, D] (or [N, 1, D] at ``query_offsets``)."""
-        if query_offsets is not None:
-            token_steps = token_steps[torch.arange(x.shape[0], device=x.device), query_offsets].unsqueeze(1)
-        read_bias = self.memory_bias(token_steps, positions, slots_query=False)
-        return self.read_memory(self.self_attend(x, query_offsets), memory, read_bias)
 
     def self_attend(self, x: torch.Tensor, query_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Causal self-attention sub-layer over segments x [N, K, D] (at ``query_offsets`` [N] only: [N, 1, D])."""
