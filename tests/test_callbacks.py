@@ -51,7 +51,8 @@ def test_memory_stats_by_hand():
     memory[0, 1, 1] = torch.tensor([1.0, 0.0])  # norm 1
     memory[1] = 9.0  # never written: must not count
     positions = torch.tensor([[[3, -1, 7], [-1, 7, -1]], [[-1, -1, -1], [-1, -1, -1]]])
-    state = ElmurState(memory=memory, positions=positions, segment=torch.zeros(2, 3, 2), step=torch.tensor([10, 2]))
+    state = ElmurState(memory=memory, positions=positions, segment=torch.zeros(2, 3, 2), step=torch.tensor([10, 2]),
+                       previous=torch.zeros(2, memory.shape[1], 0, 2))
     stats = memory_stats(state)
     # Newest token of row 0 is step 9: ages 9 - 3 = 6 and 9 - 7 = 2 (layer 0), 2 (layer 1).
     np.testing.assert_allclose(stats["norm_sum"], [7.0, 1.0])

@@ -199,7 +199,7 @@ def test_model_commits_one_slot_per_completed_segment():
         for phase in range(4):
             _, state = model(torch.randn(1, 1, 5), state)
             if phase < 3:
-                _assert_states_close(ElmurState(before.memory, before.positions, before.segment, before.step), ElmurState(state.memory, state.positions, before.segment, before.step))
+                _assert_states_close(before._replace(segment=state.segment, step=state.step), state)
         changed = (state.positions != before.positions).any(dim=1)[0]  # [M]
         assert int(changed.sum()) == 1
         assert set(state.positions[0].flatten().tolist()) - {-1} <= {4 * s + 3 for s in range(segment + 1)}

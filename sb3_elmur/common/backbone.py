@@ -31,6 +31,8 @@ def layout_tag(config: ElmurConfig) -> int:
     0 is left for fresh rows. Two layouts share a tag with probability about 1e-7.
     """
     key = f"elmur-state-v1:{config.n_layers},{config.memory_size},{config.d_model},{config.context_length}"
+    if config.previous_length:  # layouts without cross-segment attention keep the tags they always had
+        key += f",previous={config.previous_length}"
     return zlib.crc32(key.encode()) % (2**23 - 1) + 1
 
 
@@ -46,7 +48,8 @@ class ElmurBackbone(nn.Module):
     """ELMUR model with its state packed as an LSTM-shaped (hidden, cell) pair.
 
     Packed layout of one row (``state_size`` floats, split in two halves, zero-padded):
-    ``[layout tag, step, positions (L*M), memory (L*M*D), segment tokens ((K-1)*D)]``. The tag (see
+    ``[layout tag, step, positions (L*M), memory (L*M*D), segment tokens ((K-1)*D), previous segment (L*Kp*D)]``
+    (Kp = K with cross-segment attention, else 0). The tag (see
     :func:`layout_tag`) tells a state of this layout from any other; a row whose tag is 0 is a fresh row and
     unpacks to the initial state, so all-zero states (what ``predict`` and ``RecurrentPPO`` start from) are
     valid.
@@ -62,7 +65,8 @@ class ElmurBackbone(nn.Module):
         self.model = ElmurModel(int(features_dim), config)
         c = config
         self._sizes = [
-            1, 1, c.n_layers * c.memory_size, c.n_layers * c.memory_size * c.d_model, (c.context_length - 1) * c.d_model
+            1, 1, c.n_layers * c.memory_size, c.n_layers * c.memory_size * c.d_model, (c.context_length - 1) * c.d_model,
+            c.n_layers * c.previous_length * c.d_model,
         ]
         self.state_size = sum(self._sizes)
         self.hidden_size = (self.state_size + 1) // 2
@@ -79,7 +83,8 @@ class ElmurBackbone(nn.Module):
         c = self.model.config
         return (
             f"ElmurConfig(n_layers={c.n_layers}, memory_size={c.memory_size}, d_model={c.d_model}, "
-            f"context_length={c.context_length})"
+            f"context_length={c.context_length}"
+            + (f", cross_segment_attention={c.cross_segment_attention!r})" if c.previous_length else ")")
         )
 
     def check_packed_shape(self, packed: Any) -> None:
@@ -110,7 +115,7 @@ class ElmurBackbone(nn.Module):
         # One cat does it all (it runs every rollout step): it promotes the integer fields to float32, and
         # the tag and padding come in as parts.
         parts = [state.memory.new_full((n, 1), self.layout_tag), state.step.view(n, 1), state.positions.reshape(n, -1),
-                 state.memory.reshape(n, -1), state.segment.reshape(n, -1)]
+                 state.memory.reshape(n, -1), state.segment.reshape(n, -1), state.previous.reshape(n, -1)]
         if self._padding:
             parts.append(state.memory.new_zeros(n, self._padding))
         hidden, cell = th.cat(parts, dim=1).unsqueeze(0).chunk(2, dim=-1)
@@ -125,13 +130,14 @@ class ElmurBackbone(nn.Module):
         flat = th.cat(packed, dim=-1)[0, :, : self.state_size]
         n = flat.shape[0]
         c = self.model.config
-        tag, step, positions, memory, segment = flat.split(self._sizes, dim=1)
+        tag, step, positions, memory, segment, previous = flat.split(self._sizes, dim=1)
         # Steps and positions are integers stored exactly (below MAX_EXACT_STEP): no rounding needed.
         decoded = ElmurState(
             memory=memory.reshape(n, c.n_layers, c.memory_size, c.d_model),
             positions=positions.long().reshape(n, c.n_layers, c.memory_size),
             segment=segment.reshape(n, c.context_length - 1, c.d_model),
             step=step[:, 0].long(),
+            previous=previous.reshape(n, c.n_layers, c.previous_length, c.d_model),
         )
         # The common case costs one comparison and one sync: every row is a state of this layout.
         ours = tag[:, 0] == self.layout_tag

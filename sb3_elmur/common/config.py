@@ -8,6 +8,7 @@ from sb3_elmur.common.checks import check_bool, check_float, check_int, check_me
 DISTANCE_BIAS_MODES = ("clamped", "log")
 EMPTY_SLOT_WRITE_MODES = ("hard", "blend")
 NORM_MODES = ("pre", "post")
+CROSS_SEGMENT_MODES = ("off", "previous", "window")
 
 
 @dataclass
@@ -44,6 +45,12 @@ class ElmurConfig:
         query at 0.98-1.00, from the policy's latent there at 0.47-0.51 (chance 0.33, 3 seeds); at 0.1 at
         0.84-0.90. An extension beyond the paper (the reference code: 0.02 everywhere); the figures, online
         training included, are in ``benchmarks/results/memory_probe.md``
+    :param cross_segment_attention: "off" (the paper: a token attends to its own segment only, and sees earlier
+        steps through memory), "previous" (Transformer-XL's recurrence: each layer's self-attention also attends to
+        its inputs over the whole previous segment) or "window" (a sliding window: each token attends to the last
+        ``context_length`` steps, across the segment boundary). Memory reads and writes stay per segment. With it on,
+        the state carries every layer's inputs over the previous segment (``n_layers * context_length * d_model``
+        floats more per env). An extension beyond the paper; the measurements: ``docs/model.md``
     """
 
     d_model: int = 64
@@ -67,6 +74,7 @@ class ElmurConfig:
     use_distance_bias: bool = True
     detach_memory: bool = False
     read_init_std: float = 0.1
+    cross_segment_attention: str = "off"
 
     def __post_init__(self) -> None:
         if self.max_distance is None:
@@ -87,6 +95,7 @@ class ElmurConfig:
             ("empty_slot_write", EMPTY_SLOT_WRITE_MODES),
             ("norm", NORM_MODES),
             ("distance_bias", DISTANCE_BIAS_MODES),
+            ("cross_segment_attention", CROSS_SEGMENT_MODES),
         ):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
@@ -105,6 +114,11 @@ class ElmurConfig:
             )
 
     @property
+    def previous_length(self) -> int:
+        """Steps of the previous segment that a token's self-attention sees keys of: 0 ("off"), else K."""
+        return 0 if self.cross_segment_attention == "off" else self.context_length
+
+    @property
     def n_distance_buckets(self) -> int:
         """Entries of each distance-bias table (see :class:`DistanceBias`)."""
         return self.max_distance + 1 if self.distance_bias == "clamped" else self.distance_buckets
@@ -120,8 +134,9 @@ class ElmurConfig:
         n, m = self.n_layers, self.memory_size
         # Per layer: four attentions (q, kv, proj: 4 D^2 + 4 D each), two MLPs, layer norms; float32.
         weights = n * (4 * (4 * d * d + 4 * d) + 2 * (2 * r * d * d + r * d + d) + 12 * d) * 4
-        # Per layer: the relative bias and the [K, K] offsets (int64) and causal mask (float32).
-        segment = n * (h * k * 4 + k * k * 12)
+        # Per layer: the relative bias and the [K, Kp + K] offsets (int64) and causal mask (float32).
+        kp = self.previous_length
+        segment = n * (h * (k + kp) * 4 + k * (k + kp) * 12)
         parts = [
             (weights, f"d_model={d}: {n} layers of about {4 * (4 + r)} x d_model**2 weights"),
             (2 * n * m * d * 4, f"memory_size={m}: the initial memory, n_layers x memory_size x d_model floats"),
@@ -136,9 +151,10 @@ class ElmurConfig:
         return sorted(parts, reverse=True)
 
     def state_bytes(self) -> int:
-        """Bytes of one row of :class:`ElmurState` (memory, slot positions, segment tokens, step)."""
+        """Bytes of one row of :class:`ElmurState` (memory, slot positions, segment tokens, step, previous segment)."""
         n, m, d = self.n_layers, self.memory_size, self.d_model
-        return n * m * d * 4 + n * m * 8 + (self.context_length - 1) * self.d_model * 4 + 8
+        previous = n * self.previous_length * d * 4
+        return n * m * d * 4 + n * m * 8 + (self.context_length - 1) * self.d_model * 4 + 8 + previous
 
     def describe(self) -> str:
         """The size fields, for messages."""

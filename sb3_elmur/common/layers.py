@@ -133,12 +133,18 @@ class ElmurLayer(nn.Module):
         self.ln_candidate = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
         self.read_bias = DistanceBias(config)
         self.write_bias = DistanceBias(config)
-        # Relative position bias inside a segment (depends on i - j only), with the causal mask built in.
-        self.relative_bias = nn.Parameter(torch.zeros(config.n_heads, k))
-        offsets = torch.arange(k).view(k, 1) - torch.arange(k).view(1, k)
-        self.register_buffer("offsets", offsets.clamp(min=0), persistent=False)
+        # Keys of the self-attention: the previous segment's Kp steps (config.previous_length: 0, the spec, or K with
+        # cross-segment attention), then the segment's K. Query i and key j lie i + Kp - j steps apart.
+        kp = config.previous_length
+        distance = torch.arange(k).view(k, 1) + kp - torch.arange(kp + k).view(1, kp + k)
+        seen = distance >= 0  # causal
+        if config.cross_segment_attention == "window":
+            seen &= distance < k  # the last K steps, the query's own included
+        # Relative position bias (depends on the distance only), one entry per distance a query can see.
+        self.relative_bias = nn.Parameter(torch.zeros(config.n_heads, int(distance[seen].max()) + 1))
+        self.register_buffer("offsets", distance.clamp(min=0, max=self.relative_bias.shape[1] - 1), persistent=False)
         # Additive causal mask (0 or -inf): one add per call instead of inverting and filling a bool mask.
-        self.register_buffer("causal_mask", torch.zeros(k, k).masked_fill(offsets < 0, float("-inf")), persistent=False)
+        self.register_buffer("causal_mask", torch.zeros(k, kp + k).masked_fill(~seen, float("-inf")), persistent=False)
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
         if self.config.norm == "pre":
@@ -159,14 +165,32 @@ class ElmurLayer(nn.Module):
         # tokens apart by position; tokens read an empty slot through the "empty" bucket 0.
         return self.read_bias(distance, (positions < 0).unsqueeze(-2)).permute(0, 3, 1, 2)
 
-    def self_attend(self, x: torch.Tensor, query_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal self-attention sub-layer over segments x [N, K, D] (at ``query_offsets`` [N] only: [N, 1, D])."""
-        causal_bias = self.relative_bias[:, self.offsets] + self.causal_mask  # [H, K, K]
-        if query_offsets is None:
+    def self_attend(
+        self,
+        x: torch.Tensor,
+        previous: Optional[torch.Tensor] = None,
+        previous_mask: Optional[torch.Tensor] = None,
+        query_offsets: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Causal self-attention sub-layer over segments x [N, K, D] (at ``query_offsets`` [N] only: [N, 1, D]).
+
+        :param previous: with cross-segment attention, this layer's inputs over each segment's previous segment
+            [N, K, D], keys before the segment's own
+        :param previous_mask: [N, 1, 1, 2K] additive mask (0 or -inf) of those keys: -inf where the previous segment
+            is not of the episode
+        """
+        causal_bias = self.relative_bias[:, self.offsets] + self.causal_mask  # [H, K, Kp + K]
+        if query_offsets is None and previous is None:
             return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, h, causal_bias.unsqueeze(0)))
-        context = self.ln_self_attn(x) if self.config.norm == "pre" else x
-        causal_bias = causal_bias[:, query_offsets].transpose(0, 1).unsqueeze(2)  # [N, H, 1, K]
-        x = x[torch.arange(x.shape[0], device=x.device), query_offsets].unsqueeze(1)
+        keys = x if previous is None else torch.cat([previous, x], dim=1)
+        context = self.ln_self_attn(keys) if self.config.norm == "pre" else keys
+        if query_offsets is None:
+            causal_bias = causal_bias.unsqueeze(0)
+        else:
+            causal_bias = causal_bias[:, query_offsets].transpose(0, 1).unsqueeze(2)  # [N, H, 1, Kp + K]
+            x = x[torch.arange(x.shape[0], device=x.device), query_offsets].unsqueeze(1)
+        if previous_mask is not None:
+            causal_bias = causal_bias + previous_mask
         return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, context, causal_bias))
 
     def read_memory(self, x: torch.Tensor, memory: torch.Tensor, read_bias: Optional[torch.Tensor]) -> torch.Tensor:

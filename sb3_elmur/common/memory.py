@@ -11,13 +11,16 @@ class ElmurState(NamedTuple):
 
     ``memory`` [B, L, M, D] slot vectors; ``positions`` [B, L, M] step of each slot's last write (-1 = empty);
     ``segment`` [B, K-1, D] input tokens of the current, incomplete segment (the first ``step % K`` are
-    valid, the rest zeros); ``step`` [B] steps taken in the current episode.
+    valid, the rest zeros); ``step`` [B] steps taken in the current episode; ``previous`` [B, L, Kp, D] every
+    layer's inputs over the last completed segment of the episode, which cross-segment attention attends to (Kp = 0,
+    an empty tensor, without it; zeros where the episode has completed no segment).
     """
 
     memory: torch.Tensor
     positions: torch.Tensor
     segment: torch.Tensor
     step: torch.Tensor
+    previous: torch.Tensor
 
 
 def select_rows(rows: torch.Tensor, new: ElmurState, old: ElmurState) -> ElmurState:

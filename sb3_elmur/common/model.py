@@ -85,6 +85,7 @@ class ElmurModel(nn.Module):
             positions=torch.full((batch_size, cfg.n_layers, cfg.memory_size), -1, dtype=torch.long, device=device),
             segment=torch.zeros(batch_size, cfg.context_length - 1, cfg.d_model, device=device),
             step=torch.zeros(batch_size, dtype=torch.long, device=device),
+            previous=torch.zeros(batch_size, cfg.n_layers, cfg.previous_length, cfg.d_model, device=device),
         )
 
     def _plan(self, step: torch.Tensor, episode_starts: torch.Tensor) -> _SegmentPlan:
@@ -147,15 +148,31 @@ class ElmurModel(nn.Module):
         completes = [c if any_complete else None
                      for c, any_complete in zip(plan.complete.unbind(1), plan.complete.any(0).tolist())]
         token_steps = plan.segment_start_step.unsqueeze(-1) + position
-        h, memory, positions, _ = self._run_segments(grid, token_steps, state.memory, state.positions, resets, completes)
+        h, memory, positions, _, inputs = self._run_segments(
+            grid, token_steps, state.memory, state.positions, resets, completes, state.previous
+        )
         out = self.ln_out(h)[index]  # from [N, S, K, D]
+        previous = self._last_complete_inputs(plan, state.previous, inputs) if self.config.previous_length else state.previous
 
         # The last segment, if incomplete, becomes the state's prefix.
         last_step = plan.steps[:, -1]
         n_valid = (last_step + 1) % k
         segment = grid[torch.arange(n, device=x.device), plan.segment_index[:, -1], : k - 1]
         segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
-        return out, ElmurState(memory, positions, segment, last_step + 1)
+        return out, ElmurState(memory, positions, segment, last_step + 1, previous)
+
+    def _last_complete_inputs(self, plan: _SegmentPlan, previous: torch.Tensor, inputs: List[torch.Tensor]) -> torch.Tensor:
+        """Every layer's inputs [N, L, K, D] over each row's last complete segment of its episode (zeros if none):
+        the final segment if complete, else the one before it (the state's ``previous`` if that came before the
+        call), else zeros (the episode has completed no segment)."""
+        n, k = previous.shape[0], self.config.context_length
+        rows = torch.arange(n, device=previous.device)
+        final = plan.segment_index[:, -1]
+        complete = plan.complete[rows, final]
+        keep = (complete | (plan.segment_start_step[rows, final] >= k)).view(n, 1, 1)
+        picked = [torch.cat([previous[:, i].unsqueeze(1), layer_inputs], dim=1)[rows, final + complete.long()]
+                  for i, layer_inputs in enumerate(inputs)]  # segment s of the inputs is s + 1 after the cat
+        return torch.stack([torch.where(keep, x, 0.0) for x in picked], dim=1)
 
     def _run_segments(
         self,
@@ -165,20 +182,23 @@ class ElmurModel(nn.Module):
         positions: torch.Tensor,
         resets: List[Optional[torch.Tensor]],
         completes: List[Optional[torch.Tensor]],
+        previous: torch.Tensor,
         query_offsets: Optional[torch.Tensor] = None,
         outputs: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """The layer stack, for training and acting alike: segments [N, S, K, D] at episode steps [N, S, K] through
         every layer, from ``memory`` [N, L, M, D] and its slot ``positions`` [N, L, M].
 
         :param resets: per segment, the rows whose episode starts in it ([N] bool), or None where no row's does
         :param completes: per segment, the rows that hold its last position and write to memory, or None
+        :param previous: [N, L, Kp, D] every layer's inputs over the segment before the first (cross-segment
+            attention; Kp = 0 without it)
         :param query_offsets: acting, one segment (S = 1): the position [N] of each row's new token; with
             ``outputs``, every layer computes that position only and splices it into its cached outputs
         :param outputs: [N, L, K, D] every layer's outputs at the segment's earlier positions (the cache that
             the previous step returned), or None to compute every position
-        :return: the last layer's outputs [N, S, K, D], memory and positions after the segments, and (S = 1) every
-            layer's outputs [N, L, K, D], the cache of the next step
+        :return: the last layer's outputs [N, S, K, D], memory and positions after the segments, (S = 1) every
+            layer's outputs [N, L, K, D], the cache of the next step, and every layer's inputs [N, S, K, D]
         """
         n, n_segments, k, d = grid.shape
         # Slot positions and LRU choices depend on the plan only, never on memory content: schedule them for every
@@ -192,18 +212,29 @@ class ElmurModel(nn.Module):
         flat_steps = token_steps.view(n * n_segments, k)
         query_steps = None if outputs is None else flat_steps.gather(1, query_offsets.view(n, 1))  # [N, 1]
         any_write = any(weights is not None for weights in write_weights)
+        kp, previous_mask = self.config.previous_length, None
+        if kp:
+            # A segment's previous one is of its episode if the segment starts at episode step K or later.
+            has_previous = (token_steps[:, :, :1] >= k).view(n * n_segments, 1, 1, 1)
+            own_keys = torch.arange(kp + k, device=grid.device) >= kp
+            previous_mask = torch.where(has_previous | own_keys, 0.0, float("-inf")).to(grid.dtype)
 
         # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
         # only the memory read, feed-forward and write go segment by segment (with the schedule above: training
         # passes 1.37-1.52x faster, benchmarks/results/training_speed.md).
-        h, new_memory, layer_outputs = grid, [], []
+        h, new_memory, layer_outputs, inputs = grid, [], [], []
         for i, layer in enumerate(self.layers):
+            inputs.append(h)
             layer_positions = read_positions[:, :, i].reshape(n * n_segments, -1)
             if outputs is None:
-                x = layer.self_attend(h.view(n * n_segments, k, d)).view(n, n_segments, k, d)
+                layer_previous = None
+                if kp:  # cross-segment attention: segment s also attends to this layer's inputs over segment s - 1
+                    layer_previous = torch.cat([previous[:, i].unsqueeze(1), h[:, :-1]], dim=1).view(-1, k, d)
+                x = layer.self_attend(h.view(n * n_segments, k, d), layer_previous, previous_mask)
+                x = x.view(n, n_segments, k, d)
                 read_bias = layer.memory_bias(flat_steps, layer_positions, slots_query=False)
             else:  # the new token only: [N, 1, 1, D]
-                x = layer.self_attend(h[:, 0], query_offsets).unsqueeze(1)
+                x = layer.self_attend(h[:, 0], previous[:, i] if kp else None, previous_mask, query_offsets).unsqueeze(1)
                 read_bias = layer.memory_bias(query_steps, layer_positions, slots_query=False)
             read_biases = _per_segment(read_bias, n_segments)
             write_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=True)
@@ -222,7 +253,7 @@ class ElmurModel(nn.Module):
             h = torch.stack(segment_outputs, dim=1)
             new_memory.append(layer_memory)
             layer_outputs.append(segment_outputs[-1])
-        return h, torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, dim=1)
+        return h, torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, dim=1), inputs
 
     def step(
         self,
@@ -289,15 +320,19 @@ class ElmurModel(nn.Module):
         tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
         tokens = tokens.scatter(1, offset.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
         token_steps = (step - offset).unsqueeze(1) + torch.arange(k, device=x.device)
-        h, memory, positions, layer_outputs = self._run_segments(
+        previous = state.previous if reset is None else state.previous.masked_fill(reset.view(n, 1, 1, 1), 0.0)
+        h, memory, positions, layer_outputs, inputs = self._run_segments(
             tokens.unsqueeze(1), token_steps.unsqueeze(1), state.memory, state.positions, [reset], [complete],
-            offset, outputs,
+            previous, offset, outputs,
         )
+        if self.config.previous_length and complete is not None:  # the completed segment becomes the previous one
+            previous = torch.where(complete.view(n, 1, 1, 1), torch.stack([x[:, 0] for x in inputs], dim=1), previous)
         out = h[:, 0].gather(1, offset.view(n, 1, 1).expand(n, 1, d))[:, 0]
         if complete is not None:  # the next segment starts empty
             tokens = tokens.masked_fill(complete.view(n, 1, 1), 0.0)
         segment = tokens[:, : k - 1]  # a view either way: the same strides for the next step's compiled graph
-        return self.ln_out(out), ElmurState(memory, positions, segment, step + 1), layer_outputs if return_outputs else None
+        next_state = ElmurState(memory, positions, segment, step + 1, previous)
+        return self.ln_out(out), next_state, layer_outputs if return_outputs else None
 
     def _restart(self, memory: torch.Tensor, reset: Optional[torch.Tensor], initial: torch.Tensor) -> torch.Tensor:
         """Memory [N, ...] from its ``initial`` content where ``reset`` [N] (None: nowhere), detached between

@@ -6,8 +6,9 @@ partial segment is a function of the observations since the last completed one. 
 
 - the observations and episode starts of the rollout and of the ``history_length`` steps before it (the
   *timeline*: ``memory_horizon + context_length - 1`` steps of history, then ``n_steps`` of rollout);
-- an *anchor*, the typed state (memory, slot positions, step) at every segment boundary of the timeline
-  (an episode start needs none: the state restarts there);
+- an *anchor*, the typed state (memory, slot positions, step, and with cross-segment attention every layer's
+  inputs over the previous segment) at every segment boundary of the timeline (an episode start needs none: the
+  state restarts there);
 
 and rebuilds the state anywhere by running the model from the anchor before it. Training sequences are
 ``sequence_length`` steps of one env; each starts from the last anchor at least ``memory_horizon`` steps before
@@ -101,6 +102,8 @@ class ElmurRolloutBuffer:
         self.anchor_memory = th.zeros(*slots, config.n_layers, config.memory_size, config.d_model, device=self.device)
         self.anchor_positions = th.zeros(*slots, config.n_layers, config.memory_size, dtype=th.int32, device=self.device)
         self.anchor_steps = th.zeros(slots, dtype=th.int32, device=self.device)
+        # Empty (Kp = 0) without cross-segment attention.
+        self.anchor_previous = th.zeros(*slots, config.n_layers, config.previous_length, config.d_model, device=self.device)
         self.next_slot = th.zeros(n_envs, dtype=th.long, device=self.device)
         steps = (buffer_size, n_envs)
         self.actions = th.zeros(*steps, self.action_dim, device=self.device)
@@ -194,6 +197,7 @@ class ElmurRolloutBuffer:
         self.anchor_memory[slots, envs] = state.memory[envs]
         self.anchor_positions[slots, envs] = state.positions[envs].int()
         self.anchor_steps[slots, envs] = state.step[envs].int()
+        self.anchor_previous[slots, envs] = state.previous[envs]
 
     def add(
         self,
@@ -283,6 +287,7 @@ class ElmurRolloutBuffer:
             positions=th.where(stored, self.anchor_positions[slots, envs].long(), -1),
             segment=memory.new_zeros(n, self.context_length - 1, memory.shape[-1]),
             step=th.where(stored.view(-1), self.anchor_steps[slots, envs].long(), 0),
+            previous=th.where(stored.unsqueeze(-1), self.anchor_previous[slots, envs], 0.0),
         )
 
     def _index_observations(self, times, envs) -> TensorObs:
@@ -378,5 +383,5 @@ class ElmurRolloutBuffer:
         """Bytes this buffer spends on recurrent state: anchors, their index, and the history's observations
         and episode starts (what a buffer without state would not hold)."""
         history = sum(t[: self.history_length].nbytes for t in [*self._observation_tensors(), self.episode_starts])
-        anchors = self.anchor_memory.nbytes + self.anchor_positions.nbytes + self.anchor_steps.nbytes
+        anchors = sum(t.nbytes for t in (self.anchor_memory, self.anchor_positions, self.anchor_steps, self.anchor_previous))
         return anchors + self.anchor_slots.nbytes + self.next_slot.nbytes + history
