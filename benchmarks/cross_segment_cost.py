@@ -1,0 +1,136 @@
+"""What cross-segment attention costs: acting and training time, state and buffer bytes, with the option off,
+"previous" and "window", at the default config and at a wide one, in one run.
+
+    python benchmarks/cross_segment_cost.py --out benchmarks/results/cross_segment_cost.md
+
+Acting: ElmurPPO's acting step (``ElmurActor``, heads, action sampling, value) for 8 envs, eager. Training: one
+forward and backward pass of the ELMUR model over one minibatch of ElmurPPO's defaults (``batch_size //
+sequence_length`` sequences of ``sequence_length`` steps after ``memory_horizon + K - 1`` steps of history). Bytes: one env's
+ElmurState, RecurrentPPO's packed state per env and step, and ElmurPPO's stored state per env and step.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+from stable_baselines3.common.env_util import make_vec_env
+
+import sb3_elmur  # noqa: F401
+from sb3_elmur import ElmurPPO
+from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
+from sb3_elmur.common.utils import code_commit, new_report_path, positive_int_argument, write_json_atomically, write_text_atomically
+
+CONFIGS = {"default": {}, "wide": dict(d_model=128, n_layers=4, n_heads=4, memory_size=4, context_length=32)}
+MODES = ["off", "previous", "window"]
+
+
+def build(config: Dict[str, Any], mode: str, n_envs: int) -> Dict[str, Any]:
+    """An ElmurPPO of the config on T-Maze, and its acting and training closures."""
+    env = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+    model = ElmurPPO("ElmurPolicy", env, seed=0, policy_kwargs=dict(config, cross_segment_attention=mode))
+    policy, elmur = model.policy, model.policy.lstm_actor.model
+    actor = ElmurActor(policy, n_envs)
+    obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs, dtype=torch.bool)
+
+    def act() -> None:
+        with torch.no_grad(), unvalidated_distributions():  # as ElmurPPO's rollouts
+            latent_pi, latent_vf = actor.step(obs, starts)
+            distribution = policy._get_action_dist_from_latent(latent_pi)
+            actions = distribution.get_actions()
+            distribution.log_prob(actions), policy.value_net(latent_vf)
+
+    buffer = model.rollout_buffer
+    rows = max(1, model.batch_size // buffer.sequence_length)  # sequences of one minibatch
+    length = buffer.sequence_length + buffer.history_length
+    x = torch.randn(rows, length, elmur.input_dim)
+
+    def train() -> None:
+        out, _ = elmur(x, elmur.initial_state(rows))
+        out.square().mean().backward()
+
+    return {
+        "act": act, "train": train,
+        "state_bytes": elmur.config.state_bytes(),
+        "packed_bytes": 2 * policy.lstm_actor.hidden_size * 4,
+        "buffer_bytes_per_step": buffer.state_nbytes() / (buffer.buffer_size * buffer.n_envs),
+    }
+
+
+def timed(functions: Dict[str, Callable[[], None]], repeats: int, rounds: int) -> Dict[str, float]:
+    """Median ms per call; rounds alternate between the cases, so load from other jobs weighs on all alike."""
+    for function in functions.values():
+        for _ in range(max(3, repeats // 10)):
+            function()
+    times: Dict[str, List[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                function()
+            times[name].append((time.perf_counter() - start) / repeats * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python benchmarks/cross_segment_cost.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--n-envs", type=positive_int_argument, default=8, help="Envs acted for at once.")
+    parser.add_argument("--acting-steps", type=positive_int_argument, default=300, help="Acting steps per timed round.")
+    parser.add_argument("--training-passes", type=positive_int_argument, default=5,
+                        help="Training passes per timed round.")
+    parser.add_argument("--rounds", type=positive_int_argument, default=5,
+                        help="Timed rounds per case, alternating between the modes.")
+    parser.add_argument("--out", default="benchmarks/results/cross_segment_cost.md", help="Report (Markdown; JSON beside it).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing report.")
+    args = parser.parse_args()
+    out = new_report_path(parser, args.out, args.overwrite)
+    torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for config_name, config in CONFIGS.items():
+        cases = {mode: build(config, mode, args.n_envs) for mode in MODES}
+        acting = timed({mode: case["act"] for mode, case in cases.items()}, args.acting_steps, args.rounds)
+        training = timed({mode: case["train"] for mode, case in cases.items()}, args.training_passes, args.rounds)
+        results[config_name] = {
+            mode: {"acting_ms": acting[mode], "training_ms": training[mode],
+                   **{key: float(value) for key, value in case.items() if key.endswith("bytes") or key.endswith("step")}}
+            for mode, case in cases.items()
+        }
+    lines = [
+        "# Cross-segment attention: what it costs",
+        "",
+        f"Command: `python benchmarks/cross_segment_cost.py {' '.join(sys.argv[1:])}` (code "
+        f"{code_commit(Path(__file__).parent)}, {date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, one thread). Acting: one ElmurPPO "
+        f"rollout step of {args.n_envs} envs (policy, heads, sampling, value; eager), median of {args.rounds} alternating "
+        f"rounds of {args.acting_steps} steps. Training: forward and backward over one minibatch of ElmurPPO's default "
+        f"shape, median of {args.rounds} rounds of {args.training_passes}. Ratios are against the option off, in the same run.",
+        "",
+        f"Configs: default = `ElmurConfig()`; wide = `{CONFIGS['wide']}`.",
+        "",
+        "| config | cross_segment_attention | acting ms/step | x off | training ms/pass | x off | state bytes/env | "
+        "RecurrentPPO packed bytes/env/step | ElmurPPO stored bytes/env/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config_name, modes in results.items():
+        off = modes["off"]
+        for mode, r in modes.items():
+            lines.append(
+                f"| {config_name} | {mode} | {r['acting_ms']:.3f} | {r['acting_ms'] / off['acting_ms']:.2f} | "
+                f"{r['training_ms']:.1f} | {r['training_ms'] / off['training_ms']:.2f} | {r['state_bytes']:.0f} | "
+                f"{r['packed_bytes']:.0f} | {r['buffer_bytes_per_step']:.0f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    write_json_atomically(out.with_suffix(".json"), results)
+    write_text_atomically(out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
