@@ -25,7 +25,13 @@ from stable_baselines3.common.env_util import make_vec_env
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
 from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
-from sb3_elmur.common.utils import code_commit, new_report_path, positive_int_argument, write_json_atomically, write_text_atomically
+from sb3_elmur.common.utils import (
+    code_commit,
+    new_report_path,
+    positive_int_argument,
+    write_json_atomically,
+    write_text_atomically,
+)
 
 CONFIGS = {"default": {}, "wide": dict(d_model=128, n_layers=4, n_heads=4, memory_size=4, context_length=32)}
 MODES = ["off", "previous", "window"]
@@ -110,7 +116,8 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, one thread). Acting: one ElmurPPO "
         f"rollout step of {args.n_envs} envs (policy, heads, sampling, value; eager), median of {args.rounds} alternating "
         f"rounds of {args.acting_steps} steps. Training: forward and backward over one minibatch of ElmurPPO's default "
-        f"shape, median of {args.rounds} rounds of {args.training_passes}. Ratios are against the option off, in the same run.",
+        f"shape, median of {args.rounds} rounds of {args.training_passes}. Ratios are against the option off, in the "
+        "same run.",
         "",
         f"Configs: default = `ElmurConfig()`; wide = `{CONFIGS['wide']}`.",
         "",
