@@ -99,8 +99,9 @@ def test_off_keeps_the_papers_model_and_state():
         ElmurConfig(cross_segment_attention="xl")
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("action_space", test_ppo.ACTION_SPACES, ids=["discrete", "box", "multidiscrete", "multibinary"])
+# Every action space, each with one of the two modes (the state does not depend on the action space).
+@pytest.mark.parametrize("mode, action_space", zip(MODES * 2, test_ppo.ACTION_SPACES),
+                         ids=["discrete-previous", "box-window", "multidiscrete-previous", "multibinary-window"])
 def test_elmur_ppo_rollout_matches_training(mode, action_space):
     # A horizon shorter than a segment puts anchors right before loss steps: their stored previous segment counts.
     model = test_ppo._model(action_space, memory_horizon=4, policy_kwargs=dict(cross_segment_attention=mode))
@@ -121,9 +122,8 @@ def test_elmur_ppo_rollout_matches_training_dict_image_and_compiled():
     test_ppo._assert_rollouts_match_training(compiled, rollouts=2)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("action_space", [spaces.Discrete(3), spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)],
-                         ids=["discrete", "box"])
+@pytest.mark.parametrize("mode, action_space", zip(MODES, [spaces.Discrete(3), spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)]),
+                         ids=["discrete-previous", "box-window"])
 def test_recurrent_ppo_rollout_matches_training(mode, action_space):
     model = test_policies._model(action_space, cross_segment_attention=mode)
     c = model.policy.lstm_actor.model.config
