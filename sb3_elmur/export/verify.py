@@ -1,5 +1,6 @@
 """Check an exported file against the torch step it was made from, over random observations."""
 
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Union
 
@@ -28,7 +29,9 @@ def file_runner(path: Union[str, Path], format: str, input_names: Sequence[str],
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda inputs: session.run(None, dict(zip(input_names, inputs)))
-    module = th.jit.load(str(path))
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch (docs/export.md), not removed
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
+        module = th.jit.load(str(path))
 
     def run(inputs: List[np.ndarray]) -> List[np.ndarray]:
         with th.no_grad():

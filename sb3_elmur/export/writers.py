@@ -110,11 +110,14 @@ def _write_torchscript(step: ExportedStep, path: Path, batch_size: Optional[int]
                        check: Callable[[Path], None]) -> None:
     with th.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", th.jit.TracerWarning)  # sizes read as Python numbers: constant per model
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")  # docs/export.md: why
         module = th.jit.trace(step, step.example_inputs(batch_size or 2), check_trace=False)
     extra = {METADATA_KEY: json.dumps(description)}
 
     def write(tmp: Path) -> None:
-        th.jit.save(module, str(tmp), _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
+            th.jit.save(module, str(tmp), _extra_files=extra)
         check(tmp)
 
     write_atomically(path, write)
@@ -196,5 +199,7 @@ def read_description(path: Union[str, Path]) -> Dict[str, Any]:
                 return json.loads(entry.value)
         raise ValueError(f"{path} was not written by sb3_elmur.export (no {METADATA_KEY!r} metadata)")
     extra = {METADATA_KEY: ""}
-    th.jit.load(str(path), _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.jit")
+        th.jit.load(str(path), _extra_files=extra)
     return json.loads(extra[METADATA_KEY])
