@@ -259,9 +259,9 @@ def test_sampled_actions_follow_the_action_probabilities(tmp_path):
     export_policy(zip_path, out, format="torchscript", deterministic=False)
     policy, batch = _policy(zip_path), 20_000
     obs = np.repeat(_observations(VECTOR, 1, 1)[0], batch, axis=0)
+    fresh = (torch.zeros(1, 1, policy.lstm_actor.hidden_size),) * 2
     with torch.no_grad():
-        distribution, _ = policy.get_distribution(torch.as_tensor(obs[:1]), (torch.zeros(1, 1, policy.lstm_actor.hidden_size),) * 2,
-                                                  torch.ones(1))
+        distribution, _ = policy.get_distribution(torch.as_tensor(obs[:1]), fresh, torch.ones(1))
     probs = distribution.distribution.probs.numpy()[0]
     assert 0.05 < probs.min()  # the check below says something about every action
     inputs = [torch.as_tensor(x) for x in (obs, *_zero_state(read_description(out), batch))]

@@ -47,7 +47,7 @@ not the same draws.
 The file stores its description (these names and shapes, the action space, ``deterministic``, ``batch_size``,
 ``noise_size``, the ELMUR config) as JSON under the key ``sb3_elmur.export``: the ONNX model's metadata, or an extra
 file of the TorchScript archive (:func:`read_description` reads either). ``batch_size``: None (default) exports a
-dynamic batch dimension; a number fixes it in the ONNX graph.
+dynamic batch dimension; a number fixes it in the ONNX graph. More (sampling, images, the runner): ``docs/export.md``.
 """
 
 from sb3_elmur.export.loading import UnsupportedModelError, load_elmur_policy

@@ -5,8 +5,8 @@
 
 The model is a zip saved by RecurrentPPO (ElmurPolicy, CnnElmurPolicy, MultiInputElmurPolicy), ElmurPPO or
 RecurrentBC. --out is checked before the model loads and written atomically, after the file has been run against
-the policy's torch step (--check-steps). The inputs and outputs: ``python -c "import sb3_elmur.export; help(sb3_elmur.export)"``
-or docs/export.md.
+the policy's torch step (--check-steps). The inputs and outputs: docs/export.md, or
+``python -c "import sb3_elmur.export; help(sb3_elmur.export)"``.
 """
 
 import argparse

@@ -35,12 +35,13 @@ def _onnx_searchsorted(sorted_sequence: Any, self: Any, out_int32: bool = False,
                        side: Any = None, sorter: Any = None) -> Any:
     """``torch.searchsorted`` of a sorted 1-D sequence (DistanceBias's log buckets), which torch's ONNX exporter does not
     translate: the count of entries below (``right``: up to) each value, as one broadcast comparison and a sum."""
-    from onnxscript import INT64
+    from onnxscript import FLOAT, INT64
     from onnxscript import opset18 as op
 
     value = op.Unsqueeze(self, op.Constant(value_ints=[-1]))
     hit = op.LessOrEqual(sorted_sequence, value) if right else op.Less(sorted_sequence, value)
-    return op.ReduceSum(op.Cast(hit, to=INT64.dtype), op.Constant(value_ints=[-1]), keepdims=0)
+    count = op.ReduceSum(op.Cast(hit, to=FLOAT.dtype), op.Constant(value_ints=[-1]), keepdims=0)
+    return op.Cast(count, to=INT64.dtype)
 
 
 def describe(step: ExportedStep, batch_size: Optional[int], source: str) -> Dict[str, Any]:
@@ -68,7 +69,8 @@ def describe(step: ExportedStep, batch_size: Optional[int], source: str) -> Dict
 
 def _write_onnx(step: ExportedStep, path: Path, batch_size: Optional[int], description: Dict[str, Any],
                 check: Callable[[Path], None]) -> None:
-    import onnx  # noqa: F401  (torch's exporter needs onnx and onnxscript: named here if they are missing)
+    # torch's exporter needs onnx and onnxscript: an ImportError here names the missing one before any work.
+    import onnx
     import onnxscript  # noqa: F401
 
     # A dynamic batch is traced at 2 rows: torch.export specializes sizes 0 and 1.
@@ -98,8 +100,6 @@ def _write_onnx(step: ExportedStep, path: Path, batch_size: Optional[int], descr
     entry.key, entry.value = METADATA_KEY, json.dumps(description)
 
     def write(tmp: Path) -> None:
-        import onnx
-
         onnx.save_model(proto, str(tmp))
         check(tmp)
 
