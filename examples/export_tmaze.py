@@ -1,6 +1,6 @@
 """Train an ElmurPolicy briefly on the passive T-Maze, export it to ONNX, and replay the exported policy with the runner.
 
-    python examples/export_tmaze.py                              # corridor 10: ~1-4 min on 2 CPU cores
+    python examples/export_tmaze.py                              # corridor 10: ~0.5-3 min on 2 CPU cores
     python examples/export_tmaze.py --out-dir runs/export_tmaze  # keep the model zip and the ONNX file
 
 The replay runs through ``sb3_elmur/export/runner.py`` (numpy and onnxruntime; no torch in its own code), on gymnasium
