@@ -143,7 +143,7 @@ def main() -> None:
     lines = [
         "# One exported acting step against model.predict, on CPU",
         "",
-        f"Command: `python benchmarks/export_speed.py {' '.join(sys.argv[1:])}` (code {code_commit(Path(__file__).parent)}, "
+        f"Command: `{' '.join(['python benchmarks/export_speed.py', *sys.argv[1:]])}` (code {code_commit(Path(__file__).parent)}, "
         f"{date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, one thread each). Model: {model}. Greedy actions, state carried "
