@@ -139,11 +139,12 @@ def main() -> None:
             results[str(batch)] = measure(steps, args.steps, args.rounds)
             print(f"batch {batch}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in results[str(batch)].items()),
                   flush=True)
+    command = " ".join(["python benchmarks/export_speed.py", *sys.argv[1:]])
     model = args.model or f"ElmurPolicy defaults ({cfg.describe()}), passive T-Maze spaces, random weights"
     lines = [
         "# One exported acting step against model.predict, on CPU",
         "",
-        f"Command: `{' '.join(['python benchmarks/export_speed.py', *sys.argv[1:]])}` (code {code_commit(Path(__file__).parent)}, "
+        f"Command: `{command}` (code {code_commit(Path(__file__).parent)}, "
         f"{date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f} at the end, Python {platform.python_version()}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, one thread each). Model: {model}. Greedy actions, state carried "
