@@ -179,6 +179,8 @@ class ExportedStep(nn.Module):
         super().__init__()
         if not isinstance(policy, ElmurPolicy):
             raise TypeError(f"ExportedStep takes an ElmurPolicy, got {type(policy).__name__}")
+        if policy.squash_output:  # predict would unscale the actions from [-1, 1]: not in the graph
+            raise ValueError("ExportedStep: a policy with squash_output=True is not exported")
         policy.set_training_mode(False)
         self.policy = policy
         self.deterministic = deterministic

@@ -1,5 +1,6 @@
 """Writing an :class:`~sb3_elmur.export.step.ExportedStep` as an ONNX or a TorchScript file, with its description."""
 
+import copy
 import json
 import logging
 import warnings
@@ -136,7 +137,7 @@ def export_policy(
     """Export one acting step of an ELMUR policy (see the module ``sb3_elmur.export`` for the inputs and outputs).
 
     :param model: a model zip saved by RecurrentPPO (ElmurPolicy, CnnElmurPolicy, MultiInputElmurPolicy), ElmurPPO or
-        RecurrentBC, or a policy
+        RecurrentBC, or a policy (copied: the caller's stays where and as it is)
     :param out: the file to write (atomically: a failure leaves no partial file)
     :param format: "onnx" or "torchscript"
     :param deterministic: the greedy action (``predict(deterministic=True)``); False: a sample from an input ``noise``
@@ -163,7 +164,8 @@ def export_policy(
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists: pass overwrite=True (command line: --overwrite) to replace it")
     if isinstance(model, ElmurPolicy):
-        policy, source = model, type(model).__name__
+        # A copy: the export puts the policy on the CPU in evaluation mode, which the caller's model should not be.
+        policy, source = copy.deepcopy(model), type(model).__name__
     else:
         policy, info = load_elmur_policy(model)
         source = Path(info["file"]).name
