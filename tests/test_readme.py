@@ -175,7 +175,8 @@ README_MODULES = sorted(set(re.findall(r"python -m (sb3_elmur(?:\.\w+)+)", SHELL
 
 def test_readme_names_existing_modules_and_scripts():
     assert README_MODULES == [
-        "sb3_elmur.compare", "sb3_elmur.datasets", "sb3_elmur.envs.vulkan", "sb3_elmur.tmaze_eval", "sb3_elmur.zoo"
+        "sb3_elmur.compare", "sb3_elmur.datasets", "sb3_elmur.envs.vulkan", "sb3_elmur.export", "sb3_elmur.tmaze_eval",
+        "sb3_elmur.zoo"
     ]
     for script in re.findall(r"python ((?:benchmarks|examples)/\w+\.py)", README):
         assert (REPO / script).exists(), script

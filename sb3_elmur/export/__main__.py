@@ -1,0 +1,3 @@
+from sb3_elmur.export.cli import main
+
+main()
