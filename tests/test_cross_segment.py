@@ -179,3 +179,15 @@ def test_save_load_and_predict(tmp_path, algo):
         np.testing.assert_array_equal(actions[0], actions[1])
         np.testing.assert_allclose(states[0][0], states[1][0], atol=1e-6)
 
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_carries_the_previous_segment(tmp_path, fmt):
+    """The exported step takes and returns the previous segment's inputs as a named state tensor, and equals predict
+    over an episode of several segments with mid-episode starts."""
+    from tests import test_export
+
+    zip_path = test_export._zip(tmp_path, "ElmurPolicy", "Discrete", cross_segment_attention="previous")
+    _, state = test_export._check_episode(zip_path, tmp_path / f"policy.{fmt}", fmt)
+    assert state["previous"].shape == (3, 2, 4, 16) and np.abs(state["previous"][0]).max() > 0
+    test_export._assert_memory_was_written(state)

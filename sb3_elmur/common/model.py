@@ -320,7 +320,9 @@ class ElmurModel(nn.Module):
         tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
         tokens = tokens.scatter(1, offset.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
         token_steps = (step - offset).unsqueeze(1) + torch.arange(k, device=x.device)
-        previous = state.previous if reset is None else state.previous.masked_fill(reset.view(n, 1, 1, 1), 0.0)
+        previous = state.previous
+        if reset is not None and self.config.previous_length:
+            previous = previous.masked_fill(reset.view(n, 1, 1, 1), 0.0)
         h, memory, positions, layer_outputs, inputs = self._run_segments(
             tokens.unsqueeze(1), token_steps.unsqueeze(1), state.memory, state.positions, [reset], [complete],
             previous, offset, outputs,

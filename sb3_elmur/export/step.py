@@ -34,8 +34,6 @@ from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.model import ElmurModel
 from sb3_elmur.common.policies import ElmurPolicy
 
-# The parts of one backbone's state, in input order (the critic's, with a separate critic backbone, get "critic_").
-STATE_PARTS = ("memory", "positions", "segment", "step", "cache")
 # Uniform noise is clamped into [NOISE_LOW, NOISE_HIGH]: log(0) in the samplers would give inf or NaN.
 NOISE_LOW, NOISE_HIGH = 1e-12, 1.0 - 2.0**-24
 
@@ -73,9 +71,28 @@ def state_specs(config: ElmurConfig, prefix: str = "") -> List[TensorSpec]:
         TensorSpec(f"{prefix}segment", ("batch", k - 1, d), "float32",
                    "input tokens of the current segment (the first step % K valid, zeros after)"),
         TensorSpec(f"{prefix}step", ("batch",), "int64", "steps taken in the current episode"),
+        *([TensorSpec(f"{prefix}previous", ("batch", n, k, d), "float32", "every layer's inputs over the episode's last "
+                      "completed segment (cross-segment attention; zeros before one)")] if config.previous_length else []),
         TensorSpec(f"{prefix}cache", ("batch", n, k, d), "float32",
                    "every layer's outputs at the current segment's positions (so a step computes its new token only)"),
     ]
+
+
+def state_tensors(state: ElmurState, cache: th.Tensor, config: ElmurConfig) -> List[th.Tensor]:
+    """The tensors of :func:`state_specs`, in order, from a typed state and its layer-output cache."""
+    previous = [state.previous] if config.previous_length else []  # else empty, and not an input
+    return [state.memory, state.positions, state.segment, state.step, *previous, cache]
+
+
+def typed_state(parts: Sequence[th.Tensor], config: ElmurConfig) -> Tuple[ElmurState, th.Tensor]:
+    """The typed state and the layer-output cache from the tensors of :func:`state_specs` (the inverse of
+    :func:`state_tensors`)."""
+    memory, positions, segment, step = parts[:4]
+    if config.previous_length:
+        previous = parts[4]
+    else:
+        previous = memory.new_zeros(memory.shape[0], config.n_layers, 0, config.d_model)
+    return ElmurState(memory, positions, segment, step, previous), parts[-1]
 
 
 def observation_specs(space: spaces.Space, channels_last: Sequence[str] = ()) -> List[TensorSpec]:
@@ -225,9 +242,9 @@ class ExportedStep(nn.Module):
         inputs = [th.zeros(batch_size, *spec.shape[1:], dtype=getattr(th, spec.dtype))
                   for spec in observation_specs(self.policy.observation_space, self.channels_last)]
         for _, model in self.backbones:
-            state = model.initial_state(batch_size)
             cfg = model.config
-            inputs += [*state, th.zeros(batch_size, cfg.n_layers, cfg.context_length, cfg.d_model)]
+            cache = th.zeros(batch_size, cfg.n_layers, cfg.context_length, cfg.d_model)
+            inputs += state_tensors(model.initial_state(batch_size), cache, cfg)
         inputs.append(th.ones(batch_size, dtype=th.bool))
         if not self.deterministic:
             inputs.append(th.full((batch_size, self.noise_size), 0.5))
@@ -239,25 +256,27 @@ class ExportedStep(nn.Module):
         observations = [x.permute(0, 3, 1, 2) if name in self.channels_last else x
                         for name, x in zip(self.obs_names, inputs[:n_obs])]
         obs: Any = observations[0] if self.obs_keys is None else dict(zip(self.obs_keys, observations))
-        states = [inputs[n_obs + 5 * i: n_obs + 5 * (i + 1)] for i in range(len(self.backbones))]
-        episode_start = inputs[n_obs + 5 * len(self.backbones)]
+        states, start = [], n_obs
+        for _, model in self.backbones:
+            size = len(state_specs(model.config))
+            states.append(typed_state(inputs[start: start + size], model.config))
+            start += size
+        episode_start = inputs[start]
         policy = self.policy
         actor_model = self.backbones[0][1]
-        memory, positions, segment, step, cache = states[0]
-        masks = _branch_free_masks(actor_model, step, episode_start)
+        state, cache = states[0]
+        masks = _branch_free_masks(actor_model, state.step, episode_start)
         with unvalidated_distributions():  # no argument checks (asserts on values) in the graph
-            latent_pi, latent_vf, new_state, new_cache = self._actor._step_core(
-                obs, ElmurState(memory, positions, segment, step), masks, cache)
-            outputs = [*new_state, new_cache]
+            latent_pi, latent_vf, new_state, new_cache = self._actor._step_core(obs, state, masks, cache)
+            outputs = state_tensors(new_state, new_cache, actor_model.config)
             if policy.lstm_critic is not None:  # a separate critic backbone, stepped on its own state
-                memory, positions, segment, step, cache = states[1]
+                state, cache = states[1]
                 critic_model = self.backbones[1][1]
                 features = BaseModel.extract_features(policy, obs, policy.vf_features_extractor)
                 latent, critic_state, critic_cache = critic_model.step_core(
-                    features, ElmurState(memory, positions, segment, step),
-                    *_branch_free_masks(critic_model, step, episode_start), cache)
+                    features, state, *_branch_free_masks(critic_model, state.step, episode_start), cache)
                 latent_vf = policy.mlp_extractor.forward_critic(latent)
-                outputs += [*critic_state, critic_cache]
+                outputs += state_tensors(critic_state, critic_cache, critic_model.config)
             distribution = policy._get_action_dist_from_latent(latent_pi)
             if self.deterministic:
                 action = distribution.mode()
