@@ -139,9 +139,10 @@ class HostSyncCounter(TorchFunctionMode):
     for a GPU (:func:`sync_kind`) is appended to ``counter.syncs``, on any device, CPU included.
 
     It sees what Python calls: reads of values, operations sized by values, indexing with masks or host indices,
-    tensors made from host data. It does not see syncs inside torch's C++ kernels, nor a host tensor moved to the
-    device with ``.to(device)`` (on a CPU both are the same tensor); ``torch.cuda.set_sync_debug_mode`` sees those,
-    on a GPU.
+    tensors made from host data. On a CPU, where every tensor is a host tensor, ``.to(device)`` with the CPU as its
+    target counts even where it moves nothing (on a GPU it would not), and a host tensor moved to the device with
+    ``.to(device)`` counts nowhere; nor does it see syncs inside torch's C++ kernels. ``torch.cuda.set_sync_debug_mode``
+    sees those, on a GPU.
     """
 
     def __init__(self) -> None:

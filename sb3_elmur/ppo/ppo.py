@@ -248,8 +248,8 @@ class ElmurPPO(RecurrentPPO):
                 distribution = self.policy._get_action_dist_from_latent(latent_pi)
                 actions = distribution.get_actions()
                 log_probs, values = distribution.log_prob(actions), self.policy.value_net(latent_vf)
-            if env_device is not None:  # the env takes tensors where it lives: no copy through the host
-                env_actions = actions.reshape((-1, *self.action_space.shape)).to(env_device)
+            if env_device is not None:  # the env takes tensors on its device: no copy through the host
+                env_actions = actions.reshape((-1, *self.action_space.shape))
                 if bounds is not None:
                     env_actions = th.clamp(env_actions, *bounds)
             else:

@@ -127,7 +127,6 @@ class ManiSkillVecEnv(BatchedVecEnv):
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, reward, terminated, truncated, success = self.batch.step(self._actions)
-        reward = reward.to(self.device)
         self.episode_returns += reward
         self.episode_lengths += 1
         dones = terminated | truncated
