@@ -5,7 +5,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch as th
 from torch.distributions import Distribution
-from stable_baselines3.common.policies import BaseModel
+from stable_baselines3.common.preprocessing import preprocess_obs
 
 from sb3_elmur.common.checks import NonFiniteError, check_finite_observation, finite_flag
 from sb3_elmur.common.host_sync import is_accelerated
@@ -59,7 +59,7 @@ class ElmurActor:
         self, obs: Union[th.Tensor, Dict[str, th.Tensor]], state: ElmurState, branches: tuple,
         outputs: Optional[th.Tensor],
     ) -> Tuple[th.Tensor, Optional[th.Tensor], ElmurState, Optional[th.Tensor]]:
-        features = BaseModel.extract_features(self.policy, obs, self.policy.pi_features_extractor)
+        features = self.policy.pi_features_extractor(obs)  # obs preprocessed (advance)
         latent, state, outputs = self.model.step_core(features, state, *branches, outputs)
         if self.policy.lstm_critic is None:
             latent_pi, latent_vf = self.policy._heads(latent)
@@ -85,6 +85,9 @@ class ElmurActor:
         else:
             flag = finite_flag(obs)
             self.finite = self.finite if flag is None else self.finite & flag
+        # Eager, before the graph: SB3's preprocessing tests image spaces' bounds with numpy, which torch.compile
+        # cannot trace (fullgraph); what the graph gets is the features extractor's input.
+        obs = preprocess_obs(obs, self.policy.observation_space, normalize_images=self.policy.normalize_images)
         branches = self.model.step_branches(state, episode_starts)
         # On the CPU, steps that start an episode act eagerly (rare: a graph fewer); on an accelerator all are masked.
         starts = branches[2] is not None and not is_accelerated(episode_starts.device)
