@@ -101,10 +101,10 @@ def tensor_env(device: str = "cpu", dict_obs: bool = False, nan_at: Optional[int
     return env
 
 
-def small_model(env: ManiSkillVecEnv, device: str = "cpu") -> ElmurPPO:
+def small_model(env: ManiSkillVecEnv, device: str = "cpu", **policy_kwargs: Any) -> ElmurPPO:
     policy = "MultiInputElmurPolicy" if isinstance(env.observation_space, spaces.Dict) else "ElmurPolicy"
     return ElmurPPO(policy, env, n_steps=N_STEPS, batch_size=32, n_epochs=1, sequence_length=8, memory_horizon=4,
-                    policy_kwargs=SMALL, seed=0, device=device)
+                    policy_kwargs={**SMALL, **policy_kwargs}, seed=0, device=device)
 
 
 class SyncsPerStep(BaseCallback):
@@ -167,12 +167,13 @@ def test_the_cpu_paths_test_values_that_the_accelerator_paths_pass_as_masks():
         assert ("Tensor.__bool__", "record_anchor") in extra and ("Tensor.__bool__", "check_finite_observation") in extra
 
 
-def test_the_accelerator_paths_act_as_the_cpu_paths():
+@pytest.mark.parametrize("cross_segment", ["off", "previous"])
+def test_the_accelerator_paths_act_as_the_cpu_paths(cross_segment):
     """Masks instead of tests (``step_branches``, ``record_anchor``), the deferred observation check: two rollouts and
     an update give the same actions, values, stored states and parameters, bit for bit."""
     models = []
     for emulate in (False, True):
-        model = small_model(tensor_env())
+        model = small_model(tensor_env(), cross_segment_attention=cross_segment)
         if emulate:
             with emulate_accelerator():
                 model.learn(2 * N_STEPS * N_ENVS)
@@ -181,7 +182,7 @@ def test_the_accelerator_paths_act_as_the_cpu_paths():
         models.append(model)
     cpu, accelerator = (model.rollout_buffer for model in models)
     for name in ("observations", "actions", "value_estimates", "log_probs", "advantages", "anchor_slots",
-                 "anchor_memory", "anchor_positions", "anchor_steps"):
+                 "anchor_memory", "anchor_positions", "anchor_steps", "anchor_previous"):
         assert th.equal(getattr(cpu, name), getattr(accelerator, name)), name
     assert cpu.anchor_slots.max() >= 0  # anchors were written
     for a, b in zip(models[0].policy.parameters(), models[1].policy.parameters()):
