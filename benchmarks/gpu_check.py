@@ -25,6 +25,7 @@ compiles with dynamo's eager backend (no code generation), in about a minute (``
 """
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -221,6 +222,7 @@ def run_section(obs_mode: str, task: str, size: Dict[str, Any], deadline: float,
 
         _record(results, path, case, train, deadline)
         policy = box.get("policy") or policy
+        gc.collect()  # the model and its buffers (SB3's callbacks hold reference cycles)
         if size["device"] == "cuda":
             torch.cuda.empty_cache()
     if policy is None:
