@@ -78,7 +78,8 @@ class ElmurActor:
         :param episode_starts: [n] bool, True where the observation starts an episode
         :return: the actor's and the critic's latents (the critic's None for a policy with a separate critic
             backbone), the state after the step and its layer outputs
-        :raises NonFiniteError: an observation holds NaN or inf
+        :raises NonFiniteError: an observation holds NaN or inf (after :meth:`defer_observation_checks`: raised by
+            :meth:`check_deferred_observations` instead)
         """
         if self.finite is None:
             check_finite_observation(obs, "ElmurActor.step (acting)")
