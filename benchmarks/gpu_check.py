@@ -314,7 +314,7 @@ def render(header: List[str], sections: Dict[str, Dict[str, Any]], size: Dict[st
                    else f"{result['process_peak_gib']:.1f} GiB")
             lines.append(f"| {case} + {result['policy']} | {_number(result['rollout_steps_per_s'])} | "
                          f"{_number(result['train_steps_per_s'])} | {_number(result['total_steps_per_s'])} | {gib} |")
-        lines += ["", f"ElmurPPO's acting step, all {size['n_envs']} envs:", "",
+        lines += ["", f"ElmurPPO's acting step, every env ({size['n_envs']}):", "",
                   "| acting | ms per step | env steps/s | warm-up (compiling) s |", "|---|---:|---:|---:|"]
         for variant in ACTING:
             result = results.get(f"acting: {variant}")
@@ -374,7 +374,8 @@ def main() -> None:
                   f"Command: `{command}` ({origin}). "
                   f"Budget {args.budget:.0f} s, {status} after {time.time() - start:.0f} s. Env steps/s: the second "
                   "of two iterations (rollout, update; the first warms up); acting: the mean of 50 steps after two "
-                  "segments of warm-up."]
+                  "segments of warm-up" + ("; dry run: the compiled steps traced by dynamo with its eager backend, no "
+                                          "code generated." if args.dry_run else ".")]
         write_text_atomically(out, render(header, sections, size, args.task))
         write_json_atomically(out.with_suffix(".json"), {"command": command, "size": size, "sections": sections})
 
