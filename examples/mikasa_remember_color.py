@@ -48,12 +48,11 @@ def main() -> None:
     model.learn(args.timesteps, progress_bar=True)
     model.save(args.save)
 
-    # Greedy evaluation: the success rate over finished episodes
+    # Greedy evaluation: the success rate over finished episodes; predict takes numpy arrays, as SB3's does
+    env.device_observations = False
     obs, state, successes = env.reset(), None, []
     starts = np.ones(env.num_envs, dtype=bool)
     while len(successes) < args.eval_episodes:
-        if gpu:  # predict takes numpy observations, as SB3's does
-            obs = {k: v.cpu().numpy() for k, v in obs.items()} if isinstance(obs, dict) else obs.cpu().numpy()
         actions, state = model.predict(obs, state=state, episode_start=starts, deterministic=True)
         obs, _, starts, infos = env.step(actions)
         successes += [info["is_success"] for info in infos if "is_success" in info]

@@ -317,6 +317,7 @@ def test_recurrent_ppo_trains_on_a_mikasa_task_saves_and_loads_in_a_new_process(
     np.testing.assert_allclose(np.load(tmp_path / "actions.npy"), expected, atol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not th.cuda.is_available() or _maniskill_missing() is not None, reason="needs CUDA and ManiSkill")
 def test_gpu_simulation_keeps_observations_on_the_device() -> None:
     from sb3_elmur import ElmurPPO

@@ -230,6 +230,7 @@ def test_silently_wrong_arguments_are_refused(kwargs, message):
         ElmurPPO("ElmurPolicy", TMazeVecEnv(2, corridor_length=6), **kwargs)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rollout_matches_training_on_cuda():
     """On a GPU the buffer, the states and the fused attention stay on the device."""

@@ -161,6 +161,20 @@ class NonFiniteError(FloatingPointError):
     skipped, the parameters are unchanged), or an observation (refused before the policy reads it)."""
 
 
+def finite_flag(observation: Any) -> Optional[torch.Tensor]:
+    """Whether every float entry of a batch of observations (tensors, or a dict of them) is finite, as a bool tensor
+    on their device: no value is read on the host, so a GPU does not wait (see ``host_sync``).
+
+    :param observation: a batch of observations as tensors (or a dict of them); integer ones pass
+    :return: a 0-dim bool tensor, or None if no entry is a float tensor
+    """
+    parts = observation.values() if isinstance(observation, dict) else [observation]
+    flags = [torch.isfinite(value).all() for value in parts if torch.is_floating_point(value)]
+    if not flags:
+        return None
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
 def check_finite_observation(observation: Any, context: str) -> None:
     """Refuse an observation that holds NaN or inf, naming where: otherwise it only shows up deep in torch, as
     "Expected parameter logits ... to satisfy the constraint" from the action distribution.

@@ -19,6 +19,7 @@ from torch import nn
 
 from sb3_elmur.common.checks import check_int
 from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.host_sync import is_accelerated
 from sb3_elmur.common.layers import ElmurLayer
 from sb3_elmur.common.memory import ElmurState, _blend, lru_weights
 
@@ -289,17 +290,20 @@ class ElmurModel(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The data-dependent part of :meth:`step`, which picks its code path (eager, on tensor values).
 
-        Most steps start no episode and complete no segment: testing that once skips the masking they need.
+        Most steps start no episode and complete no segment: on the CPU, testing that once skips the masking they
+        need. On an accelerator the test would make the host wait for the device (``host_sync``), so both masks are
+        passed as they are: an all-False mask gives the same results.
 
         :return: step [N] and position in the segment [N] of the new token; the rows that start an episode
-            and the rows that complete their segment ([N] bool), each None if there are none
+            and the rows that complete their segment ([N] bool), each None (CPU only) if there are none
         """
         episode_starts = episode_starts.to(dtype=torch.bool)
-        reset = episode_starts if bool(episode_starts.any()) else None
+        masks = is_accelerated(episode_starts.device)
+        reset = episode_starts if masks or bool(episode_starts.any()) else None
         step = state.step if reset is None else state.step.masked_fill(reset, 0)
         offset = step % self.config.context_length
         complete = offset == self.config.context_length - 1
-        return step, offset, reset, complete if bool(complete.any()) else None
+        return step, offset, reset, complete if masks or bool(complete.any()) else None
 
     def step_core(
         self,

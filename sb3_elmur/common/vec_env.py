@@ -4,12 +4,18 @@ simulator, or workers answering one interface) instead of ``N`` gymnasium envs i
 SB3's ``DummyVecEnv`` and ``SubprocVecEnv`` answer ``get_attr``, ``set_attr``, ``env_method`` and
 ``env_is_wrapped`` from their sub-env objects; here there are none, so :class:`BatchedVecEnv` writes those answers
 once for the T-Maze, noisy-recall and ManiSkill envs, with their seeding and the infos of finished episodes.
+
+An env whose ``tensor_device`` is a device speaks torch tensors there instead of numpy arrays, for
+:class:`~sb3_elmur.ElmurPPO` (a GPU-simulated env: nothing goes through the host): it takes actions as tensors, returns
+observations, rewards and dones as tensors, and the infos of the envs whose episode ended hold their
+``terminal_observation`` (as SB3's auto-reset has it), from which :func:`host_dones` reads the done flags on the host.
 """
 
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Type
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Type, Union
 
 import gymnasium as gym
 import numpy as np
+import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices
 
@@ -29,6 +35,8 @@ class BatchedVecEnv(VecEnv):
 
     # Per-env state readable through ``get_attr`` (one value per env, not settable): name -> (num_envs,) array attribute
     per_env_attrs: ClassVar[Dict[str, str]] = {}
+    # Where the env takes and returns torch tensors (see the module's docstring); None: numpy arrays, SB3's API
+    tensor_device: Optional[th.device] = None
 
     def __init__(
         self,
@@ -101,3 +109,22 @@ class BatchedVecEnv(VecEnv):
                 "TimeLimit.truncated": timeouts[position],
             }
         return infos
+
+
+def tensor_device(env: VecEnv) -> Optional[th.device]:
+    """The device where ``env`` (or the env it wraps) takes actions and returns observations, rewards and dones as
+    torch tensors (see the module's docstring), or None for numpy arrays."""
+    return getattr(env, "tensor_device", None)
+
+
+def host_dones(dones: Union[np.ndarray, th.Tensor], infos: List[Dict[str, Any]]) -> np.ndarray:
+    """The done flags of a step as a numpy array, without a copy from the device: ``dones`` as they are from an env of
+    numpy arrays; from an env of tensors, read from its ``infos``, which hold the ``terminal_observation`` of every
+    env whose episode ended.
+
+    :param dones: the dones ``env.step`` returned
+    :param infos: the infos it returned
+    """
+    if not isinstance(dones, th.Tensor):
+        return np.asarray(dones)
+    return np.array(["terminal_observation" in info for info in infos], dtype=bool)

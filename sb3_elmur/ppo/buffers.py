@@ -26,6 +26,7 @@ from gymnasium import spaces
 from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 
 from sb3_elmur.common.config import ElmurConfig
+from sb3_elmur.common.host_sync import is_accelerated
 from sb3_elmur.common.memory import ElmurState, select_rows
 
 TensorObs = Union[th.Tensor, Dict[str, th.Tensor]]
@@ -105,6 +106,7 @@ class ElmurRolloutBuffer:
         # Empty (Kp = 0) without cross-segment attention.
         self.anchor_previous = th.zeros(*slots, config.n_layers, config.previous_length, config.d_model, device=self.device)
         self.next_slot = th.zeros(n_envs, dtype=th.long, device=self.device)
+        self.env_index = th.arange(n_envs, device=self.device)
         steps = (buffer_size, n_envs)
         self.actions = th.zeros(*steps, self.action_dim, device=self.device)
         self.rewards, self.value_estimates, self.log_probs, self.advantages, self.lambda_returns = (
@@ -137,6 +139,13 @@ class ElmurRolloutBuffer:
         self.history_filled = min(h, self.history_filled + self.pos)
         self.anchor_slots[h:] = -1
         self.pos, self.full, self.history_anchor = 0, False, None
+
+    def rollout_observations(self) -> TensorObs:
+        """The observations of the rollout so far, [steps, n_envs, ...] (views, a dict of them for Dict spaces)."""
+        h = self.history_length
+        if isinstance(self.observations, dict):
+            return {key: storage[h : h + self.pos] for key, storage in self.observations.items()}
+        return self.observations[h : h + self.pos]
 
     def _observation_tensors(self):
         return self.observations.values() if isinstance(self.observations, dict) else [self.observations]
@@ -186,18 +195,18 @@ class ElmurRolloutBuffer:
 
     def record_anchor(self, state: ElmurState, episode_starts: th.Tensor) -> None:
         """Before the step at ``pos``: keep ``state`` (the one that step starts from) where it is at a segment
-        boundary and no episode starts."""
+        boundary and no episode starts. Every env is written, masked: the others keep what their slot holds."""
         rows = ~episode_starts & (state.step % self.context_length == 0)
-        if not bool(rows.any()):
+        # On the CPU, testing first skips the writes at most steps; on an accelerator the test would wait for the device.
+        if not is_accelerated(self.device) and not bool(rows.any()):
             return
-        envs = rows.nonzero().flatten()
-        slots = self.next_slot[envs] % self.n_anchor_slots
-        self.next_slot[envs] += 1
-        self.anchor_slots[self.history_length + self.pos, envs] = slots.int()
-        self.anchor_memory[slots, envs] = state.memory[envs]
-        self.anchor_positions[slots, envs] = state.positions[envs].int()
-        self.anchor_steps[slots, envs] = state.step[envs].int()
-        self.anchor_previous[slots, envs] = state.previous[envs]
+        envs, slots = self.env_index, self.next_slot % self.n_anchor_slots
+        self.next_slot += rows
+        self.anchor_slots[self.history_length + self.pos] = th.where(rows, slots, -1).int()
+        for stored, value in ((self.anchor_memory, state.memory), (self.anchor_positions, state.positions),
+                              (self.anchor_steps, state.step), (self.anchor_previous, state.previous)):
+            keep = rows.view(-1, *[1] * (value.dim() - 1))
+            stored[slots, envs] = th.where(keep, value.to(stored.dtype), stored[slots, envs])
 
     def add(
         self,

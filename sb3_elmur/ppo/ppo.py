@@ -15,8 +15,10 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.checks import check_bool, check_device, check_int, check_max_grad_norm, check_memory, format_bytes
+from sb3_elmur.common.host_sync import is_accelerated
 from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
+from sb3_elmur.common.vec_env import host_dones, tensor_device
 from sb3_elmur.ppo.buffers import ElmurRolloutBuffer
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
@@ -210,7 +212,20 @@ class ElmurPPO(RecurrentPPO):
         rollout_buffer: ElmurRolloutBuffer,
         n_rollout_steps: int,
     ) -> bool:
-        """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env (see SB3's ``collect_rollouts``)."""
+        """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env (see SB3's ``collect_rollouts``).
+
+        With an env of tensors on the device (``tensor_device``, e.g. ``ManiSkillVecEnv(..., sim_backend="gpu",
+        device_observations=True)``), a step keeps observations, actions, rewards, dones, episode statistics and the
+        recurrent state on the device. The host waits for it only where SB3's API makes it (``host_sync``;
+        ``tests/test_host_syncs.py`` counts them): every step, the env reads its done flags and episode statistics back
+        in one copy, because SB3's ``infos`` (a list of dicts) must name every env whose episode ended, with its
+        statistics; on a step where episodes end, the env copies their indices to the device for the simulator's
+        partial reset, and where some were cut by their time limit, ElmurPPO copies theirs to bootstrap their rewards
+        from the values of their terminal observations (which those ``infos`` hold). Observations are checked for NaN
+        or inf once per rollout instead of at every step. Once per rollout, rebuilding the actor's state reads a few
+        sizes and the action bounds are copied to the device; once per ``learn`` call, SB3's first episode starts (a
+        numpy array) are.
+        """
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
         rollout_buffer.reset()
@@ -218,6 +233,11 @@ class ElmurPPO(RecurrentPPO):
         actor, device = self._actor, self.device
         with th.no_grad():
             rollout_buffer.restore_actor_state(actor)
+        if is_accelerated(device):
+            actor.defer_observation_checks()
+        env_device, bounds = tensor_device(env), None
+        if env_device is not None and isinstance(self.action_space, spaces.Box):
+            bounds = [th.as_tensor(bound, device=device) for bound in (self.action_space.low, self.action_space.high)]
         n_steps = 0
         while n_steps < n_rollout_steps:
             with th.no_grad(), unvalidated_distributions():
@@ -228,23 +248,31 @@ class ElmurPPO(RecurrentPPO):
                 distribution = self.policy._get_action_dist_from_latent(latent_pi)
                 actions = distribution.get_actions()
                 log_probs, values = distribution.log_prob(actions), self.policy.value_net(latent_vf)
-            env_actions = actions.cpu().numpy().reshape((-1, *self.action_space.shape))
-            if isinstance(self.action_space, spaces.Box):
-                env_actions = np.clip(env_actions, self.action_space.low, self.action_space.high)
+            if env_device is not None:  # the env takes tensors on its device: no copy through the host
+                env_actions = actions.reshape((-1, *self.action_space.shape))
+                if bounds is not None:
+                    env_actions = th.clamp(env_actions, *bounds)
+            else:
+                env_actions = actions.cpu().numpy().reshape((-1, *self.action_space.shape))
+                if isinstance(self.action_space, spaces.Box):
+                    env_actions = np.clip(env_actions, self.action_space.low, self.action_space.high)
             new_obs, rewards, dones, infos = env.step(env_actions)
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
             if not callback.on_step():
                 return False
-            self._update_info_buffer(infos, dones)
+            ended = host_dones(dones, infos)
+            self._update_info_buffer(infos, ended)
             n_steps += 1
             rewards = th.as_tensor(rewards, dtype=th.float32, device=device)
-            truncated = [i for i, done in enumerate(dones) if done and infos[i].get("terminal_observation") is not None
+            truncated = [i for i in np.flatnonzero(ended).tolist() if infos[i].get("terminal_observation") is not None
                          and infos[i].get("TimeLimit.truncated", False)]
             if truncated:  # bootstrap from the value of the last observation, all such envs in one call
-                rewards[truncated] += self.gamma * self._terminal_values(infos, truncated)
+                index = th.as_tensor(truncated, device=device)
+                rewards[index] += self.gamma * self._terminal_values(infos, truncated, index)
             rollout_buffer.add(obs, actions, rewards, starts, values, log_probs)
             self._last_obs, self._last_episode_starts = new_obs, dones
+        actor.check_deferred_observations("ElmurPPO rollout", rollout_buffer.rollout_observations())
         with th.no_grad():
             dones_tensor = th.as_tensor(dones, dtype=th.bool, device=device)
             _, latent_vf = actor.step(as_device_tensor(new_obs, device), dones_tensor, commit=False)
@@ -253,15 +281,15 @@ class ElmurPPO(RecurrentPPO):
         callback.on_rollout_end()
         return True
 
-    def _terminal_values(self, infos: List[Dict[str, Any]], rows: List[int]) -> th.Tensor:
-        """Values of the terminal observations of ``rows``, continuing their episodes' states."""
+    def _terminal_values(self, infos: List[Dict[str, Any]], rows: List[int], index: th.Tensor) -> th.Tensor:
+        """Values of the terminal observations of ``rows`` (``index`` on the device), continuing their episodes'
+        states."""
         terminal = [infos[i]["terminal_observation"] for i in rows]
         if isinstance(self.observation_space, spaces.Dict):
             stacked = {key: th.stack([as_device_tensor(obs[key], self.device) for obs in terminal])
                        for key in self.observation_space.spaces}
         else:
             stacked = th.stack([as_device_tensor(obs, self.device) for obs in terminal])
-        index = th.as_tensor(rows, device=self.device)
         with th.no_grad():
             obs = stacked
             starts = th.zeros(len(rows), dtype=th.bool, device=self.device)

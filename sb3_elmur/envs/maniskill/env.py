@@ -50,7 +50,7 @@ def make_maniskill_env(
     maniskill_mode = {"state": "state", "memory_state": "state_dict"}.get(obs_mode, "rgb")
     env = gym.make(env_id, num_envs=num_envs, sim_backend=sim_backend, render_mode=render_mode,
                    obs_mode=maniskill_mode, **kwargs)
-    return _wrap_mikasa(env, env_id, sim_backend, obs_mode) if mikasa else env
+    return _wrap_mikasa(env, env_id, sim_backend, obs_mode, render_mode) if mikasa else env
 
 
 class ManiSkillEnv(gym.Env):

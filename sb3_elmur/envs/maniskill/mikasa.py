@@ -1,16 +1,17 @@
 """MIKASA-Robo's tasks as its own baselines run them: the suite's wrappers by task family, and two of ours for
 RememberColor (the cubes that CPU simulation leaves hidden, and the cubes as the cameras show them)."""
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import gymnasium as gym
 import torch as th
 
 from sb3_elmur.envs import mikasa_family
 
-# MIKASA-Robo's own wrappers by task family (the suite's PPO baselines apply the same). Besides the first, which
-# adds ``task_cue`` and ``oracle_info`` to the observations, they only write step, reward and task facts onto
-# rendered frames (videos). Their zero-action wrapper is left out: at the baselines' default it does nothing.
+# MIKASA-Robo's own wrappers by task family (the suite's PPO baselines apply the same), after the one that adds
+# ``task_cue`` and ``oracle_info`` to the observations. They only write step, reward and task facts onto rendered frames
+# (videos), so they are applied only when rendering: each reads ``elapsed_steps`` back to the host at every step (on a
+# GPU, a wait for the device). Their zero-action wrapper is left out: at the baselines' default it does nothing.
 _MIKASA_RENDER_WRAPPERS = {
     "ShellGame": ("RenderStepInfoWrapper", "ShellGameRenderCupInfoWrapper", "RenderRewardInfoWrapper",
                   "DebugRewardWrapper"),
@@ -33,13 +34,14 @@ _MIKASA_RENDER_WRAPPERS = {
 }
 
 
-def _wrap_mikasa(env: gym.Env, env_id: str, sim_backend: str, obs_mode: str) -> gym.Env:
+def _wrap_mikasa(env: gym.Env, env_id: str, sim_backend: str, obs_mode: str, render_mode: Optional[str] = None) -> gym.Env:
     """The MIKASA-Robo task ``env`` (of ``env_id``) with the suite's wrappers, and ours where they are needed.
 
     :param env: ``gym.make`` of the task
     :param env_id: its task id
     :param sim_backend: ``"gpu"`` or ``"cpu"``
     :param obs_mode: one of :data:`~sb3_elmur.envs.maniskill.OBS_MODES`
+    :param render_mode: the env's render mode: the suite's render wrappers only with one
     """
     from mikasa_robo_suite.rl.utils import wrappers
 
@@ -48,7 +50,7 @@ def _wrap_mikasa(env: gym.Env, env_id: str, sim_backend: str, obs_mode: str) -> 
     env = wrappers.StateOnlyTensorToDictWrapper(env)
     if obs_mode == "memory_state":
         env = _CubesAsSeen(env)
-    for name in _MIKASA_RENDER_WRAPPERS[mikasa_family(env_id)]:
+    for name in _MIKASA_RENDER_WRAPPERS[mikasa_family(env_id)] if render_mode is not None else ():
         env = getattr(wrappers, name)(env)
     return env
 

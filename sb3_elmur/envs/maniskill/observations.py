@@ -41,13 +41,20 @@ def _leaves(observation: Any) -> List[th.Tensor]:
     return [tensor.reshape(tensor.shape[0], -1).float()]
 
 
-def _cues(observation: Dict[str, Any], privileged: Sequence[str]) -> Dict[str, th.Tensor]:
-    """MIKASA-Robo's ``task_cue`` where the task has one (an instruction the policy may see) and the privileged
+def has_task_cue(observation: Any) -> bool:
+    """Whether a batched ManiSkill observation holds a MIKASA-Robo ``task_cue`` (an instruction the policy may see):
+    tasks without one fill it with a marker value. This reads values (on a GPU, the host waits for the device): ask
+    once per env, the answer holds for every observation of the task."""
+    task_cue = observation.get("task_cue") if isinstance(observation, dict) else None
+    return task_cue is not None and not bool((th.as_tensor(task_cue) == _NO_VALUE).any())
+
+
+def _cues(observation: Dict[str, Any], privileged: Sequence[str], task_cue: Optional[bool]) -> Dict[str, th.Tensor]:
+    """MIKASA-Robo's ``task_cue`` where the task has one (see :func:`has_task_cue`; None: look) and the privileged
     entries asked for."""
     cues = {}
-    task_cue = observation.get("task_cue")
-    if task_cue is not None and not bool((th.as_tensor(task_cue) == _NO_VALUE).any()):
-        cues["task_cue"] = _leaves(task_cue)[0]
+    if has_task_cue(observation) if task_cue is None else task_cue:
+        cues["task_cue"] = _leaves(observation["task_cue"])[0]
     for key in privileged:
         if key not in observation:
             raise KeyError(f"privileged observation {key!r} is not among this task's observations")
@@ -55,19 +62,21 @@ def _cues(observation: Dict[str, Any], privileged: Sequence[str]) -> Dict[str, t
     return cues
 
 
-def convert_observation(observation: Any, obs_mode: str, privileged: Sequence[str] = ()) -> TorchObs:
+def convert_observation(observation: Any, obs_mode: str, privileged: Sequence[str] = (),
+                        task_cue: Optional[bool] = None) -> TorchObs:
     """A batched ManiSkill observation in the SB3 layout of ``obs_mode`` (see :class:`ManiSkillVecEnv`).
 
     MIKASA-Robo's privileged entries never pass unless named in ``privileged``: the state vector, the images and
-    the robot's joint/TCP vector are picked by name, everything else is dropped.
+    the robot's joint/TCP vector are picked by name, everything else is dropped. ``task_cue``: whether the task has
+    a cue to pass on (:func:`has_task_cue` of its first observation; None: look, which reads values).
     """
     if not isinstance(observation, dict):  # ManiSkill's state mode: one flat tensor
         observation = {"state": observation}
     if obs_mode == "state":
-        return th.cat([_leaves(observation["state"])[0], *_cues(observation, privileged).values()], dim=1)
+        return th.cat([_leaves(observation["state"])[0], *_cues(observation, privileged, task_cue).values()], dim=1)
     if obs_mode == "memory_state":
         parts = [observation["extra"]["tcp_pose"], observation["agent"]["qpos"], observation["agent"]["qvel"],
-                 observation["objects"], *_cues(observation, privileged).values()]
+                 observation["objects"], *_cues(observation, privileged, task_cue).values()]
         return th.cat([_leaves(part)[0] for part in parts], dim=1)
     cameras = [sensor["rgb"] for sensor in observation["sensor_data"].values() if "rgb" in sensor]
     images = th.cat(cameras, dim=-1).permute(0, 3, 1, 2).contiguous()  # (N, 3 * cameras, H, W)
@@ -75,7 +84,7 @@ def convert_observation(observation: Any, obs_mode: str, privileged: Sequence[st
         return images
     # The joint/TCP vector as MIKASA-Robo's baselines build it: the "extra" entries, then the robot's joints
     joints = th.cat(_leaves({"extra": observation.get("extra", {}), "agent": observation["agent"]}), dim=1)
-    return {"rgb": images, "joints": joints, **_cues(observation, privileged)}
+    return {"rgb": images, "joints": joints, **_cues(observation, privileged, task_cue)}
 
 
 def observation_space(sample: TorchObs) -> spaces.Space:

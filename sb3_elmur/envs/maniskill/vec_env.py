@@ -48,8 +48,10 @@ class ManiSkillVecEnv(BatchedVecEnv):
     :param image_size: camera resolution (square) for the image modes; None keeps the task's
     :param privileged: privileged observation keys to keep (``"oracle_info"``)
     :param sim_backend: ``"auto"`` (GPU simulation when CUDA is available), ``"gpu"`` or ``"cpu"``
-    :param device_observations: with GPU simulation, return observations as torch tensors on the simulator's
-        device (for :class:`~sb3_elmur.ElmurPPO`) instead of numpy arrays
+    :param device_observations: with GPU simulation, speak torch tensors on the simulator's device (for
+        :class:`~sb3_elmur.ElmurPPO`; ``tensor_device``): observations, rewards and dones are returned as tensors and
+        actions taken as tensors, so that a step copies nothing through the host but the done flags and episode
+        statistics that SB3's infos need (one copy per step); an attribute that may be switched between runs
     :param seed: seed of the first reset (env ``i`` gets ``seed + i``); ``VecEnv.seed`` sets the next one
     :param render_mode: ``"rgb_array"`` to render (videos), or None
     :param start_method: multiprocessing start method of the CPU workers (default: forkserver)
@@ -105,6 +107,11 @@ class ManiSkillVecEnv(BatchedVecEnv):
         self.start_time = time.time()
         self._actions: Optional[np.ndarray] = None
 
+    @property
+    def tensor_device(self) -> Optional[th.device]:
+        """Where this env takes and returns tensors (``device_observations``), or None: numpy arrays."""
+        return self.device if self.device_observations else None
+
     def _output(self, obs: TorchObs) -> Any:
         return obs if self.device_observations else _to_numpy(obs)
 
@@ -120,26 +127,32 @@ class ManiSkillVecEnv(BatchedVecEnv):
 
     def step_wait(self) -> VecEnvStepReturn:
         obs, reward, terminated, truncated, success = self.batch.step(self._actions)
-        self.episode_returns += reward.to(self.device)
+        self.episode_returns += reward
         self.episode_lengths += 1
-        dones = (terminated | truncated).cpu().numpy()
-        done_idx = np.flatnonzero(dones)
-        if not len(done_idx):  # no episode ended: nothing to read back from the simulator's device
-            return self._output(obs), reward.cpu().numpy(), dones, self._step_infos(done_idx, [], [], [])
+        dones = terminated | truncated
+        # The one read of the simulator's device per step (SB3's infos name every env whose episode ended, with its
+        # statistics): flags, statistics and rewards in one copy.
+        host = th.stack([flag.to(reward.dtype) for flag in (dones, terminated, truncated, success, self.episode_lengths)]
+                        + [self.episode_returns, reward]).cpu().numpy()
+        host_done, host_terminated, host_truncated, host_success = host[:4] > 0
+        out_rewards, out_dones = (reward, dones) if self.device_observations else (host[6], host_done)
+        done_idx = np.flatnonzero(host_done)
+        if not len(done_idx):
+            return self._output(obs), out_rewards, out_dones, self._step_infos(done_idx, [], [], [])
+        # On the device, for the simulator's partial reset: a copy of the indices from the host
         rows = th.as_tensor(done_idx, device=obs_device(obs))
         terminal = self._output(_rows(obs, rows))  # a copy: obs is overwritten below
-        ended, cut, succeeded = (flag[done_idx].tolist() for flag in (terminated, truncated, success))
         infos = self._step_infos(done_idx, [_rows(terminal, position) for position in range(len(done_idx))],
-                                 succeeded, [timeout and not end for timeout, end in zip(cut, ended)])
-        returns, lengths = self.episode_returns[done_idx].tolist(), self.episode_lengths[done_idx].tolist()
+                                 host_success[done_idx].tolist(), (host_truncated & ~host_terminated)[done_idx].tolist())
+        lengths, returns = host[4, done_idx].astype(np.int64).tolist(), host[5, done_idx].tolist()
         elapsed = round(time.time() - self.start_time, 6)
         for position, env in enumerate(done_idx.tolist()):
             infos[env]["episode"] = {"r": returns[position], "l": lengths[position], "t": elapsed}
-        self.episode_returns[done_idx] = 0
-        self.episode_lengths[done_idx] = 0
+        self.episode_returns[rows] = 0
+        self.episode_lengths[rows] = 0
         # SB3's auto-reset: only the done envs start a new episode, unseeded
-        _set_rows(obs, rows, self.batch.reset(None, done_idx))
-        return self._output(obs), reward.cpu().numpy(), dones, infos
+        _set_rows(obs, rows, self.batch.reset(None, rows))
+        return self._output(obs), out_rewards, out_dones, infos
 
     def close(self) -> None:
         self.batch.close()
