@@ -286,19 +286,21 @@ class ElmurModel(nn.Module):
         return self.step_core(x, state, *self.step_branches(state, episode_starts), outputs, return_outputs)
 
     def step_branches(
-        self, state: ElmurState, episode_starts: torch.Tensor
+        self, state: ElmurState, episode_starts: torch.Tensor, always_masks: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The data-dependent part of :meth:`step`, which picks its code path (eager, on tensor values).
 
         Most steps start no episode and complete no segment: on the CPU, testing that once skips the masking they
-        need. On an accelerator the test would make the host wait for the device (``host_sync``), so both masks are
-        passed as they are: an all-False mask gives the same results.
+        need. On an accelerator the test would make the host wait for the device (``host_sync``), and in an exported
+        graph it would freeze the example's answer, so both masks are passed as they are: an all-False mask gives the
+        same results.
 
+        :param always_masks: return masks, never None, on any device (export)
         :return: step [N] and position in the segment [N] of the new token; the rows that start an episode
             and the rows that complete their segment ([N] bool), each None (CPU only) if there are none
         """
         episode_starts = episode_starts.to(dtype=torch.bool)
-        masks = is_accelerated(episode_starts.device)
+        masks = always_masks or is_accelerated(episode_starts.device)
         reset = episode_starts if masks or bool(episode_starts.any()) else None
         step = state.step if reset is None else state.step.masked_fill(reset, 0)
         offset = step % self.config.context_length

@@ -3,11 +3,11 @@
 :class:`ExportedStep` maps ``(observation, state..., episode_start[, noise])`` to ``(action, value, state...)``
 through the very path that ``ElmurActor.advance`` (rollouts, evaluation) takes: the features extractor with SB3's
 observation preprocessing, ``ElmurModel.step_core``, the heads, the action distribution, and Box clipping as in
-``predict``. What differs is how the step picks its code path: ``ElmurModel.step_branches`` tests on tensor values
-whether any row starts an episode or completes a segment (a Python ``if``, which a traced graph would freeze at the
-example's answer); here ``reset`` and ``complete`` are always masks, which the masked code paths of ``step_core``
-handle for any mix of rows, all-False included (``torch.where``, ``masked_fill`` and ``lerp`` at weight 0 leave the
-other rows bit for bit).
+``predict``. What differs is how the step picks its code path: on the CPU ``ElmurModel.step_branches`` tests on tensor
+values whether any row starts an episode or completes a segment (a Python ``if``, which a traced graph would freeze at
+the example's answer); here (``always_masks``, as on a GPU) ``reset`` and ``complete`` are always masks, which the
+masked code paths of ``step_core`` handle for any mix of rows, all-False included (``torch.where``, ``masked_fill``
+and ``lerp`` at weight 0 leave the other rows bit for bit).
 """
 
 import math
@@ -24,14 +24,12 @@ from stable_baselines3.common.distributions import (
     Distribution,
     MultiCategoricalDistribution,
 )
-from stable_baselines3.common.policies import BaseModel
-from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first, preprocess_obs
 from torch import nn
 
 from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.config import ElmurConfig
 from sb3_elmur.common.memory import ElmurState
-from sb3_elmur.common.model import ElmurModel
 from sb3_elmur.common.policies import ElmurPolicy
 
 # Uniform noise is clamped into [NOISE_LOW, NOISE_HIGH]: log(0) in the samplers would give inf or NaN.
@@ -169,17 +167,6 @@ def sample_from_noise(distribution: Distribution, noise: th.Tensor) -> th.Tensor
     raise ValueError(f"{type(distribution).__name__} is not exported")
 
 
-def _branch_free_masks(
-    model: ElmurModel, step: th.Tensor, episode_start: th.Tensor
-) -> Tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
-    """``ElmurModel.step_branches`` with ``reset`` and ``complete`` always masks (never None): the step [N] and
-    in-segment position [N] of the new token, the rows that start an episode, the rows that complete a segment."""
-    k = model.config.context_length
-    step = step.masked_fill(episode_start, 0)
-    offset = step % k
-    return step, offset, episode_start, offset == k - 1
-
-
 class ExportedStep(nn.Module):
     """One acting step of ``policy``, with the state as explicit tensors; its inputs and outputs are
     :meth:`input_specs` and :meth:`output_specs`, positionally.
@@ -265,16 +252,18 @@ class ExportedStep(nn.Module):
         policy = self.policy
         actor_model = self.backbones[0][1]
         state, cache = states[0]
-        masks = _branch_free_masks(actor_model, state.step, episode_start)
+        masks = actor_model.step_branches(state, episode_start, always_masks=True)
         with unvalidated_distributions():  # no argument checks (asserts on values) in the graph
+            # SB3's observation preprocessing (one-hot, image scaling), then the acting path of ElmurActor.advance.
+            obs = preprocess_obs(obs, policy.observation_space, normalize_images=policy.normalize_images)
             latent_pi, latent_vf, new_state, new_cache = self._actor._step_core(obs, state, masks, cache)
             outputs = state_tensors(new_state, new_cache, actor_model.config)
             if policy.lstm_critic is not None:  # a separate critic backbone, stepped on its own state
                 state, cache = states[1]
                 critic_model = self.backbones[1][1]
-                features = BaseModel.extract_features(policy, obs, policy.vf_features_extractor)
+                features = policy.vf_features_extractor(obs)
                 latent, critic_state, critic_cache = critic_model.step_core(
-                    features, state, *_branch_free_masks(critic_model, state.step, episode_start), cache)
+                    features, state, *critic_model.step_branches(state, episode_start, always_masks=True), cache)
                 latent_vf = policy.mlp_extractor.forward_critic(latent)
                 outputs += state_tensors(critic_state, critic_cache, critic_model.config)
             distribution = policy._get_action_dist_from_latent(latent_pi)
