@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -195,6 +196,12 @@ def test_every_run_writes_a_sane_json(comparison):
         assert record["spec"]["env_kwargs"] == {"corridor_length": CORRIDOR}
         assert (out / "runs" / "sb3_elmur-PassiveTMaze-v0" / label / f"seed{record['spec']['seed']}_model.zip").exists()
     assert not list((out / "runs").rglob("*_checkpoint.zip"))
+    # The report names the invocation, the code's commit and the date of every run.
+    commit = subprocess.run(["git", "-C", str(Path(compare.__file__).parent), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    provenance = (out / "results.md").read_text().split("## Provenance")[1]
+    assert f"`python -m sb3_elmur.compare {shlex.join(comparison[1])}`: commit {commit}, " in provenance
+    assert "(4 runs)" in provenance
 
 
 def test_table_summarises_the_jsons(comparison):

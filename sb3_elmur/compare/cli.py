@@ -13,6 +13,7 @@ TensorBoard (``<out>/tensorboard``), with ELMUR's memory scalars for ELMUR polic
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -146,6 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             threads=check_int("threads", settings.get("threads", 1)),
             device=settings.get("device") or "cpu",
             elmur_scalars=bool(settings.get("elmur_scalars", True)),
+            # For the report: which invocation ran (or resumed) each run.
+            command="python -m sb3_elmur.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
         )
         check_device(options["device"], "--device")
         if args.time_budget is not None and args.time_budget <= 0:

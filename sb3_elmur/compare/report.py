@@ -137,6 +137,17 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
                 f"{_fmt(row, 'final_mean_return')} | {_fmt(row, 'mmer')} | {_fmt(row, 'mmer_normalised')} | "
                 f"{_fmt(row, 'final_success', 2)} | {_fmt(row, 'wall_time_s', 1, ' s')} |"
             )
+    lines += ["", "## Provenance", "", "The invocations that ran (or last resumed) the runs, with the code's commit and "
+              "the date of each run's last session:", ""]
+    provenance: Dict[Tuple[str, str, str], int] = {}
+    for record in records:
+        if not record.get("sessions"):  # prepared, never started
+            continue
+        versions, command = record.get("versions") or {}, record.get("options", {}).get("command", "not recorded")
+        key = (command, versions.get("code_commit", "not recorded"), versions.get("date", "not recorded"))
+        provenance[key] = provenance.get(key, 0) + 1
+    for (command, commit, day), count in sorted(provenance.items(), key=lambda item: item[0][2]):
+        lines.append(f"- `{command}`: commit {commit}, {day} ({count} run{'s' if count > 1 else ''})")
     failed = [record for record in records if record["status"] == FAILED]
     if failed:
         lines += ["", "## Failed runs", "", "Left out of the scores and curves; their logs say why (a later invocation "

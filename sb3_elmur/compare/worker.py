@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import traceback
+from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from sb3_elmur.common.utils import (
     algorithm_class,
+    code_commit,
     remove_leftover_temp_files,
     write_atomically,
     write_json_atomically,
@@ -294,4 +296,7 @@ def _versions() -> Dict[str, str]:
         "stable_baselines3": stable_baselines3.__version__,
         "sb3_contrib": sb3_contrib.__version__,
         "torch": torch.__version__,
+        # The code that ran the run's last session, and when (for results committed from the report).
+        "code_commit": code_commit(Path(sb3_elmur.__file__).parent),
+        "date": date.today().isoformat(),
     }
