@@ -21,6 +21,8 @@ name               shape            dtype    meaning
 ``positions``      [N, L, M]        int64    episode step of each slot's last write, -1 for a slot never written
 ``segment``        [N, K-1, D]      float32  input tokens of the current segment (the first ``step % K`` valid)
 ``step``           [N]              int64    steps taken in the current episode
+``previous``       [N, L, K, D]     float32  only with cross-segment attention: every layer's inputs over the
+                                             episode's last completed segment
 ``cache``          [N, L, K, D]     float32  every layer's outputs at the current segment's positions
 ``episode_start``  [N]              bool     True where the observation is an episode's first
 ``noise``          [N, noise_size]  float32  stochastic files only: uniform numbers in [0, 1)
@@ -28,7 +30,7 @@ name               shape            dtype    meaning
 
 Outputs: ``action`` [N, *action shape] (int64 for Discrete and MultiDiscrete, float32 0/1 for MultiBinary as
 ``predict`` gives them, float32 clipped to the bounds for Box), ``value`` [N] float32, then the state after the step:
-``memory_out``, ``positions_out``, ``segment_out``, ``step_out``, ``cache_out``. With a separate critic backbone
+``memory_out``, ``positions_out``, ``segment_out``, ``step_out`` (``previous_out``), ``cache_out``. With a separate critic backbone
 (``shared_backbone=False``) its state follows the actor's as ``critic_memory`` ... ``critic_cache`` (inputs) and
 ``critic_memory_out`` ... (outputs).
 
