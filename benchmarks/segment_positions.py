@@ -10,6 +10,8 @@ answered by self-attention at positions >= j and through the memory at positions
 """
 
 import argparse
+from datetime import date
+from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
@@ -17,7 +19,13 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_elmur  # noqa: F401
-from sb3_elmur.common.utils import load_algorithm, new_report_path, write_json_atomically, write_text_atomically
+from sb3_elmur.common.utils import (
+    code_commit,
+    load_algorithm,
+    new_report_path,
+    write_json_atomically,
+    write_text_atomically,
+)
 from sb3_elmur.envs.popgym import is_popgym_id, make_popgym_env
 
 
@@ -71,7 +79,8 @@ def main() -> None:
         f"# Greedy per-step success by position in the segment: {args.env}",
         "",
         f"Command: `python benchmarks/segment_positions.py {args.model} --algo {args.algo} --env {args.env} --episodes "
-        f"{args.episodes} --n-envs {args.n_envs} --out {args.out}`. A step is right when its reward is positive; "
+        f"{args.episodes} --n-envs {args.n_envs} --out {args.out}` (code {code_commit(Path(__file__).parent)}, "
+        f"{date.today().isoformat()}). A step is right when its reward is positive; "
         f"{finished} episodes, segments of {k} steps.",
         "",
         "| position in segment | " + " | ".join(str(p) for p in range(k)) + " |",
