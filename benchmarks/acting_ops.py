@@ -12,9 +12,7 @@ step time of a small model.
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 from typing import Callable, Dict
@@ -35,6 +33,9 @@ from sb3_elmur.common.utils import (
     write_json_atomically,
     write_text_atomically,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
+from reports import median_ms_alternating  # noqa: E402
 
 
 def tmaze_env(n_envs: int) -> VecEnv:
@@ -73,17 +74,8 @@ def lstm_step(n_envs: int) -> Callable[[], None]:
 
 
 def measure(steps: Dict[str, Callable[[], None]], n_steps: int, rounds: int) -> Dict[str, Dict[str, float]]:
-    """Rounds alternate between the cases, so that load from other jobs weighs on all of them alike."""
-    for step in steps.values():
-        for _ in range(100):  # warm-up (and compilation)
-            step()
-    times: Dict[str, list] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(n_steps):
-                step()
-            times[name].append((time.perf_counter() - start) / n_steps * 1e3)
+    """Median ms per step (rounds alternate between the cases) and aten operator calls per step of each case."""
+    milliseconds = median_ms_alternating(steps, n_steps, rounds, warmup=100)  # warm-up: compilation too
     results = {}
     for name, step in steps.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -91,7 +83,7 @@ def measure(steps: Dict[str, Callable[[], None]], n_steps: int, rounds: int) -> 
                 step()
         top_level = [e for e in prof.events() if e.name.startswith("aten::")
                      and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-        results[name] = {"ms_per_step": statistics.median(times[name]), "aten_ops_per_step": len(top_level) / 20}
+        results[name] = {"ms_per_step": milliseconds[name], "aten_ops_per_step": len(top_level) / 20}
     return results
 
 

@@ -12,12 +12,10 @@ ElmurState, RecurrentPPO's packed state per env and step, and ElmurPPO's stored 
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict
 
 import torch
 from stable_baselines3.common.env_util import make_vec_env
@@ -32,6 +30,9 @@ from sb3_elmur.common.utils import (
     write_json_atomically,
     write_text_atomically,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
+from reports import median_ms_alternating  # noqa: E402
 
 CONFIGS = {"default": {}, "wide": dict(d_model=128, n_layers=4, n_heads=4, memory_size=4, context_length=32)}
 MODES = ["off", "previous", "window"]
@@ -69,21 +70,6 @@ def build(config: Dict[str, Any], mode: str, n_envs: int) -> Dict[str, Any]:
     }
 
 
-def timed(functions: Dict[str, Callable[[], None]], repeats: int, rounds: int) -> Dict[str, float]:
-    """Median ms per call; rounds alternate between the cases, so load from other jobs weighs on all alike."""
-    for function in functions.values():
-        for _ in range(max(3, repeats // 10)):
-            function()
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            for _ in range(repeats):
-                function()
-            times[name].append((time.perf_counter() - start) / repeats * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/cross_segment_cost.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,8 +87,9 @@ def main() -> None:
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for config_name, config in CONFIGS.items():
         cases = {mode: build(config, mode, args.n_envs) for mode in MODES}
-        acting = timed({mode: case["act"] for mode, case in cases.items()}, args.acting_steps, args.rounds)
-        training = timed({mode: case["train"] for mode, case in cases.items()}, args.training_passes, args.rounds)
+        acting = median_ms_alternating({mode: case["act"] for mode, case in cases.items()}, args.acting_steps, args.rounds)
+        training = median_ms_alternating({mode: case["train"] for mode, case in cases.items()}, args.training_passes,
+                                         args.rounds, warmup=3)
         results[config_name] = {
             mode: {"acting_ms": acting[mode], "training_ms": training[mode],
                    **{key: float(value) for key, value in case.items() if key.endswith("bytes") or key.endswith("step")}}

@@ -12,10 +12,8 @@ checks, the packing of the state into a (hidden, cell) pair and back); the ONNX 
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -37,6 +35,9 @@ from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.export import ExportedStep, export_policy, load_elmur_policy
 from sb3_elmur.export.runner import OnnxPolicy
 from sb3_elmur.export.verify import file_runner, random_observations
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
+from reports import median_ms_alternating  # noqa: E402
 
 
 def make_policy(model: str) -> ElmurPolicy:
@@ -86,22 +87,6 @@ def torchscript_step(path: Path, policy: ElmurPolicy, batch: int, observations: 
     return step
 
 
-def measure(steps: Dict[str, Callable[[], None]], n_steps: int, rounds: int) -> Dict[str, float]:
-    """Median ms per step over ``rounds`` rounds that alternate between the cases, so that load from other jobs weighs
-    on all of them alike."""
-    for step in steps.values():
-        for _ in range(50):  # warm-up
-            step()
-    times: Dict[str, list] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(n_steps):
-                step()
-            times[name].append((time.perf_counter() - start) / n_steps * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python benchmarks/export_speed.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -136,7 +121,7 @@ def main() -> None:
                 "ONNX (onnxruntime, OnnxPolicy.act)": onnx_step(onnx_path, batch, observations),
                 "TorchScript": torchscript_step(script_path, policy, batch, observations, input_names),
             }
-            results[str(batch)] = measure(steps, args.steps, args.rounds)
+            results[str(batch)] = median_ms_alternating(steps, args.steps, args.rounds)
             print(f"batch {batch}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in results[str(batch)].items()),
                   flush=True)
     command = " ".join(["python benchmarks/export_speed.py", *sys.argv[1:]])

@@ -1,6 +1,7 @@
 """What the reports of the long benchmarks (recall_offline, tmaze_offline, popgym_offline, tmaze_vs_lstm) share:
 their options, where a report and a run record come from (command, commit, machine, date), the records a report is
-rebuilt from in a fresh clone, and its .json and .md files. Not a script: the scripts import it from their folder."""
+rebuilt from in a fresh clone, and its .json and .md files; and the timing of the speed benchmarks (acting_ops,
+cross_segment_cost, export_speed). Not a script: the scripts import it from their folder."""
 
 import argparse
 import contextlib
@@ -8,6 +9,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -141,3 +143,25 @@ def save_report(report: Path, origin: Dict[str, str], runs: Any, text: str) -> N
     write_json_atomically(Path(f"{report}.json"), {**origin, "runs": runs})
     write_text_atomically(Path(f"{report}.md"), text)
     print(text)
+
+
+def median_ms_alternating(
+    functions: Dict[str, Callable[[], Any]], calls: int, rounds: int, warmup: int = 50
+) -> Dict[str, float]:
+    """Median milliseconds per call of each function, over ``rounds`` timed rounds of ``calls`` calls that alternate
+    between the functions, so that load from other jobs weighs on all of them alike (ratios in one run stay fair).
+
+    :param functions: what to time, by name
+    :param warmup: untimed calls of each first (allocations, caches, compilation)
+    """
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times: Dict[str, List[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                function()
+            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
