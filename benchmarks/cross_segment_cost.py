@@ -27,7 +27,6 @@ from sb3_elmur.common.utils import (
     code_commit,
     new_report_path,
     positive_int_argument,
-    write_json_atomically,
     write_text_atomically,
 )
 
@@ -79,7 +78,7 @@ def main() -> None:
                         help="Training passes per timed round.")
     parser.add_argument("--rounds", type=positive_int_argument, default=5,
                         help="Timed rounds per case, alternating between the modes.")
-    parser.add_argument("--out", default="benchmarks/results/cross_segment_cost.md", help="Report (Markdown; JSON beside it).")
+    parser.add_argument("--out", default="benchmarks/results/cross_segment_cost.md", help="Report to write (Markdown).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing report.")
     args = parser.parse_args()
     out = new_report_path(parser, args.out, args.overwrite)
@@ -121,7 +120,6 @@ def main() -> None:
                 f"{r['packed_bytes']:.0f} | {r['buffer_bytes_per_step']:.0f} |"
             )
     text = "\n".join(lines) + "\n"
-    write_json_atomically(out.with_suffix(".json"), results)
     write_text_atomically(out, text)
     print(text)
 

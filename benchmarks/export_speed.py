@@ -28,7 +28,6 @@ from sb3_elmur.common.utils import (
     code_commit,
     new_report_path,
     positive_int_argument,
-    write_json_atomically,
     write_text_atomically,
 )
 from sb3_elmur.envs import TMazeVecEnv
@@ -96,7 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int_argument, default=300, help="Steps per timed round.")
     parser.add_argument("--rounds", type=positive_int_argument, default=5,
                         help="Timed rounds per case, alternating between the cases.")
-    parser.add_argument("--out", default="benchmarks/results/export_speed.md", help="Report (Markdown; JSON beside it).")
+    parser.add_argument("--out", default="benchmarks/results/export_speed.md", help="Report to write (Markdown).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing report.")
     args = parser.parse_args()
     out = new_report_path(parser, args.out, args.overwrite)
@@ -144,7 +143,6 @@ def main() -> None:
         lines.append(f"| {batch} | {predict:.3f} | {onnx:.3f} | {script:.3f} | {predict / onnx:.1f}x | "
                      f"{predict / script:.1f}x |")
     text = "\n".join(lines) + "\n"
-    write_json_atomically(out.with_suffix(".json"), {"model": model, "ms_per_step": results})
     write_text_atomically(out, text)
     print(text)
 

@@ -23,7 +23,6 @@ from sb3_elmur.common.utils import (
     code_commit,
     load_algorithm,
     new_report_path,
-    write_json_atomically,
     write_text_atomically,
 )
 from sb3_elmur.envs.popgym import is_popgym_id, make_popgym_env
@@ -94,8 +93,6 @@ def main() -> None:
         "|---|" + "---:|" * len(first_steps),
         "| right | " + " | ".join(f"{value:.2f}" for value in first_steps.values()) + " |",
     ]
-    write_json_atomically(out.with_suffix(".json"), {"model": args.model, "env": args.env, "context_length": k,
-                                                     "by_position": by_position, "by_episode_step": first_steps})
     write_text_atomically(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
