@@ -486,7 +486,7 @@ def test_report_covers_the_runs_of_earlier_invocations(comparison, tmp_path, cap
     for label, seeds in (("ElmurPolicy", "2/2"), ("MlpLstmPolicy", "2/2"), ("MlpPolicy", "1/1")):
         (line,) = [line for line in table.splitlines() if line.startswith(f"| {label} |")]
         assert f"| {seeds} |" in line
-    assert table.count("## ") == 1  # same settings: one section
+    assert table.split("## Provenance")[0].count("## ") == 1  # same settings: one section (then the provenance)
     summary = json.loads((out / "summary.json").read_text())
     assert {(row["label"], tuple(row["seeds"])) for row in summary} == {
         ("ElmurPolicy", (0, 1)), ("MlpLstmPolicy", (0, 1)), ("MlpPolicy", (1,))
