@@ -187,7 +187,8 @@ def check_finite_observation(observation: Any, context: str) -> None:
     for key, value in parts:
         if isinstance(value, torch.Tensor):
             # One reduction (and, on GPU, one sync) per call: an acting step costs much more (measured 0.4%).
-            if not torch.is_floating_point(value) or bool(torch.isfinite(value).all()):
+            finite = finite_flag(value)
+            if finite is None or bool(finite):
                 continue
             value = value.detach().cpu().numpy()
         else:

@@ -225,7 +225,7 @@ def algorithm_class(name: str) -> type:
     raise ValueError(f"unknown algorithm {name!r}: expected a class of sb3_elmur, sb3_contrib or stable_baselines3")
 
 
-def _zip_path(path: Union[str, Path]) -> Path:
+def zip_path(path: Union[str, Path]) -> Path:
     """The file SB3's ``load`` reads for ``path`` (it adds the suffix ``.zip`` to a path that is not a file)."""
     path = Path(path)
     return path if path.is_file() else path.with_name(path.name + ".zip")
@@ -257,7 +257,7 @@ def zip_problem(path: Union[str, Path]) -> Optional[str]:
 def _saved_contents(path: Union[str, Path]) -> Optional[Tuple[Set[str], Set[str]]]:
     """The attribute names and the state-dict names (``policy``, ``policy.optimizer``, ...) a SB3 zip holds,
     or None if it cannot be read as one."""
-    path = _zip_path(path)
+    path = zip_path(path)
     try:
         with zipfile.ZipFile(path) as archive:
             keys = set(json.loads(archive.read("data")))
@@ -276,11 +276,11 @@ def load_algorithm(name: str, path: Union[str, Path], **kwargs: Any) -> BaseAlgo
     from sb3_elmur.bc import RecurrentBC
 
     cls = algorithm_class(name)
-    if _zip_path(path).is_file():  # a missing file is left to SB3's own error
-        problem = zip_problem(_zip_path(path))
+    if zip_path(path).is_file():  # a missing file is left to SB3's own error
+        problem = zip_problem(zip_path(path))
         if problem is not None:
             raise ValueError(
-                f"{_zip_path(path)} is not a readable saved model ({problem}): the file is truncated or damaged (an "
+                f"{zip_path(path)} is not a readable saved model ({problem}): the file is truncated or damaged (an "
                 "interrupted save or copy?); save or copy it again"
             )
     try:

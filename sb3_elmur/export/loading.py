@@ -10,7 +10,7 @@ from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.save_util import load_from_zip_file
 
 from sb3_elmur.common.policies import ElmurPolicy
-from sb3_elmur.common.utils import zip_problem
+from sb3_elmur.common.utils import zip_path, zip_problem
 
 
 class UnsupportedModelError(ValueError):
@@ -20,16 +20,6 @@ class UnsupportedModelError(ValueError):
 # What a damaged or foreign file raises from SB3's zip reader (zipfile, json, torch's reader, pickle).
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, AttributeError, zipfile.BadZipFile,
                 pickle.UnpicklingError)
-
-
-def _zip_file(path: Union[str, Path]) -> Path:
-    """The file SB3's ``load`` would read for ``path`` (it adds ``.zip`` to a path that is not a file)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.with_name(path.name + ".zip").is_file():
-        return path.with_name(path.name + ".zip")
-    raise FileNotFoundError(f"model file not found: {path}")
 
 
 def load_elmur_policy(path: Union[str, Path]) -> Tuple[ElmurPolicy, Dict[str, Any]]:
@@ -45,7 +35,9 @@ def load_elmur_policy(path: Union[str, Path]) -> Tuple[ElmurPolicy, Dict[str, An
     :raises UnsupportedModelError: the file is not a model saved by SB3, or its policy is not an ElmurPolicy (an MLP
         or LSTM policy has no ELMUR state to export), named
     """
-    file = _zip_file(path)
+    file = zip_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
     problem = zip_problem(file)
     if problem is not None:
         raise UnsupportedModelError(f"{file} is not a readable saved model: {problem}")
