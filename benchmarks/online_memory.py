@@ -58,23 +58,25 @@ N_ENVS = 8
 EVAL_SEED = 10_000  # evaluation episodes come from seeds EVAL_SEED + seed, never used in training
 
 
-def make_env(task: Dict[str, Any], n_envs: int, seed: int):
+def make_env(task: Dict[str, Any], n_envs: int, seed: int, env_kwargs: Optional[Dict[str, Any]] = None):
     from stable_baselines3.common.vec_env import VecMonitor
 
+    env_kwargs = env_kwargs or {}
     if task["kind"] == "recall":
         from sb3_elmur.envs.recall import NoisyRecallVecEnv
 
         delay = task["delay"]
-        return VecMonitor(NoisyRecallVecEnv(n_envs, n_cues=3, length=(delay - 5, delay + 5), noise_dims=2, seed=seed))
+        return VecMonitor(NoisyRecallVecEnv(n_envs, n_cues=3, length=(delay - 5, delay + 5), noise_dims=2, seed=seed,
+                                            **env_kwargs))
     if task["kind"] == "tmaze":
         from sb3_elmur.envs import TMazeVecEnv
 
-        return VecMonitor(TMazeVecEnv(n_envs, corridor_length=task["corridor"], variant="passive", seed=seed))
+        return VecMonitor(TMazeVecEnv(n_envs, corridor_length=task["corridor"], variant="passive", seed=seed, **env_kwargs))
     from stable_baselines3.common.env_util import make_vec_env
 
     from sb3_elmur.envs.popgym import make_popgym_env
 
-    return make_vec_env(make_popgym_env, n_envs=n_envs, seed=seed, env_kwargs=dict(env_id=task["env_id"]))
+    return make_vec_env(make_popgym_env, n_envs=n_envs, seed=seed, env_kwargs=dict(env_id=task["env_id"], **env_kwargs))
 
 
 def evaluate(model: Any, task: Dict[str, Any], seed: int) -> float:
@@ -107,7 +109,7 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
     task = TASKS[job["task"]]
     algo, policy = POLICIES[job["policy"]]
     ppo = {**task.get("ppo", {}), **job["ppo_kwargs"]}
-    env = make_env(task, N_ENVS, job["seed"])
+    env = make_env(task, N_ENVS, job["seed"], job.get("env_kwargs"))
     cls = ElmurPPO if algo == "ElmurPPO" else RecurrentPPO
     model = cls(policy, env, seed=job["seed"], policy_kwargs=job["policy_kwargs"] or None, **ppo)
     curve: List[List[float]] = []
@@ -134,7 +136,8 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
     reached = [steps for steps, value in curve if value >= TARGET]
     return {
         "task": job["task"], "label": job["label"], "policy": job["policy"], "seed": job["seed"],
-        "ppo_kwargs": job["ppo_kwargs"], "policy_kwargs": job["policy_kwargs"], "budget": job["budget"],
+        "ppo_kwargs": job["ppo_kwargs"], "policy_kwargs": job["policy_kwargs"], "env_kwargs": job.get("env_kwargs", {}),
+        "budget": job["budget"],
         "curve": curve, "final": curve[-1][1] if curve else None, "steps_to_target": reached[0] if reached else None,
         "train_steps_per_s": model.num_timesteps / max(wall - clock["eval"], 1e-9), "wall_s": wall,
     }
@@ -189,7 +192,8 @@ def report(out: Path, data: Dict[str, Any]) -> None:
     lines += ["Runs by label: settings beyond the defaults, then each command with the code's commit and the date.", ""]
     for label in dict.fromkeys(r["label"] for r in runs):
         rs = [r for r in runs if r["label"] == label]
-        lines.append(f"- {label}: ppo {rs[0]['ppo_kwargs'] or '{}'}, policy {rs[0]['policy_kwargs'] or '{}'}")
+        env_kwargs = f", env {rs[0]['env_kwargs']}" if rs[0].get("env_kwargs") else ""
+        lines.append(f"- {label}: ppo {rs[0]['ppo_kwargs'] or '{}'}, policy {rs[0]['policy_kwargs'] or '{}'}{env_kwargs}")
         for command, commit, day in dict.fromkeys((r["command"], r["commit"], r["date"]) for r in rs):
             lines.append(f"  - `{command}` ({commit}, {day})")
     write_text_atomically(out.with_suffix(".md"), "\n".join(lines) + "\n")
@@ -247,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         "name). Required with --ppo-kwargs or --policy-kwargs, which go under a label of their own.")
     parser.add_argument("--ppo-kwargs", type=json.loads, default={}, help="Algorithm settings beyond the defaults, as JSON.")
     parser.add_argument("--policy-kwargs", type=json.loads, default={}, help="Policy settings beyond the defaults, as JSON.")
+    parser.add_argument("--env-kwargs", type=json.loads, default={},
+                        help="Training env settings beyond the task's, as JSON (for example terminate_on_timeout).")
     parser.add_argument("--eval-every", type=positive_int_argument, default=25_000,
                         help="Env steps between evaluations.")
     parser.add_argument("--budget", type=positive_int_argument, default=None,
@@ -256,14 +262,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "online_memory",
                         help="Results path without suffix: OUT.json, OUT.md and OUT.png.")
     args = parser.parse_args(argv)
-    if (args.ppo_kwargs or args.policy_kwargs) and not args.label:
-        parser.error("--ppo-kwargs and --policy-kwargs need a --label (runs at the defaults keep the policy's name)")
+    if (args.ppo_kwargs or args.policy_kwargs or args.env_kwargs) and not args.label:
+        parser.error("--ppo-kwargs, --policy-kwargs and --env-kwargs need a --label (runs at the defaults keep the "
+                     "policy's name)")
     if args.label and len(args.policies) != 1:
         parser.error("--label names the runs of one policy: give one --policies")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = {key(r) for r in load(args.out)["runs"]}
     jobs = [dict(task=task, policy=policy, label=args.label or policy, seed=seed, ppo_kwargs=args.ppo_kwargs,
-                 policy_kwargs=args.policy_kwargs, eval_every=args.eval_every,
+                 policy_kwargs=args.policy_kwargs, env_kwargs=args.env_kwargs, eval_every=args.eval_every,
                  budget=args.budget or TASKS[task]["budget"])
             for seed in args.seeds for task in args.tasks for policy in args.policies]
     todo = [job for job in jobs if key(job) not in done]
