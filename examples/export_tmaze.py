@@ -4,10 +4,8 @@
     python examples/export_tmaze.py --out-dir runs/export_tmaze  # keep the model zip and the ONNX file
 
 The replay runs through ``sb3_elmur/export/runner.py`` (numpy and onnxruntime; no torch in its own code), on gymnasium
-T-Maze envs, and its success is printed beside the one ``predict`` reaches on the same corridor. Not here: a replay on a
-MIKASA-Robo task, which needs ManiSkill 3 with a Vulkan driver and a much longer training run on CPU
-(``benchmarks/results/mikasa_memory``); the export and the runner take its policies alike (``--channels-last`` for
-camera images).
+T-Maze envs, and its success is printed beside the one ``predict`` reaches on the same corridor. The same on a
+MIKASA-Robo task, with camera images: ``examples/export_mikasa.py``.
 """
 
 import argparse

@@ -30,6 +30,7 @@ from sb3_elmur.export.cli import main as export_main
 from sb3_elmur.export.runner import OnnxPolicy
 from sb3_elmur.export.verify import file_runner
 from tests.dummy_envs import RandomLengthEnv
+from tests.test_maniskill import needs_maniskill
 
 torch.set_num_threads(1)
 # The tests load TorchScript files themselves: torch deprecates TorchScript (docs/export.md), nothing to act on here.
@@ -390,3 +391,18 @@ def test_exported_step_equals_predict_over_10000_steps(tmp_path, policy, action,
                                     restarts={5_001: 1}, batch=2)
     _assert_memory_was_written(state, n_steps)
     print(json.dumps({"policy": policy, "action": action, "format": fmt, "largest_difference": largest}))
+
+
+@needs_maniskill
+def test_mikasa_example_replays_the_exported_policy_as_predict_acts(tmp_path):
+    """``examples/export_mikasa.py``: ElmurPPO trains on RememberColor3 (RGB + joints), the ONNX export replays a whole
+    episode (60 steps, six segments) through the runner's OnnxPolicy with the actions ``predict`` takes."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "export_mikasa.py"
+    result = subprocess.run([sys.executable, str(example), "--timesteps", "64", "--n-envs", "1", "--episodes", "1",
+                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "inputs: obs.joints, obs.rgb, memory, " in result.stdout
+    replay = result.stdout.strip().splitlines()[-1]
+    assert replay.startswith("RememberColor3-v0: replayed 1 episodes (60 steps each on average) ") and "after 64 env" in replay
+    assert float(replay.rsplit("from predict ", 1)[1]) <= 1e-5
+    assert read_description(tmp_path / "elmur_mikasa.onnx")["batch_size"] is None and (tmp_path / "elmur_mikasa.zip").exists()
