@@ -5,10 +5,10 @@ from step to step: its memory changes only when a segment of ``context_length`` 
 partial segment is a function of the observations since the last completed one. So this buffer stores, per env,
 
 - the observations and episode starts of the rollout and of the ``history_length`` steps before it (the
-  *timeline*: ``memory_horizon + context_length - 1`` steps of history, then ``n_steps`` of rollout);
+  *timeline*: ``memory_horizon + anchor_interval - 1`` steps of history, then ``n_steps`` of rollout);
 - an *anchor*, the typed state (memory, slot positions, step, and with cross-segment attention every layer's
-  inputs over the previous segment) at every segment boundary of the timeline (an episode start needs none: the
-  state restarts there);
+  inputs over the previous segment) at every ``anchor_interval``-th step of an episode, a segment boundary (an
+  episode start needs none: the state restarts there);
 
 and rebuilds the state anywhere by running the model from the anchor before it. Training sequences are
 ``sequence_length`` steps of one env; each starts from the last anchor at least ``memory_horizon`` steps before
@@ -30,6 +30,14 @@ from sb3_elmur.common.host_sync import is_accelerated
 from sb3_elmur.common.memory import ElmurState, select_rows
 
 TensorObs = Union[th.Tensor, Dict[str, th.Tensor]]
+
+
+def anchor_interval(config: ElmurConfig) -> int:
+    """Episode steps between the states the buffer keeps: every segment boundary, or with cross-segment
+    attention every other one. There a state also holds every layer's inputs over the previous segment (five times
+    the memory's bytes at the default config); keeping every other one halves what the buffer stores, for up to
+    ``context_length`` more steps recomputed before a training sequence."""
+    return config.context_length * (2 if config.previous_length else 1)
 
 
 class ElmurRolloutBufferSamples(NamedTuple):
@@ -88,12 +96,13 @@ class ElmurRolloutBuffer:
         self.observation_space, self.action_space = observation_space, action_space
         self.gamma, self.gae_lambda = gamma, gae_lambda
         self.sequence_length, self.memory_horizon = sequence_length, memory_horizon
-        self.context_length = k = config.context_length
-        self.history_length = memory_horizon + k - 1
+        self.context_length = config.context_length
+        self.anchor_interval = anchor_interval(config)
+        self.history_length = memory_horizon + self.anchor_interval - 1
         self.timeline_length = self.history_length + buffer_size
-        # Boundaries that need an anchor are at least K steps apart in an episode, and an episode start needs
-        # none: this many slots per env, used as a ring, hold every anchor of the timeline.
-        self.n_anchor_slots = self.timeline_length // k + 2
+        # Anchors are at least anchor_interval steps apart in an episode, and an episode start needs none: this
+        # many slots per env, used as a ring, hold every anchor of the timeline.
+        self.n_anchor_slots = self.timeline_length // self.anchor_interval + 2
         self.action_dim = get_action_dim(action_space)
         shape = (self.timeline_length, n_envs)
         self.observations = self._observation_storage(observation_space, shape)
@@ -186,7 +195,7 @@ class ElmurRolloutBuffer:
         times = start.unsqueeze(1) + th.arange(shortest, device=self.device)
         _, state = policy.backbone_sequences(observations(times), self.anchor_states(start, rows),
                                              self.episode_starts[times, rows.unsqueeze(1)])
-        for offset in range(shortest, int(lengths.max())):  # the rest, fewer than context_length steps
+        for offset in range(shortest, int(lengths.max())):  # the rest, fewer than anchor_interval steps
             active = lengths > offset
             times = th.where(active, start + offset, h - 1)
             _, _, stepped, _ = actor.advance(observations(times), state, self.episode_starts[times, rows] & active)
@@ -194,9 +203,10 @@ class ElmurRolloutBuffer:
         actor.set_state(ElmurState(*(whole.index_copy(0, rows, part) for whole, part in zip(actor.state, state))))
 
     def record_anchor(self, state: ElmurState, episode_starts: th.Tensor) -> None:
-        """Before the step at ``pos``: keep ``state`` (the one that step starts from) where it is at a segment
-        boundary and no episode starts. Every env is written, masked: the others keep what their slot holds."""
-        rows = ~episode_starts & (state.step % self.context_length == 0)
+        """Before the step at ``pos``: keep ``state`` (the one that step starts from) where its episode step is a
+        multiple of ``anchor_interval`` and no episode starts. Every env is written, masked: the others keep what
+        their slot holds."""
+        rows = ~episode_starts & (state.step % self.anchor_interval == 0)
         # On the CPU, testing first skips the writes at most steps; on an accelerator the test would wait for the device.
         if not is_accelerated(self.device) and not bool(rows.any()):
             return

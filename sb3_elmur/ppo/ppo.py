@@ -19,7 +19,7 @@ from sb3_elmur.common.host_sync import is_accelerated
 from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 from sb3_elmur.common.vec_env import host_dones, tensor_device
-from sb3_elmur.ppo.buffers import ElmurRolloutBuffer
+from sb3_elmur.ppo.buffers import ElmurRolloutBuffer, anchor_interval
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
 
@@ -53,7 +53,8 @@ class ElmurPPO(RecurrentPPO):
         None: ``n_steps``). A query's loss reaches the write of a cue ``D`` steps before it only when its row holds
         both: at delay 60 on noisy recall, for 2% of the queries with sequences of 32 and a horizon of 16 (the
         defaults before), 100% with the defaults (``benchmarks/results/credit_reach.md``; RecurrentPPO's
-        buffer: 27-42%). Each sequence recomputes up to ``memory_horizon + context_length - 1`` steps before it,
+        buffer: 27-42%). Each sequence recomputes up to ``memory_horizon + context_length - 1`` steps before it
+        (``2 * context_length - 1`` with cross-segment attention, whose buffer keeps every other boundary's state),
         which costs training time
     :param gae_lambda: GAE's lambda; 0.5 by default, not SB3's 0.95. Memory gets its credit through the gradient of
         the losses (``memory_horizon``), not through GAE; what a high lambda adds is the outcome of a late decision,
@@ -181,15 +182,16 @@ class ElmurPPO(RecurrentPPO):
         :raises InsufficientMemoryError: they do not fit
         """
         config = self.policy.elmur_config
-        k, n_envs = config.context_length, self.n_envs
-        timeline = self.memory_horizon + k - 1 + n_steps  # as ElmurRolloutBuffer lays it out
+        interval, n_envs = anchor_interval(config), self.n_envs
+        timeline = self.memory_horizon + interval - 1 + n_steps  # as ElmurRolloutBuffer lays it out
         obs_spaces = (self.observation_space.spaces.values() if isinstance(self.observation_space, spaces.Dict)
                       else [self.observation_space])
         obs_bytes = sum(int(np.prod(get_obs_shape(space))) * np.dtype(space.dtype).itemsize for space in obs_spaces)
-        anchor_bytes = config.n_layers * config.memory_size * (config.d_model + 1) * 4 + 4
-        buffer = (timeline * n_envs * (obs_bytes + 5) + (timeline // k + 2) * n_envs * anchor_bytes
+        per_layer = config.memory_size * (config.d_model + 1) + config.previous_length * config.d_model
+        anchor_bytes = config.n_layers * per_layer * 4 + 4
+        buffer = (timeline * n_envs * (obs_bytes + 5) + (timeline // interval + 2) * n_envs * anchor_bytes
                   + n_steps * n_envs * (get_action_dim(self.action_space) + 5) * 4)
-        # A training row recomputes up to memory_horizon + context_length - 1 steps before its sequence (fewer
+        # A training row recomputes up to memory_horizon + anchor_interval - 1 steps before its sequence (fewer
         # where an episode starts), with gradients: at least 24 floats per step, layer and d_model were saved for
         # the backward pass (measured 28-56 at the default config).
         rows = max(1, (self.batch_size or n_steps * n_envs) // self.sequence_length)
@@ -198,7 +200,7 @@ class ElmurPPO(RecurrentPPO):
         check_memory(
             buffer + activations,
             f"ElmurPPO with memory_horizon={self.memory_horizon}, n_steps={n_steps}, n_envs={n_envs} and "
-            f"{config.describe()} (rollout buffer of memory_horizon + context_length - 1 + n_steps = {timeline} "
+            f"{config.describe()} (rollout buffer of memory_horizon + {interval - 1} + n_steps = {timeline} "
             f"steps per env: {format_bytes(buffer)}; training activations of {rows} row(s) of up to "
             f"{timeline - n_steps + self.sequence_length} steps: {format_bytes(activations)})",
             f"reduce {largest} (memory_horizon need not exceed the episode length)",
