@@ -243,7 +243,8 @@ def run_tests(budget: float) -> Dict[str, Any]:
     """``pytest -m cuda`` on the test files that have CUDA tests, within ``budget`` seconds."""
     files = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").glob("test_*.py")
                    if "@pytest.mark.cuda" in path.read_text())
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rA", "-p", "no:cacheprovider", *files]
+    # -n 0: one process (the suite's default spreads files over the cores), so the GPU is not shared
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-n", "0", "-q", "-rA", "-p", "no:cacheprovider", *files]
     start = time.time()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     try:

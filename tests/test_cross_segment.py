@@ -109,6 +109,26 @@ def test_elmur_ppo_rollout_matches_training(mode, action_space):
     assert model.rollout_buffer.anchor_previous.shape[-2:] == (4, 16)
 
 
+def test_elmur_ppo_keeps_every_other_boundary_under_a_tenth_of_the_packed_state():
+    """With cross-segment attention ElmurPPO's buffer keeps the state at every 2K-th episode step (its previous
+    segment's inputs are most of it), which at the default config stores per env step under a tenth of RecurrentPPO's
+    packed ELMUR state; without it, every K-th."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    for mode, interval in (("off", 4), ("previous", 8)):
+        model = test_ppo._model(memory_horizon=4, policy_kwargs=dict(cross_segment_attention=mode))
+        model.learn(model.n_steps * model.n_envs)
+        buffer = model.rollout_buffer
+        times, envs = (buffer.anchor_slots >= 0).nonzero(as_tuple=True)
+        steps = buffer.anchor_steps[buffer.anchor_slots[times, envs].long(), envs]
+        assert len(steps) and (steps % interval == 0).all() and (steps % (2 * interval) != 0).any(), (mode, steps)
+    env = make_vec_env("CartPole-v1", n_envs=8, seed=0)
+    buffer = ElmurPPO("ElmurPolicy", env, policy_kwargs=dict(cross_segment_attention="previous")).rollout_buffer
+    packed = RecurrentPPO("ElmurPolicy", env, policy_kwargs=dict(cross_segment_attention="previous")).policy
+    per_step = buffer.state_nbytes() / (buffer.buffer_size * buffer.n_envs)
+    assert per_step <= 2 * packed.lstm_actor.hidden_size * 4 / 10
+
+
 def test_elmur_ppo_rollout_matches_training_dict_image_and_compiled():
     cross = dict(cross_segment_attention="previous")
     test_ppo._assert_rollouts_match_training(
