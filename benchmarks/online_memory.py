@@ -175,17 +175,18 @@ def report(out: Path, data: Dict[str, Any]) -> None:
         task_runs = [r for r in runs if r["task"] == task]
         if not task_runs:
             continue
-        budgets = ", ".join(f"{b:,}" for b in sorted({r["budget"] for r in task_runs}))
-        lines += [f"## {task} (budget {budgets} env steps)", "",
+        budgets = sorted({r["budget"] for r in task_runs})
+        lines += [f"## {task} (budget {', '.join(f'{b:,}' for b in budgets)} env steps)", "",
                   "| policy | seeds | final | best | steps to 0.9 | env steps/s | x LSTM |", "|---|---|---|---|---|---|---|"]
         lstm_speed = [r["train_steps_per_s"] for r in task_runs if r["label"] == LSTM]
-        for label in dict.fromkeys(r["label"] for r in task_runs):
-            rs = sorted((r for r in task_runs if r["label"] == label), key=lambda r: r["seed"])
+        for label, budget in dict.fromkeys((r["label"], r["budget"]) for r in task_runs):
+            rs = sorted((r for r in task_runs if (r["label"], r["budget"]) == (label, budget)), key=lambda r: r["seed"])
             reached = [r["steps_to_target"] for r in rs if r["steps_to_target"] is not None]
             speed = [r["train_steps_per_s"] for r in rs]
             ratio = f"{np.mean(speed) / np.mean(lstm_speed):.2f}" if lstm_speed else "-"
             best = [max(v for _, v in r["curve"]) for r in rs if r["curve"]]
-            lines.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | {_stats([r['final'] for r in rs])} | "
+            name = f"{label}, {budget:,}" if len(budgets) > 1 else label  # one label at two budgets: two rows
+            lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {_stats([r['final'] for r in rs])} | "
                          f"{_stats(best)} | {(f'{np.mean(reached):,.0f}' if reached else 'never')} "
                          f"({len(reached)}/{len(rs)}) | {np.mean(speed):,.0f} | {ratio} |")
         lines.append("")
@@ -211,12 +212,15 @@ def plot(out: Path, runs: List[Dict[str, Any]]) -> None:
     tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for label in dict.fromkeys(r["label"] for r in runs if r["task"] == task):
-            curves = [r["curve"] for r in runs if r["task"] == task and r["label"] == label and r["curve"]]
+        budgets = {r["budget"] for r in runs if r["task"] == task}
+        for label, budget in dict.fromkeys((r["label"], r["budget"]) for r in runs if r["task"] == task):
+            curves = [r["curve"] for r in runs if r["task"] == task and (r["label"], r["budget"]) == (label, budget)
+                      and r["curve"]]
+            name = f"{label}, {budget:,}" if len(budgets) > 1 else label
             n = min(len(c) for c in curves)
             steps = np.array([s for s, _ in curves[0][:n]])
             values = np.array([[v for _, v in c[:n]] for c in curves])
-            ax.plot(steps, values.mean(0), label=f"{label} ({len(curves)})")
+            ax.plot(steps, values.mean(0), label=f"{name} ({len(curves)})")
             ax.fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
         ax.set_title(task)
         ax.set_xlabel("env steps")
