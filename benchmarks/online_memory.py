@@ -266,6 +266,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "online_memory",
                         help="Results path without suffix: OUT.json, OUT.md and OUT.png.")
     args = parser.parse_args(argv)
+    for name in ("ppo_kwargs", "policy_kwargs", "env_kwargs"):
+        if not isinstance(getattr(args, name), dict):
+            parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
     if (args.ppo_kwargs or args.policy_kwargs or args.env_kwargs) and not args.label:
         parser.error("--ppo-kwargs, --policy-kwargs and --env-kwargs need a --label (runs at the defaults keep the "
                      "policy's name)")

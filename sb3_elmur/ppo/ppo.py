@@ -54,8 +54,8 @@ class ElmurPPO(RecurrentPPO):
         both: at delay 60 on noisy recall, for 2% of the queries with sequences of 32 and a horizon of 16 (the
         defaults before), 100% with the defaults (``benchmarks/results/credit_reach.md``; RecurrentPPO's
         buffer: 27-42%). Each sequence recomputes up to ``memory_horizon + context_length - 1`` steps before it
-        (``2 * context_length - 1`` with cross-segment attention, whose buffer keeps every other boundary's state),
-        which costs training time
+        (``memory_horizon + 2 * context_length - 1`` with cross-segment attention: the buffer then keeps every other
+        boundary's state), which costs training time
     :param gae_lambda: GAE's lambda; 0.5 by default, not SB3's 0.95. Memory gets its credit through the gradient of
         the losses (``memory_horizon``), not through GAE; what a high lambda adds is the outcome of a late decision,
         spread over the tens of steps before it whose actions did not matter, as noise in their policy gradient. On
