@@ -18,7 +18,7 @@ Memory restarts with every episode, so training cuts sequences where episodes st
 drops the pieces that hold no loss step).
 """
 
-from typing import Dict, Generator, NamedTuple, Optional, Union
+from typing import Dict, Generator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch as th
@@ -38,6 +38,16 @@ def anchor_interval(config: ElmurConfig) -> int:
     the memory's bytes at the default config); keeping every other one halves what the buffer stores, for up to
     ``context_length`` more steps recomputed before a training sequence."""
     return config.context_length * (2 if config.previous_length else 1)
+
+
+def timeline_layout(config: ElmurConfig, n_steps: int, memory_horizon: int) -> Tuple[int, int, int]:
+    """The buffer's layout per env: steps of history, steps of the timeline (history then rollout), and anchor
+    slots. Anchors are at least ``anchor_interval`` steps apart in an episode, and an episode start needs none: that
+    many slots, used as a ring, hold every anchor of the timeline."""
+    interval = anchor_interval(config)
+    history = memory_horizon + interval - 1
+    timeline = history + n_steps
+    return history, timeline, timeline // interval + 2
 
 
 class ElmurRolloutBufferSamples(NamedTuple):
@@ -98,11 +108,7 @@ class ElmurRolloutBuffer:
         self.sequence_length, self.memory_horizon = sequence_length, memory_horizon
         self.context_length = config.context_length
         self.anchor_interval = anchor_interval(config)
-        self.history_length = memory_horizon + self.anchor_interval - 1
-        self.timeline_length = self.history_length + buffer_size
-        # Anchors are at least anchor_interval steps apart in an episode, and an episode start needs none: this
-        # many slots per env, used as a ring, hold every anchor of the timeline.
-        self.n_anchor_slots = self.timeline_length // self.anchor_interval + 2
+        self.history_length, self.timeline_length, self.n_anchor_slots = timeline_layout(config, buffer_size, memory_horizon)
         self.action_dim = get_action_dim(action_space)
         shape = (self.timeline_length, n_envs)
         self.observations = self._observation_storage(observation_space, shape)

@@ -19,7 +19,7 @@ from sb3_elmur.common.host_sync import is_accelerated
 from sb3_elmur.common.memory import ElmurState
 from sb3_elmur.common.policies import CnnElmurPolicy, ElmurPolicy, MultiInputElmurPolicy
 from sb3_elmur.common.vec_env import host_dones, tensor_device
-from sb3_elmur.ppo.buffers import ElmurRolloutBuffer, anchor_interval
+from sb3_elmur.ppo.buffers import ElmurRolloutBuffer, timeline_layout
 
 SelfElmurPPO = TypeVar("SelfElmurPPO", bound="ElmurPPO")
 
@@ -182,27 +182,27 @@ class ElmurPPO(RecurrentPPO):
         :raises InsufficientMemoryError: they do not fit
         """
         config = self.policy.elmur_config
-        interval, n_envs = anchor_interval(config), self.n_envs
-        timeline = self.memory_horizon + interval - 1 + n_steps  # as ElmurRolloutBuffer lays it out
+        n_envs = self.n_envs
+        history, timeline, anchor_slots = timeline_layout(config, n_steps, self.memory_horizon)
         obs_spaces = (self.observation_space.spaces.values() if isinstance(self.observation_space, spaces.Dict)
                       else [self.observation_space])
         obs_bytes = sum(int(np.prod(get_obs_shape(space))) * np.dtype(space.dtype).itemsize for space in obs_spaces)
         per_layer = config.memory_size * (config.d_model + 1) + config.previous_length * config.d_model
         anchor_bytes = config.n_layers * per_layer * 4 + 4
-        buffer = (timeline * n_envs * (obs_bytes + 5) + (timeline // interval + 2) * n_envs * anchor_bytes
+        buffer = (timeline * n_envs * (obs_bytes + 5) + anchor_slots * n_envs * anchor_bytes
                   + n_steps * n_envs * (get_action_dim(self.action_space) + 5) * 4)
         # A training row recomputes up to memory_horizon + anchor_interval - 1 steps before its sequence (fewer
         # where an episode starts), with gradients: at least 24 floats per step, layer and d_model were saved for
         # the backward pass (measured 28-56 at the default config).
         rows = max(1, (self.batch_size or n_steps * n_envs) // self.sequence_length)
-        activations = rows * (timeline - n_steps + self.sequence_length) * config.n_layers * config.d_model * 24 * 4
+        activations = rows * (history + self.sequence_length) * config.n_layers * config.d_model * 24 * 4
         largest = "memory_horizon" if self.memory_horizon >= n_steps else "n_steps (or n_envs)"
         check_memory(
             buffer + activations,
             f"ElmurPPO with memory_horizon={self.memory_horizon}, n_steps={n_steps}, n_envs={n_envs} and "
-            f"{config.describe()} (rollout buffer of memory_horizon + {interval - 1} + n_steps = {timeline} "
+            f"{config.describe()} (rollout buffer of {history} steps of history + n_steps = {timeline} "
             f"steps per env: {format_bytes(buffer)}; training activations of {rows} row(s) of up to "
-            f"{timeline - n_steps + self.sequence_length} steps: {format_bytes(activations)})",
+            f"{history + self.sequence_length} steps: {format_bytes(activations)})",
             f"reduce {largest} (memory_horizon need not exceed the episode length)",
             self.device,
         )
