@@ -171,6 +171,7 @@ class ElmurLayer(nn.Module):
         previous: Optional[torch.Tensor] = None,
         previous_mask: Optional[torch.Tensor] = None,
         query_offsets: Optional[torch.Tensor] = None,
+        query: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Causal self-attention sub-layer over segments x [N, K, D] (at ``query_offsets`` [N] only: [N, 1, D]).
 
@@ -178,6 +179,8 @@ class ElmurLayer(nn.Module):
             [N, K, D], keys before the segment's own
         :param previous_mask: [N, 1, 1, 2K] additive mask (0 or -inf) of those keys: -inf where the previous segment
             is not of the episode
+        :param query: with ``query_offsets``, the tokens [N, 1, D] of x there (acting: the new token, which the
+            caller holds, so that no gather looks it up)
         """
         causal_bias = self.relative_bias[:, self.offsets] + self.causal_mask  # [H, K, Kp + K]
         if query_offsets is None and previous is None:
@@ -188,7 +191,7 @@ class ElmurLayer(nn.Module):
             causal_bias = causal_bias.unsqueeze(0)
         else:
             causal_bias = causal_bias[:, query_offsets].transpose(0, 1).unsqueeze(2)  # [N, H, 1, Kp + K]
-            x = x[torch.arange(x.shape[0], device=x.device), query_offsets].unsqueeze(1)
+            x = query
         if previous_mask is not None:
             causal_bias = causal_bias + previous_mask
         return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, context, causal_bias))

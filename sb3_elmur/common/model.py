@@ -186,6 +186,7 @@ class ElmurModel(nn.Module):
         previous: torch.Tensor,
         query_offsets: Optional[torch.Tensor] = None,
         outputs: Optional[torch.Tensor] = None,
+        query: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """The layer stack, for training and acting alike: segments [N, S, K, D] at episode steps [N, S, K] through
         every layer, from ``memory`` [N, L, M, D] and its slot ``positions`` [N, L, M].
@@ -198,7 +199,9 @@ class ElmurModel(nn.Module):
             ``outputs``, every layer computes that position only and splices it into its cached outputs
         :param outputs: [N, L, K, D] every layer's outputs at the segment's earlier positions (the cache that
             the previous step returned), or None to compute every position
-        :return: the last layer's outputs [N, S, K, D], memory and positions after the segments, (S = 1) every
+        :param query: with ``outputs``, the new token's embedding [N, 1, D] (each layer then passes its output at the
+            new token to the next, with no lookup in the segment)
+        :return: the last layer's outputs [N, S, K, D] (with ``outputs``: at the new token only, [N, 1, 1, D]), memory and positions after the segments, (S = 1) every
             layer's outputs [N, L, K, D], the cache of the next step, and every layer's inputs [N, S, K, D]
         """
         n, n_segments, k, d = grid.shape
@@ -212,6 +215,7 @@ class ElmurModel(nn.Module):
         read_positions = torch.stack(read_positions, dim=1)  # [N, S, L, M]
         flat_steps = token_steps.view(n * n_segments, k)
         query_steps = None if outputs is None else flat_steps.gather(1, query_offsets.view(n, 1))  # [N, 1]
+        token_index = None if outputs is None else query_offsets.view(n, 1, 1).expand(n, 1, d)
         any_write = any(weights is not None for weights in write_weights)
         kp, previous_mask = self.config.previous_length, None
         if kp:
@@ -235,7 +239,8 @@ class ElmurModel(nn.Module):
                 x = x.view(n, n_segments, k, d)
                 read_bias = layer.memory_bias(flat_steps, layer_positions, slots_query=False)
             else:  # the new token only: [N, 1, 1, D]
-                x = layer.self_attend(h[:, 0], previous[:, i] if kp else None, previous_mask, query_offsets).unsqueeze(1)
+                x = layer.self_attend(h[:, 0], previous[:, i] if kp else None, previous_mask, query_offsets, query)
+                x = x.unsqueeze(1)
                 read_bias = layer.memory_bias(query_steps, layer_positions, slots_query=False)
             read_biases = _per_segment(read_bias, n_segments)
             write_biases = _per_segment(layer.memory_bias(flat_steps, layer_positions, slots_query=True)
@@ -245,8 +250,8 @@ class ElmurModel(nn.Module):
             for s in range(n_segments):
                 layer_memory = self._restart(layer_memory, resets[s], self.memory_init[i])
                 out = layer.read_memory(x[:, s], layer_memory, read_biases[s])
-                if outputs is not None:
-                    out = outputs[:, i].scatter(1, query_offsets.view(n, 1, 1).expand(n, 1, d), out)
+                if outputs is not None:  # the new token's output: the next layer's query, spliced into the cache
+                    query, out = out, outputs[:, i].scatter(1, token_index, out)
                 if write_weights[s] is not None:
                     candidates = layer.candidates(out, layer_memory, write_biases[s])
                     layer_memory = _blend(layer_memory, candidates, write_weights[s][:, i])
@@ -254,6 +259,8 @@ class ElmurModel(nn.Module):
             h = torch.stack(segment_outputs, dim=1)
             new_memory.append(layer_memory)
             layer_outputs.append(segment_outputs[-1])
+        if outputs is not None:
+            h = query.unsqueeze(1)
         return h, torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, dim=1), inputs
 
     def step(
@@ -299,7 +306,8 @@ class ElmurModel(nn.Module):
         :return: step [N] and position in the segment [N] of the new token; the rows that start an episode
             and the rows that complete their segment ([N] bool), each None (CPU only) if there are none
         """
-        episode_starts = episode_starts.to(dtype=torch.bool)
+        if episode_starts.dtype != torch.bool:
+            episode_starts = episode_starts.bool()
         masks = always_masks or is_accelerated(episode_starts.device)
         reset = episode_starts if masks or bool(episode_starts.any()) else None
         step = state.step if reset is None else state.step.masked_fill(reset, 0)
@@ -324,18 +332,19 @@ class ElmurModel(nn.Module):
         segment = state.segment if reset is None else state.segment.masked_fill(reset.view(n, 1, 1), 0.0)
         # The state's segment holds the valid tokens before ``offset`` and zeros after: put the new token at ``offset``.
         tokens = torch.cat([segment, x.new_zeros(n, 1, d)], dim=1)
-        tokens = tokens.scatter(1, offset.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1))
+        token_index, embedded = offset.view(n, 1, 1).expand(n, 1, d), self.embed(x).unsqueeze(1)
+        tokens = tokens.scatter(1, token_index, embedded)
         token_steps = (step - offset).unsqueeze(1) + torch.arange(k, device=x.device)
         previous = state.previous
         if reset is not None and self.config.previous_length:
             previous = previous.masked_fill(reset.view(n, 1, 1, 1), 0.0)
         h, memory, positions, layer_outputs, inputs = self._run_segments(
             tokens.unsqueeze(1), token_steps.unsqueeze(1), state.memory, state.positions, [reset], [complete],
-            previous, offset, outputs,
+            previous, offset, outputs, embedded,
         )
         if self.config.previous_length and complete is not None:  # the completed segment becomes the previous one
             previous = torch.where(complete.view(n, 1, 1, 1), torch.stack([x[:, 0] for x in inputs], dim=1), previous)
-        out = h[:, 0].gather(1, offset.view(n, 1, 1).expand(n, 1, d))[:, 0]
+        out = h.view(n, d) if outputs is not None else h[:, 0].gather(1, token_index)[:, 0]
         if complete is not None:  # the next segment starts empty
             tokens = tokens.masked_fill(complete.view(n, 1, 1), 0.0)
         segment = tokens[:, : k - 1]  # a view either way: the same strides for the next step's compiled graph
@@ -374,4 +383,6 @@ def _per_segment(bias: Optional[torch.Tensor], n_segments: int) -> List[Optional
     """A bias [N * S, ...] computed for all segments at once, as one [N, ...] per segment (all None for None)."""
     if bias is None:
         return [None] * n_segments
+    if n_segments == 1:
+        return [bias]
     return list(bias.view(-1, n_segments, *bias.shape[1:]).unbind(1))
