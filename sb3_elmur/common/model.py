@@ -201,8 +201,9 @@ class ElmurModel(nn.Module):
             the previous step returned), or None to compute every position
         :param query: with ``outputs``, the new token's embedding [N, 1, D] (each layer then passes its output at the
             new token to the next, with no lookup in the segment)
-        :return: the last layer's outputs [N, S, K, D] (with ``outputs``: at the new token only, [N, 1, 1, D]), memory and positions after the segments, (S = 1) every
-            layer's outputs [N, L, K, D], the cache of the next step, and every layer's inputs [N, S, K, D]
+        :return: the last layer's outputs [N, S, K, D] (with ``outputs``: at the new token only, [N, 1, 1, D]),
+            memory and positions after the segments, (S = 1) every layer's outputs [N, L, K, D], the cache of the
+            next step, and every layer's inputs [N, S, K, D]
         """
         n, n_segments, k, d = grid.shape
         # Slot positions and LRU choices depend on the plan only, never on memory content: schedule them for every
@@ -256,12 +257,13 @@ class ElmurModel(nn.Module):
                     candidates = layer.candidates(out, layer_memory, write_biases[s])
                     layer_memory = _blend(layer_memory, candidates, write_weights[s][:, i])
                 segment_outputs.append(out)
-            h = torch.stack(segment_outputs, dim=1)
+            # Acting with the cache, the last layer's outputs are its new token's (query), so no stack of them.
+            h = query.unsqueeze(1) if outputs is not None and i == len(self.layers) - 1 else torch.stack(segment_outputs, 1)
             new_memory.append(layer_memory)
             layer_outputs.append(segment_outputs[-1])
-        if outputs is not None:
-            h = query.unsqueeze(1)
-        return h, torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, dim=1), inputs
+        # Most acting steps neither write nor restart a memory: the state keeps its tensor, with no stack of copies.
+        unchanged = not any_write and all(reset is None for reset in resets) and not self.config.detach_memory
+        return h, memory if unchanged else torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, 1), inputs
 
     def step(
         self,
