@@ -55,7 +55,7 @@ def eight_gb(monkeypatch):
     "kwargs, named",
     [
         (dict(memory_size=10**8), r"mostly memory_size=100000000: the initial memory"),
-        (dict(d_model=2**20), r"mostly d_model=1048576: 2 layers of about 32 x d_model\*\*2 weights"),
+        (dict(d_model=2**20, n_layers=2), r"mostly d_model=1048576: 2 layers of about 32 x d_model\*\*2 weights"),
         (dict(context_length=10**7), r"mostly context_length=10000000: per layer, context_length\*\*2"),
         (dict(distance_bias="clamped", max_distance=10**10), r"mostly max_distance=10000000000"),
     ],
@@ -75,7 +75,7 @@ def test_policy_counts_its_recurrent_states(eight_gb):
     with pytest.raises(sb3_elmur.InsufficientMemoryError, match=r"memory_size=4000000 and context_length=10: 3 "
                                                                r"recurrent state\(s\) of 2.1 GB each"):
         ElmurPolicy(spaces.Box(-1.0, 1.0, (3,), dtype=np.float32), spaces.Discrete(3), lambda _: 3e-4,
-                    memory_size=4_000_000)
+                    memory_size=4_000_000, d_model=64, n_layers=2)
 
 
 def test_huge_memory_horizon_is_refused_before_allocating(eight_gb):
