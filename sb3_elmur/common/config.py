@@ -20,7 +20,7 @@ class ElmurConfig:
         2026-12-06: 64 and 2) learned more online at a fraction of the cost: with ElmurPPO on noisy recall at delay 60
         (150k env steps, 5 seeds) 0.97 +- 0.02 greedy success against 0.92 +- 0.03,
         and only they solved the passive T-Maze at corridor 100 with 64-step rollouts
-        (``benchmarks/results/online_memory_defaults.md``). Widen or deepen them for rich observations
+        (``benchmarks/results/online_memory_diagnosis.md``). Widen or deepen them for rich observations
     :param n_heads: attention heads H (must divide ``d_model``)
     :param memory_size: memory slots per layer M
     :param context_length: segment length K (the attention window, in steps)
