@@ -23,6 +23,7 @@ from stable_baselines3.common.env_util import make_vec_env
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
 from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
+from sb3_elmur.common.config import ElmurConfig
 from sb3_elmur.common.utils import (
     code_commit,
     new_report_path,
@@ -105,7 +106,7 @@ def main() -> None:
         f"shape, median of {args.rounds} rounds of {args.training_passes}. Ratios are against the option off, in the "
         "same run.",
         "",
-        f"Configs: default = `ElmurConfig()`; wide = `{CONFIGS['wide']}`.",
+        f"Configs: default = `{ElmurConfig().describe()}` (the defaults of this commit); wide = `{CONFIGS['wide']}`.",
         "",
         "| config | cross_segment_attention | acting ms/step | x off | training ms/pass | x off | state bytes/env | "
         "RecurrentPPO packed bytes/env/step | ElmurPPO stored bytes/env/step |",

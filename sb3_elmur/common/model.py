@@ -185,6 +185,7 @@ class ElmurModel(nn.Module):
         completes: List[Optional[torch.Tensor]],
         previous: torch.Tensor,
         query_offsets: Optional[torch.Tensor] = None,
+        query_index: Optional[torch.Tensor] = None,
         outputs: Optional[torch.Tensor] = None,
         query: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
@@ -197,6 +198,7 @@ class ElmurModel(nn.Module):
             attention; Kp = 0 without it)
         :param query_offsets: acting, one segment (S = 1): the position [N] of each row's new token; with
             ``outputs``, every layer computes that position only and splices it into its cached outputs
+        :param query_index: the same positions as a scatter index [N, 1, D] (the caller's, built once per step)
         :param outputs: [N, L, K, D] every layer's outputs at the segment's earlier positions (the cache that
             the previous step returned), or None to compute every position
         :param query: with ``outputs``, the new token's embedding [N, 1, D] (each layer then passes its output at the
@@ -216,7 +218,6 @@ class ElmurModel(nn.Module):
         read_positions = torch.stack(read_positions, dim=1)  # [N, S, L, M]
         flat_steps = token_steps.view(n * n_segments, k)
         query_steps = None if outputs is None else flat_steps.gather(1, query_offsets.view(n, 1))  # [N, 1]
-        token_index = None if outputs is None else query_offsets.view(n, 1, 1).expand(n, 1, d)
         any_write = any(weights is not None for weights in write_weights)
         kp, previous_mask = self.config.previous_length, None
         if kp:
@@ -252,7 +253,7 @@ class ElmurModel(nn.Module):
                 layer_memory = self._restart(layer_memory, resets[s], self.memory_init[i])
                 out = layer.read_memory(x[:, s], layer_memory, read_biases[s])
                 if outputs is not None:  # the new token's output: the next layer's query, spliced into the cache
-                    query, out = out, outputs[:, i].scatter(1, token_index, out)
+                    query, out = out, outputs[:, i].scatter(1, query_index, out)
                 if write_weights[s] is not None:
                     candidates = layer.candidates(out, layer_memory, write_biases[s])
                     layer_memory = _blend(layer_memory, candidates, write_weights[s][:, i])
@@ -342,7 +343,7 @@ class ElmurModel(nn.Module):
             previous = previous.masked_fill(reset.view(n, 1, 1, 1), 0.0)
         h, memory, positions, layer_outputs, inputs = self._run_segments(
             tokens.unsqueeze(1), token_steps.unsqueeze(1), state.memory, state.positions, [reset], [complete],
-            previous, offset, outputs, embedded,
+            previous, offset, token_index, outputs, embedded,
         )
         if self.config.previous_length and complete is not None:  # the completed segment becomes the previous one
             previous = torch.where(complete.view(n, 1, 1, 1), torch.stack([x[:, 0] for x in inputs], dim=1), previous)
