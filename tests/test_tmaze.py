@@ -132,7 +132,8 @@ def test_wrong_goal(variant):
 
 
 def test_timeout():
-    env = TMazeEnv(corridor_length=3, noise=False)
+    """With terminate_on_timeout=False a time-out is a truncation (SB3's algorithms bootstrap past it)."""
+    env = TMazeEnv(corridor_length=3, noise=False, terminate_on_timeout=False)
     assert env.time_limit == 5
     transitions = run_episode(env, [RIGHT] * 10, cue=1)
     assert len(transitions) == 5
@@ -148,17 +149,17 @@ def test_timeout():
 
 
 def test_terminate_on_timeout():
-    """With terminate_on_timeout a time-out is a terminal failure, so algorithms do not bootstrap past it."""
-    env = TMazeEnv(corridor_length=3, noise=False, terminate_on_timeout=True)
+    """By default a time-out is a terminal failure, so algorithms do not bootstrap past it."""
+    env = TMazeEnv(corridor_length=3, noise=False)
     transitions = run_episode(env, [RIGHT] * 10, cue=1)
     _, reward, terminated, truncated, info = transitions[-1]
     assert len(transitions) == 5 and reward == 0.0 and terminated and not truncated and info == {"is_success": False}
-    venv = TMazeVecEnv(2, corridor_length=3, seed=0, terminate_on_timeout=True)
+    venv = TMazeVecEnv(2, corridor_length=3, seed=0)
     venv.reset()
     for _ in range(5):
         _, _, dones, infos = venv.step(np.full(2, LEFT))
     assert dones.all() and all(info["TimeLimit.truncated"] is False and info["is_success"] is False for info in infos)
-    venv = TMazeVecEnv(2, corridor_length=3, seed=0)
+    venv = TMazeVecEnv(2, corridor_length=3, seed=0, terminate_on_timeout=False)
     venv.reset()
     for _ in range(5):
         _, _, dones, infos = venv.step(np.full(2, LEFT))
@@ -207,7 +208,7 @@ def test_passive_penalty():
     assert rewards == pytest.approx([0.0, -0.25, -0.25, 0.0, 0.0, 0.0])
 
     transitions = run_episode(env, [DOWN] * 10, cue=-1)
-    assert len(transitions) == env.time_limit and transitions[-1][3]
+    assert len(transitions) == env.time_limit and transitions[-1][2]  # the time-out ends it as a failure
     assert sum(t[1] for t in transitions) == pytest.approx(-env.time_limit / corridor_length)
     assert sum(t[1] for t in run_episode(ref, [DOWN] * 10, cue=-1)) == 0.0
 
@@ -273,12 +274,12 @@ def test_registration():
             assert env.unwrapped.variant == variant
             assert env.unwrapped.corridor_length == 100
             obs, _ = env.reset(seed=0, options={"cue": -1})
-            # Our own time limit (L + 2 = 102) and no gymnasium TimeLimit wrapper
+            # Our own time limit (L + 2 = 102, a failure) and no gymnasium TimeLimit wrapper
             for step in range(1, 200):
                 obs, reward, terminated, truncated, info = env.step(LEFT)
                 if terminated or truncated:
                     break
-            assert step == 102 and truncated and not terminated and info["is_success"] is False
+            assert step == 102 and terminated and not truncated and info["is_success"] is False
             env.close()
     assert gym.make("sb3_elmur/TMaze-v0").unwrapped.corridor_length == 10
 
@@ -315,34 +316,36 @@ def test_oracle_needs_episode_start():
 def test_vec_env_matches_single_env():
     num_envs, n_steps = 6, 400
     rng = np.random.default_rng(0)
-    for corridor_length in (1, 3):
-        for variant in ("reference", "passive"):
-            cues = np.array([1, -1, 1, -1, 1, -1])
-            venv = TMazeVecEnv(num_envs, corridor_length=corridor_length, variant=variant, noise=False, cues=cues)
-            envs = [TMazeEnv(corridor_length=corridor_length, variant=variant, noise=False) for _ in range(num_envs)]
-            vec_obs = venv.reset()
-            single_obs = np.stack([env.reset(options={"cue": int(cue)})[0] for env, cue in zip(envs, cues)])
-            np.testing.assert_array_equal(vec_obs, single_obs)
-            # Bias towards right so that goals are reached regularly
-            all_actions = rng.choice(4, size=(n_steps, num_envs), p=[0.55, 0.15, 0.15, 0.15])
-            outcomes = set()
-            for actions in all_actions:
-                vec_obs, vec_rewards, vec_dones, vec_infos = venv.step(actions)
-                assert vec_rewards.dtype == np.float32 and vec_dones.dtype == bool
-                for i, env in enumerate(envs):
-                    obs, reward, terminated, truncated, info = env.step(actions[i])
-                    assert vec_rewards[i] == pytest.approx(reward)
-                    assert vec_dones[i] == (terminated or truncated)
-                    if terminated or truncated:
-                        np.testing.assert_array_equal(vec_infos[i]["terminal_observation"], obs)
-                        assert vec_infos[i]["is_success"] == info["is_success"]
-                        assert vec_infos[i]["TimeLimit.truncated"] == truncated
-                        outcomes.add("timeout" if truncated else ("success" if info["is_success"] else "failure"))
-                        obs, _ = env.reset(options={"cue": int(cues[i])})
-                    else:
-                        assert vec_infos[i] == {}
-                    np.testing.assert_array_equal(vec_obs[i], obs)
-            assert outcomes == {"timeout", "success", "failure"}
+    for corridor_length, variant, terminal_timeout in [(1, "reference", True), (3, "reference", False),
+                                                       (1, "passive", False), (3, "passive", True)]:
+        cues = np.array([1, -1, 1, -1, 1, -1])
+        kwargs = dict(corridor_length=corridor_length, variant=variant, noise=False, terminate_on_timeout=terminal_timeout)
+        venv = TMazeVecEnv(num_envs, cues=cues, **kwargs)
+        envs = [TMazeEnv(**kwargs) for _ in range(num_envs)]
+        vec_obs = venv.reset()
+        single_obs = np.stack([env.reset(options={"cue": int(cue)})[0] for env, cue in zip(envs, cues)])
+        np.testing.assert_array_equal(vec_obs, single_obs)
+        # Bias towards right so that goals are reached regularly
+        all_actions = rng.choice(4, size=(n_steps, num_envs), p=[0.55, 0.15, 0.15, 0.15])
+        outcomes = set()
+        for actions in all_actions:
+            vec_obs, vec_rewards, vec_dones, vec_infos = venv.step(actions)
+            assert vec_rewards.dtype == np.float32 and vec_dones.dtype == bool
+            for i, env in enumerate(envs):
+                obs, reward, terminated, truncated, info = env.step(actions[i])
+                assert vec_rewards[i] == pytest.approx(reward)
+                assert vec_dones[i] == (terminated or truncated)
+                if terminated or truncated:
+                    np.testing.assert_array_equal(vec_infos[i]["terminal_observation"], obs)
+                    assert vec_infos[i]["is_success"] == info["is_success"]
+                    assert vec_infos[i]["TimeLimit.truncated"] == truncated
+                    outcomes.add("timeout" if truncated else ("success" if info["is_success"] else "failure"))
+                    obs, _ = env.reset(options={"cue": int(cues[i])})
+                else:
+                    assert vec_infos[i] == {}
+                np.testing.assert_array_equal(vec_obs[i], obs)
+        # Time-outs are failures (terminations) unless the envs truncate them
+        assert outcomes == ({"success", "failure"} if terminal_timeout else {"timeout", "success", "failure"})
 
 
 def test_vec_env_auto_reset():
@@ -362,10 +365,10 @@ def test_vec_env_auto_reset():
     assert infos[1] == {}
     assert venv.get_attr("position") == [0, 2]
     assert venv.get_attr("elapsed_steps") == [0, 3]
-    # Env 1 times out on its 4th step (L + 2)
+    # Env 1 times out on its 4th step (L + 2): a failure, not a truncation
     obs, rewards, dones, infos = venv.step(np.array([RIGHT, RIGHT]))
     np.testing.assert_array_equal(dones, [False, True])
-    assert infos[1]["TimeLimit.truncated"] is True and infos[1]["is_success"] is False
+    assert infos[1]["TimeLimit.truncated"] is False and infos[1]["is_success"] is False
     np.testing.assert_array_equal(obs[1], [0.0, -1.0, 0.0, 0.0])
 
 
