@@ -3,7 +3,7 @@
     python benchmarks/elmur_ppo_speed.py --rounds 3 --out benchmarks/results/elmur_ppo_speed.md
 
 Every configuration trains in its own subprocess (so that peak memory is its own) for ``--rollouts`` rollouts
-of sb3-contrib's default size (8 envs x 128 steps, 10 epochs of minibatches of 128) after one rollout of
+of 8 envs x 128 steps, each algorithm at its defaults (epochs: ElmurPPO 6, RecurrentPPO 10), after one rollout of
 warm-up (which also holds the compiling of "compiled acting"); rounds alternate the configurations so that
 load from other jobs weighs on all alike. It reports env steps/s in rollouts, in training and in total (median
 over rounds), the ratios to the LSTM, bytes of recurrent state the buffer stores per env step (from the buffer's
@@ -22,6 +22,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List
 
+from sb3_elmur.common.config import ElmurConfig
 from sb3_elmur.common.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
 # name -> (algorithm, policy, policy_kwargs, algorithm kwargs): the package defaults, and an LSTM of a similar
@@ -113,6 +114,7 @@ def measure(config: str, env_id: str, rollouts: int, n_envs: int, seed: int) -> 
         "state_bytes_per_step": state_bytes / steps_per_rollout,
         "parameters": sum(p.numel() for p in model.policy.parameters()),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "n_epochs": model.n_epochs,
         "grid_rows": statistics.mean(r for r, _ in grids) if grids else None,
         "grid_segments": statistics.mean(s for _, s in grids) if grids else None,
     }
@@ -161,10 +163,10 @@ def main() -> None:
         "",
         f"Command: `{command}` (commit {code_commit(Path(__file__).parent)}, {date.today().isoformat()}; "
         f"{platform.machine()}, Python {platform.python_version()}, one torch thread per process, CPU). "
-        f"{args.n_envs} envs x 128 steps per rollout, 10 epochs of minibatches of 128 steps "
-        "(sb3-contrib's defaults), default policy configs (ELMUR: d_model 64, 2 layers, 2 slots, context 10; "
-        "ElmurPPO: its defaults, sequences and memory horizon of n_steps, 128). Env steps/s: median over rounds; "
-        "x LSTM: ratio to "
+        f"{args.n_envs} envs x 128 steps per rollout, minibatches of 128 steps, each algorithm at its defaults "
+        "(epochs in the table), default policy configs (ELMUR: "
+        f"{ElmurConfig().describe()}; ElmurPPO: its defaults, sequences and memory horizon of n_steps, 128). Env "
+        "steps/s: median over rounds; x LSTM: ratio to "
         f"`{LSTM}` (256 units) in the same run. State bytes: recurrent state stored per env step (ElmurPPO: "
         "anchors, their index and the history's observations; RecurrentPPO: the packed (hidden, cell) pairs of "
         "actor and critic). Peak RSS: the whole process, torch included. Training grid: mean rows x segments of "
@@ -175,13 +177,13 @@ def main() -> None:
         median = {c: {k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None for k in rs[0]}
                   for c, rs in runs[env_id].items()}
         lines += [f"## {env_id}" + (" (corridor 100)" if "TMaze" in env_id else ""), "",
-                  "| configuration | parameters | rollout steps/s | train steps/s | total steps/s | total x LSTM | "
+                  "| configuration | parameters | epochs | rollout steps/s | train steps/s | total steps/s | total x LSTM | "
                   "rollout x LSTM | state bytes/step | peak RSS MiB | training grid |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for config, m in median.items():
             grid = "-" if m.get("grid_rows") is None else f"{m['grid_rows']:.1f} x {m['grid_segments']:.1f}"
             lines.append(
-                f"| {config} | {m['parameters']:,.0f} | {m['rollout_steps_per_s']:,.0f} | {m['train_steps_per_s']:,.0f} | "
+                f"| {config} | {m['parameters']:,.0f} | {m['n_epochs']:.0f} | {m['rollout_steps_per_s']:,.0f} | {m['train_steps_per_s']:,.0f} | "
                 f"{m['total_steps_per_s']:,.0f} | {m['total_steps_per_s'] / median[LSTM]['total_steps_per_s']:.2f} | "
                 f"{m['rollout_steps_per_s'] / median[LSTM]['rollout_steps_per_s']:.2f} | "
                 f"{m['state_bytes_per_step']:,.0f} | {m['peak_rss_mib']:,.0f} | {grid} |"
