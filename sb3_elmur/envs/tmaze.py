@@ -87,11 +87,10 @@ class TMazeEnv(gym.Env):
     :param render_mode: ``None``, ``"ansi"`` (text) or ``"rgb_array"`` (one 8x8 block per cell; SB3's
         ``make_vec_env`` asks for it)
     :param terminate_on_timeout: end a timed-out episode as terminated (a failure, the default) instead of
-        truncated. The time limit is part of the task, so the value after it is 0; with truncation (False, the
-        default until 2026-12-06), SB3's algorithms bootstrap it with the value of the last state, which makes
-        waiting at the junction look as good as turning. Measured with ElmurPPO's defaults at corridor 100 and
-        64-step rollouts (``benchmarks/results/online_memory*.md``): with terminations 1.00 on 3 of 3 seeds at 500k
-        env steps; with truncation 0.50 on 3 of 3 (two had reached 1.00 at 300-325k and lost it).
+        truncated (the default until 2026-12-06). The time limit is part of the task, so the value after it is 0;
+        SB3's algorithms bootstrap a truncation with the last state's value, so waiting at the junction looks as
+        good as turning: ElmurPPO's defaults at corridor 100 (``benchmarks/results/online_memory.md``) end at 1.00
+        on 3 of 3 seeds with terminations, at 0.50 on 3 of 3 with truncation (two solved it and lost it).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
