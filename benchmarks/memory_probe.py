@@ -165,6 +165,18 @@ def run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     if args.freeze_backbone:  # only the heads learn: can PPO read the cue from a latent that holds it?
         for parameter in model.policy.lstm_actor.parameters():
             parameter.requires_grad_(False)
+    if args.backbone_lr_scale != 1.0:  # the backbone learns slower than the heads: does the cue stay in the latent?
+        backbone = list(model.policy.lstm_actor.parameters())
+        ids = {id(p) for p in backbone}
+        heads = [p for p in model.policy.parameters() if id(p) not in ids]
+        optimizer = model.policy.optimizer_class([{"params": heads}, {"params": backbone}], lr=model.lr_schedule(1),
+                                                 **model.policy.optimizer_kwargs)
+
+        def scale_backbone_lr(opt: Any, *_: Any) -> None:  # SB3 sets every group's rate before each update
+            opt.param_groups[1]["lr"] = opt.param_groups[0]["lr"] * args.backbone_lr_scale
+
+        optimizer.register_step_pre_hook(scale_backbone_lr)
+        model.policy.optimizer = optimizer
     probes = [{"steps": 0, **probe(model.policy, args.delay, seed)}]
     print(f"seed {seed}: {probes[-1]}", flush=True)
 
@@ -185,6 +197,7 @@ def run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     return {"label": args.label, "algo": args.algo, "seed": seed, "delay": args.delay, "budget": args.budget,
             "ppo_kwargs": args.ppo_kwargs, "policy_kwargs": args.policy_kwargs, "probes": probes,
             "freeze_backbone": args.freeze_backbone,
+            "backbone_lr_scale": args.backbone_lr_scale,
             "wall_s": time.perf_counter() - began}
 
 
@@ -239,6 +252,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--label", default="defaults", help="Name of these runs in the report.")
     parser.add_argument("--ppo-kwargs", type=json.loads, default={}, help="Algorithm settings beyond the defaults, as JSON.")
     parser.add_argument("--policy-kwargs", type=json.loads, default={}, help="Policy settings beyond the defaults, as JSON.")
+    parser.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                        help="The ELMUR backbone's learning rate as a fraction of the heads' (a diagnosis, not an option).")
     parser.add_argument("--freeze-backbone", action="store_true",
                         help="Train the heads only, the ELMUR backbone kept at its initial weights.")
     parser.add_argument("--budget", type=positive_int_argument, default=150_000, help="Env steps per run.")
