@@ -168,7 +168,8 @@ def child(steps: int, cases: str) -> Dict[str, float]:
 
     # RecurrentPPO.collect_rollouts calls policy.forward on the packed (hidden, cell) state every step.
     env = TMazeVecEnv(16, corridor_length=1_000_000, seed=0)
-    ppo = RecurrentPPO("ElmurPolicy", env, seed=0, device="cpu")
+    # The sizes of the label, not of the defaults (D 32, one layer since 2026-12-06), so both revisions time one model
+    ppo = RecurrentPPO("ElmurPolicy", env, seed=0, device="cpu", policy_kwargs=dict(d_model=64, n_layers=2))
     policy = ppo.policy.set_training_mode(False) or ppo.policy
     obs = torch.as_tensor(env.reset())
     zero = (torch.zeros(1, 16, policy.lstm_hidden_state_shape[2]),) * 2
@@ -179,7 +180,7 @@ def child(steps: int, cases: str) -> Dict[str, float]:
         with torch.no_grad():
             packed["state"] = policy.forward(obs, packed["state"], zeros)[3]
 
-    results["RecurrentPPO rollout step, ElmurPolicy defaults (D 64, 2 layers), 16 envs"] = _ms_per_call(
+    results["RecurrentPPO rollout step, ElmurPolicy (D 64, 2 layers), 16 envs"] = _ms_per_call(
         rollout_step, steps
     )
     # Last: in one run, eager steps timed after a compilation in the same process were a few percent slower.
