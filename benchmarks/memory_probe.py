@@ -160,11 +160,10 @@ def run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
 
     task = dict(kind="recall", delay=args.delay)
     cls = ElmurPPO if args.algo == "ElmurPPO" else RecurrentPPO
-    model = cls("ElmurPolicy", make_env(task, N_ENVS, seed), seed=seed, policy_kwargs=args.policy_kwargs or None,
+    # --freeze-backbone: only the heads learn: can PPO read the cue from a latent that holds it?
+    policy_kwargs = {**args.policy_kwargs, **({"freeze_backbone": True} if args.freeze_backbone else {})}
+    model = cls("ElmurPolicy", make_env(task, N_ENVS, seed), seed=seed, policy_kwargs=policy_kwargs or None,
                 **args.ppo_kwargs)
-    if args.freeze_backbone:  # only the heads learn: can PPO read the cue from a latent that holds it?
-        for parameter in model.policy.lstm_actor.parameters():
-            parameter.requires_grad_(False)
     if args.backbone_lr_scale != 1.0:  # the backbone learns slower than the heads: does the cue stay in the latent?
         backbone = list(model.policy.lstm_actor.parameters())
         ids = {id(p) for p in backbone}

@@ -87,6 +87,30 @@ def test_sequence_longer_than_the_rollout_and_long_horizon():
     _assert_rollouts_match_training(_model(sequence_length=30, memory_horizon=70, batch_size=60), rollouts=4)
 
 
+@pytest.mark.parametrize("algo", [ElmurPPO, RecurrentPPO], ids=["ElmurPPO", "RecurrentPPO"])
+def test_frozen_backbone_trains_only_the_heads_and_stays_frozen_after_load(algo, tmp_path):
+    env = make_vec_env(RandomLengthEnv, n_envs=3, seed=0, env_kwargs=dict(action_space=spaces.Discrete(3),
+                                                                         observation_space=VECTOR))
+    kwargs = dict(sequence_length=10, memory_horizon=13) if algo is ElmurPPO else {}
+    model = algo("ElmurPolicy", env, n_steps=30, batch_size=30, n_epochs=2, seed=0,
+                 policy_kwargs=dict(**SMALL, freeze_backbone=True), **kwargs)
+    backbone = {name: p.clone() for name, p in model.policy.lstm_actor.named_parameters()}
+    heads = model.policy.action_net.weight.clone()
+    if algo is ElmurPPO:
+        _assert_rollouts_match_training(model, rollouts=2)
+    else:
+        model.learn(60)
+    for name, parameter in model.policy.lstm_actor.named_parameters():
+        torch.testing.assert_close(parameter, backbone[name], atol=0, rtol=0)
+    assert not torch.equal(model.policy.action_net.weight, heads)
+    model.save(tmp_path / "frozen")
+    loaded = algo.load(tmp_path / "frozen", env=env)
+    assert loaded.policy.freeze_backbone
+    assert not any(p.requires_grad for p in loaded.policy.lstm_actor.parameters())
+    optimized = {id(p) for group in loaded.policy.optimizer.param_groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in loaded.policy.lstm_actor.parameters())
+
+
 def test_episode_start_resets_only_that_env():
     model = _model(n_envs=2)
     actor = ElmurActor(model.policy, 2)
@@ -221,6 +245,7 @@ def test_bad_configurations_are_named():
     (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
     (dict(compile_acting="yes"), "compile_acting must be True or False, got 'yes'"),
     (dict(policy_kwargs=dict(detach_critic="False")), "detach_critic must be True or False, got 'False'"),
+    (dict(policy_kwargs=dict(freeze_backbone="yes")), "freeze_backbone must be True or False, got 'yes'"),
     (dict(policy_kwargs=dict(shared_backbone="False")), "shared_backbone must be True or False, got 'False'"),
 ])
 def test_silently_wrong_arguments_are_refused(kwargs, message):

@@ -123,6 +123,11 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
     :param detach_critic: With a shared backbone, the critic head reads detached features, so only the policy
         loss trains the backbone (sb3-contrib's ``shared_lstm``). Default False: the value loss trains it too,
         which on POPGym and T-Maze learned much faster (the policy gradient alone shapes memory slowly).
+    :param freeze_backbone: Keep the ELMUR backbone(s) at their random initialisation and train only the features
+        extractor and the heads (an extension beyond the paper, opt-in). Use it when a cue must be recalled far
+        back: PPO's early updates wash a held cue out of a trained backbone's output, while a frozen one keeps it
+        (``benchmarks/results/online_memory.md``; pair it with ``read_init_std=0.3`` so the untrained read is
+        sharp). Training is cheaper too: no gradient goes through the backbone.
     :param elmur_kwargs: Fields of :class:`~sb3_elmur.common.config.ElmurConfig`
     :raises InsufficientMemoryError: the config's sizes ask for more memory than the machine has (named)
     """
@@ -148,12 +153,14 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         optimizer_kwargs: Optional[Dict[str, Any]] = None,
         shared_backbone: bool = True,
         detach_critic: bool = False,
+        freeze_backbone: bool = False,
         **elmur_kwargs: Any,
     ) -> None:
         if use_sde:
             raise ValueError("ElmurPolicy does not support gSDE (use_sde=True): use the default Gaussian noise")
         shared_backbone = check_bool("shared_backbone", shared_backbone)
         detach_critic = check_bool("detach_critic", detach_critic)
+        freeze_backbone = check_bool("freeze_backbone", freeze_backbone)
         share_features_extractor = check_bool("share_features_extractor", share_features_extractor)
         if shared_backbone and not share_features_extractor:
             raise ValueError("shared_backbone=True needs share_features_extractor=True")
@@ -201,7 +208,12 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         self.lstm_actor = ElmurBackbone(self.features_dim, self.elmur_config)
         self.lstm_critic = None if shared_backbone else ElmurBackbone(self.features_dim, self.elmur_config)
         self.lstm_hidden_state_shape = (1, 1, self.lstm_actor.hidden_size)
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.freeze_backbone = freeze_backbone
+        for backbone in (self.lstm_actor, self.lstm_critic):
+            if backbone is not None:
+                backbone.requires_grad_(not freeze_backbone)
+        trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
 
     @property
     def optimizer(self) -> th.optim.Optimizer:
@@ -243,7 +255,8 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> Dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(shared_backbone=self.shared_backbone, detach_critic=self.detach_critic, **vars(self.elmur_config))
+        data.update(shared_backbone=self.shared_backbone, detach_critic=self.detach_critic,
+                    freeze_backbone=self.freeze_backbone, **vars(self.elmur_config))
         return data
 
     def predict(
