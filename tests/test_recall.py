@@ -76,6 +76,8 @@ def test_bad_settings_are_named():
         NoisyRecallEnv(n_cues=1)
     with pytest.raises(ValueError, match="is empty"):
         NoisyRecallVecEnv(2, length=(10, 5))
+    with pytest.raises(ValueError, match="wait must be True or False, got 'False'"):
+        NoisyRecallVecEnv(2, wait="False")
 
 
 def test_evaluate_success_runs_one_episode_per_env():

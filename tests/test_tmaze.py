@@ -238,6 +238,11 @@ def test_bad_arguments():
             TMazeVecEnv(2, cues=bad_cues)
     with pytest.raises(ValueError):
         TMazeEnv().step(4)
+    for flag in ("terminate_on_timeout", "noise"):  # a string from a config would silently count as True
+        with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'False'"):
+            TMazeEnv(**{flag: "False"})
+        with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'False'"):
+            TMazeVecEnv(2, **{flag: "False"})
     venv = TMazeVecEnv(2)
     for bad_actions in ([0, 4], [-1, 0]):
         with pytest.raises(ValueError):

@@ -21,7 +21,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
-from sb3_elmur.common.checks import check_int
+from sb3_elmur.common.checks import check_bool, check_int
 from sb3_elmur.common.vec_env import BatchedVecEnv
 
 Length = Union[int, Tuple[int, int]]
@@ -41,7 +41,7 @@ class _RecallEpisodes:
     def __init__(self, n: int, n_cues: int, length: Length, noise_dims: int, noise_std: float, wait: bool,
                  seed: Optional[int]):
         self.n, self.n_cues, self.noise_dims, self.noise_std = n, check_int("n_cues", n_cues, 2), noise_dims, noise_std
-        self.wait = bool(wait)
+        self.wait = check_bool("wait", wait)
         self.low, self.high = _check_length(length)
         self.rng = np.random.default_rng(seed)
         self.cue = np.zeros(n, dtype=np.int64)

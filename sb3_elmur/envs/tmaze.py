@@ -11,8 +11,7 @@ Two implementations share the same semantics:
 - :class:`TMazeEnv`: a plain ``gymnasium.Env`` (passes SB3's ``check_env``)
 - :class:`TMazeVecEnv`: a numpy-vectorized SB3 ``VecEnv`` for fast training
 
-:class:`TMazeOracle` is a scripted, vectorized expert policy (e.g. to build
-offline datasets).
+:class:`TMazeOracle` is a scripted, vectorized expert policy (e.g. to build offline datasets).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
+from sb3_elmur.common.checks import check_bool
 from sb3_elmur.common.vec_env import BatchedVecEnv
 
 # Action ids
@@ -104,10 +104,10 @@ class TMazeEnv(gym.Env):
         terminate_on_timeout: bool = True,
     ):
         super().__init__()
-        self.terminate_on_timeout = bool(terminate_on_timeout)
+        self.terminate_on_timeout = check_bool("terminate_on_timeout", terminate_on_timeout)
         self.corridor_length = _check_corridor_length(corridor_length)
         self.variant = _check_variant(variant)
-        self.noise = bool(noise)
+        self.noise = check_bool("noise", noise)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"`render_mode` must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.render_mode = render_mode
@@ -268,8 +268,8 @@ class TMazeVecEnv(BatchedVecEnv):
         else:
             self._length_range = (_check_corridor_length(corridor_length),) * 2
         self._variant = _check_variant(variant)
-        self._noise = bool(noise)
-        self.terminate_on_timeout = bool(terminate_on_timeout)
+        self._noise = check_bool("noise", noise)
+        self.terminate_on_timeout = check_bool("terminate_on_timeout", terminate_on_timeout)
         self._fixed_cues = self._check_cues(cues, num_envs)
         # The longest episode (the limit of the longest corridor, with a range)
         self.time_limit = self._length_range[1] + 2
