@@ -17,6 +17,7 @@ there first (about 30 s; ``runs/`` is git-ignored) with the working tree's code.
 """
 
 import argparse
+import hashlib
 import inspect
 import json
 import os
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 # The offline T-Maze model the eval-loop cases act with: trained by ensure_model when missing
@@ -36,6 +37,7 @@ MODEL = ROOT / "runs" / "acting_speed" / "tmaze_offline_ElmurPolicy_s0.zip"
 
 # Keys of a child's results that are seconds, not milliseconds per step: reported below the table.
 SECONDS = "seconds: "
+OPERATORS = "operators: "  # a training pass's aten calls and their fingerprint, which load on the machine cannot change
 
 
 def _ms_per_call(fn: Callable[[], None], calls: int, repeats: int = 3) -> float:
@@ -86,10 +88,30 @@ def training_passes(steps: int) -> Dict[str, float]:
             model.zero_grad()
             (out.square().mean() + after.memory.square().mean()).backward()
 
-        results[f"training pass, forward + backward, {rows} x {length} steps ({what} minibatch), D 64, 2 layers"] = (
-            _ms_per_call(training_pass, max(steps // 10, 10))
-        )
+        case = f"training pass, forward + backward, {rows} x {length} steps ({what} minibatch), D 64, 2 layers"
+        results[case] = _ms_per_call(training_pass, max(steps // 10, 10))
+        calls = _aten_calls(training_pass)
+        results[f"{OPERATORS}{case}"] = len(calls)
+        # 48 bits of the sequence's hash: exact as a JSON float, and two sequences that differ differ here
+        results[f"{OPERATORS}fingerprint, {case}"] = int(hashlib.sha1("\n".join(calls).encode()).hexdigest()[:12], 16)
     return results
+
+
+def _aten_calls(fn: Callable[[], None]) -> List[str]:
+    """Every aten call ``fn`` makes, forward and backward, as 'operator(input shapes)', in order."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: List[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            calls.append(f"{func}{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}")
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return calls
 
 
 def ensure_model() -> None:
@@ -233,7 +255,7 @@ def main() -> None:
                 runs[name].append(json.loads(output.strip().splitlines()[-1]))
                 print(f"round {round_index + 1}/{args.rounds} {name}: {runs[name][-1]}", flush=True)
 
-    cases = [c for c in runs["current"][0] if not c.startswith(SECONDS)]
+    cases = [c for c in runs["current"][0] if not c.startswith((SECONDS, OPERATORS))]
     median = {name: {c: statistics.median(r[c] for r in rs) for c in rs[0]} for name, rs in runs.items()}
     cells = {name: {c: f"{m[c]:.3f}" if c in m else "-" for c in cases} for name, m in median.items()}
     revision = code_commit(ROOT)
@@ -265,6 +287,15 @@ def main() -> None:
     for c in (c for c in median["current"] if c.startswith(SECONDS)):
         lines.append(f"{c[len(SECONDS):]}: {median['current'][c]:.1f} s (median; empty inductor cache).")
     if compiled or any(c.startswith(SECONDS) for c in median["current"]):
+        lines.append("")
+    for c in (c for c in median["current"] if c.startswith(OPERATORS) and ", fingerprint" not in c):
+        fingerprint = c.replace(OPERATORS, f"{OPERATORS}fingerprint, ")
+        same = median["baseline"].get(fingerprint) == median["current"][fingerprint]
+        baseline = f"{median['baseline'][c]:.0f}" if c in median["baseline"] else "-"
+        lines.append(f"{c[len(OPERATORS):]}: {baseline} aten calls in the baseline, "
+                     f"{median['current'][c]:.0f} now; the same operators on the same shapes in the same order: "
+                     f"{'yes' if same else 'no'}.")
+    if any(c.startswith(OPERATORS) for c in median["current"]):
         lines.append("")
     text = "\n".join(lines)
     print(text)

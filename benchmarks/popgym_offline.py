@@ -4,8 +4,8 @@ on six POPGym tasks, ElmurPolicy against the BC-LSTM (MlpLstmPolicy) at the same
     python benchmarks/popgym_offline.py --seeds 0 1 2
 
 The experts are ElmurPPO agents trained as in the POPGym comparison (``benchmarks/results/popgym``): seed 0 of
-each task, 100k env steps, ``presets.POPGYM_POLICY_KWARGS`` and ``POPGYM_PPO_KWARGS`` with sequences of 32 steps and
-a memory horizon of 16 (ElmurPPO's defaults when the committed experts were trained), saved by ``sb3_elmur.compare``
+each task, 100k env steps, ``presets.POPGYM_POLICY_KWARGS`` and ``POPGYM_PPO_KWARGS`` with ElmurPPO's defaults when
+the first experts were trained (``EXPERT_PPO_KWARGS``, ``EXPERT_POLICY_KWARGS``), saved by ``sb3_elmur.compare``
 as ``<runs>/<task>/ElmurPPO-ElmurPolicy/seed0_model.zip``. Models are not committed: an expert that is missing is
 trained first, by ``python -m sb3_elmur.compare ... --out runs/popgym`` (``--runs`` is that folder's ``runs``;
 about 2-7 min per task on one core, ``--jobs`` at a time). Each task's dataset is the expert's greedy episodes,
@@ -60,11 +60,15 @@ CONFIGS: Dict[str, Any] = {
 }
 EVAL_EPISODES = 100
 # The experts' training: the POPGym comparison's ElmurPPO runs (README), seed 0; PPO kwargs over compare's defaults
-# (presets.TMAZE_PPO_KWARGS), which make presets.POPGYM_PPO_KWARGS with ElmurPPO's sequences and horizon of then.
+# (presets.TMAZE_PPO_KWARGS), which make presets.POPGYM_PPO_KWARGS with ElmurPPO's defaults of then (sequences of
+# 32, a horizon of 16, GAE lambda 0.95, advantages normalised; the read initialised at std 0.02), so that an expert
+# trained today is trained as the first ones were.
 EXPERT_LABEL = "ElmurPPO-ElmurPolicy"
 EXPERT_TIMESTEPS = 100_000
 EXPERT_PPO_KWARGS: Dict[str, Any] = {"learning_rate": presets.POPGYM_PPO_KWARGS["learning_rate"],
-                                     "sequence_length": 32, "memory_horizon": 16}
+                                     "sequence_length": 32, "memory_horizon": 16, "gae_lambda": 0.95,
+                                     "normalize_advantage": True}
+EXPERT_POLICY_KWARGS: Dict[str, Any] = {**presets.POPGYM_POLICY_KWARGS, "read_init_std": 0.02}
 # The records in --out: one expert record per task folder that holds runs (``<task>/<name>_s<seed>.json`` beside it)
 RECORDS = "*/expert.json"
 
@@ -82,7 +86,7 @@ def train_experts(tasks: List[str], runs: Path, jobs: int) -> None:
     if runs.name != "runs":
         sys.exit(f"experts missing in {runs}, which is not a comparison's runs folder (<out>/runs) to train them into")
     compare = [sys.executable, "-m", "sb3_elmur.compare", "--envs", *missing, "--policies", "ElmurPPO:ElmurPolicy",
-               "--policy-kwargs", f"{EXPERT_LABEL}={json.dumps(presets.POPGYM_POLICY_KWARGS)}",
+               "--policy-kwargs", f"{EXPERT_LABEL}={json.dumps(EXPERT_POLICY_KWARGS)}",
                "--ppo-kwargs", json.dumps(EXPERT_PPO_KWARGS), "--seeds", "0", "--timesteps", str(EXPERT_TIMESTEPS),
                "--jobs", str(jobs), "--out", str(runs.parent)]
     print("training the missing experts:", " ".join(shlex.quote(arg) for arg in compare), flush=True)

@@ -95,11 +95,14 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=scale)
         else:
             # Training on CPU: the biases are learned, and with a gradient for its mask the fused kernel falls back
-            # to a composite that was 6-8% slower than this form in forward and backward (measured).
-            scores = q @ k.transpose(-1, -2) * scale
+            # to a composite that was 6-8% slower than this form in forward and backward (measured). For one or
+            # two queries (memory writes at M <= 2), broadcast products beat bmm over N * H tiny matrices.
+            few = tq <= 2
+            scores = ((q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if few else q @ k.transpose(-1, -2)) * scale
             if bias is not None:
                 scores = scores + bias
-            out = _dropout(torch.softmax(scores, dim=-1), self.attn_dropout, self.training) @ v
+            weights = _dropout(torch.softmax(scores, dim=-1), self.attn_dropout, self.training)
+            out = (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if few else weights @ v
         return _dropout(self.proj(out.transpose(1, 2).reshape(n, tq, d)), self.dropout, self.training)
 
 
