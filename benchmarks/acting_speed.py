@@ -288,7 +288,7 @@ def main() -> None:
         lines.append(f"{c[len(SECONDS):]}: {median['current'][c]:.1f} s (median; empty inductor cache).")
     if compiled or any(c.startswith(SECONDS) for c in median["current"]):
         lines.append("")
-    for c in (c for c in median["current"] if c.startswith(OPERATORS) and ", fingerprint" not in c):
+    for c in (c for c in median["current"] if c.startswith(OPERATORS) and not c.startswith(f"{OPERATORS}fingerprint")):
         fingerprint = c.replace(OPERATORS, f"{OPERATORS}fingerprint, ")
         same = median["baseline"].get(fingerprint) == median["current"][fingerprint]
         baseline = f"{median['baseline'][c]:.0f}" if c in median["baseline"] else "-"
