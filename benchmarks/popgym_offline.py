@@ -59,6 +59,7 @@ CONFIGS: Dict[str, Any] = {
     "MlpLstmPolicy": ("MlpLstmPolicy", presets.POPGYM_LSTM_POLICY_KWARGS),
 }
 EVAL_EPISODES = 100
+TIE = 0.01  # mean returns this close are a tie: 0.005 of POPGym's normalised score (0.5 * return + 0.5)
 # The experts' training: the POPGym comparison's ElmurPPO runs (README), seed 0; PPO kwargs over compare's defaults
 # (presets.TMAZE_PPO_KWARGS), which make presets.POPGYM_PPO_KWARGS with ElmurPPO's defaults of then (sequences of
 # 32, a horizon of 16, GAE lambda 0.95, advantages normalised; the read initialised at std 0.02), so that an expert
@@ -188,10 +189,13 @@ def table(out: Path, origin: Dict[str, str], name: str) -> str:
         "Return: mean over the seeds (± std over seeds) of each model's mean return on 100 greedy episodes; expert: "
         "the mean return of its dataset.",
         "",
-        "| task | expert | ElmurPolicy | MlpLstmPolicy | seeds | ELMUR >= LSTM |",
+        f"ELMUR against BC-LSTM: means within {TIE} of each other (POPGym's normalised score 0.5 * return + 0.5 "
+        "within 0.005) are a tie.",
+        "",
+        "| task | expert | ElmurPolicy | MlpLstmPolicy | seeds | ELMUR against LSTM |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    wins = tasks = 0
+    verdicts: List[str] = []
     for task_dir in sorted(path for path in out.iterdir() if (path / "expert.json").exists()):
         expert = json.loads((task_dir / "expert.json").read_text())
         means, cells, seeds = {}, [], []
@@ -202,12 +206,16 @@ def table(out: Path, origin: Dict[str, str], name: str) -> str:
             means[name] = float(np.mean(values)) if values else None
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-")
             seeds.append(str(len(values)))
-        better = None if None in means.values() else means["ElmurPolicy"] >= means["MlpLstmPolicy"]
-        tasks += better is not None
-        wins += bool(better)
+        verdict = "-"
+        if None not in means.values():
+            lead = means["ElmurPolicy"] - means["MlpLstmPolicy"]
+            verdict = "tie" if abs(lead) <= TIE else ("ahead" if lead > 0 else "behind")
+            verdicts.append(verdict)
         lines.append(f"| {task_dir.name} | {expert['mean_return']:.3f} | {cells[0]} | {cells[1]} | {'/'.join(seeds)} | "
-                     f"{'-' if better is None else ('yes' if better else 'no')} |")
-    lines += ["", f"ELMUR >= BC-LSTM on {wins} of {tasks} tasks."]
+                     f"{verdict} |")
+    counts = {verdict: verdicts.count(verdict) for verdict in ("ahead", "tie", "behind")}
+    lines += ["", f"ELMUR against BC-LSTM on {len(verdicts)} task(s): ahead on {counts['ahead']}, tied on "
+              f"{counts['tie']}, behind on {counts['behind']}."]
     return "\n".join(lines) + "\n"
 
 
