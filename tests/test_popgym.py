@@ -264,13 +264,19 @@ def test_offline_benchmark_clones_an_expert_and_tabulates_both_policies(popgym_i
     assert row.count(" ± ") == 2 and "| 1/1 |" in row and row.split("|")[-2].strip() in ("ahead", "tie", "behind")
     # Means within 0.01 (0.005 of POPGym's normalised score) are a tie, not a win: the verdicts from crafted records.
     saved = json.loads((tmp_path / "report.json").read_text())
+    runs = {}
     for lstm, verdict in ((0.49, "ahead"), (0.505, "tie"), (0.53, "behind")):
+        runs[f"{verdict}/expert"] = saved["runs"][f"{task}/expert"]
         for name, value in (("ElmurPolicy", 0.51), ("MlpLstmPolicy", lstm)):
-            saved["runs"][f"{task}/{name}_s0"]["evaluations"] = {"100": {"mean_return": value, "std_return": 0.0}}
-        (tmp_path / "crafted.json").write_text(json.dumps(saved))
-        subprocess.run([*rebuild[:-4], "--report", str(tmp_path / "crafted"), "--report-only", "--overwrite"],
-                       check=True, capture_output=True, timeout=300)
-        row = next(line for line in (tmp_path / "crafted.md").read_text().splitlines() if line.startswith(f"| {task} |"))
+            runs[f"{verdict}/{name}_s0"] = {**saved["runs"][f"{task}/{name}_s0"],
+                                            "evaluations": {"100": {"mean_return": value, "std_return": 0.0}}}
+    (tmp_path / "crafted.json").write_text(json.dumps({**saved, "runs": runs}))
+    subprocess.run([*rebuild[:-4], "--report", str(tmp_path / "crafted"), "--report-only", "--overwrite"],
+                   check=True, capture_output=True, timeout=300)
+    crafted = (tmp_path / "crafted.md").read_text()
+    for verdict in ("ahead", "tie", "behind"):
+        row = next(line for line in crafted.splitlines() if line.startswith(f"| {verdict} |"))
         assert row.split("|")[-2].strip() == verdict
+    assert "on 3 task(s): ahead on 1, tied on 1, behind on 1." in crafted
     again = subprocess.run(command + ["--gradient-steps", "3"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "gradient_steps=2, not 3" in again.stderr and "Traceback" not in again.stderr
