@@ -37,7 +37,9 @@ MODEL = ROOT / "runs" / "acting_speed" / "tmaze_offline_ElmurPolicy_s0.zip"
 
 # Keys of a child's results that are seconds, not milliseconds per step: reported below the table.
 SECONDS = "seconds: "
-OPERATORS = "operators: "  # a training pass's aten calls and their fingerprint, which load on the machine cannot change
+# Keys of a training pass's aten call count and of their sequence's fingerprint, which load on the machine cannot change
+OPERATORS = "operators: "
+FINGERPRINT = f"{OPERATORS}fingerprint, "
 
 
 def _ms_per_call(fn: Callable[[], None], calls: int, repeats: int = 3) -> float:
@@ -93,7 +95,7 @@ def training_passes(steps: int) -> Dict[str, float]:
         calls = _aten_calls(training_pass)
         results[f"{OPERATORS}{case}"] = len(calls)
         # 48 bits of the sequence's hash: exact as a JSON float, and two sequences that differ differ here
-        results[f"{OPERATORS}fingerprint, {case}"] = int(hashlib.sha1("\n".join(calls).encode()).hexdigest()[:12], 16)
+        results[f"{FINGERPRINT}{case}"] = int(hashlib.sha1("\n".join(calls).encode()).hexdigest()[:12], 16)
     return results
 
 
@@ -288,8 +290,8 @@ def main() -> None:
         lines.append(f"{c[len(SECONDS):]}: {median['current'][c]:.1f} s (median; empty inductor cache).")
     if compiled or any(c.startswith(SECONDS) for c in median["current"]):
         lines.append("")
-    for c in (c for c in median["current"] if c.startswith(OPERATORS) and not c.startswith(f"{OPERATORS}fingerprint")):
-        fingerprint = c.replace(OPERATORS, f"{OPERATORS}fingerprint, ")
+    for c in (c for c in median["current"] if c.startswith(OPERATORS) and not c.startswith(FINGERPRINT)):
+        fingerprint = FINGERPRINT + c[len(OPERATORS):]
         same = median["baseline"].get(fingerprint) == median["current"][fingerprint]
         baseline = f"{median['baseline'][c]:.0f}" if c in median["baseline"] else "-"
         lines.append(f"{c[len(OPERATORS):]}: {baseline} aten calls in the baseline, "
