@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -267,7 +268,7 @@ def main() -> None:
         "# Acting and training speed: baseline versus current",
         "",
         f"Command: `{command}` ({platform.machine()}, Python {platform.python_version()}, one torch thread per "
-        f"process); baseline `{args.baseline}`, current: working tree at `{revision}`.",
+        f"process); baseline `{args.baseline}`, current: working tree at `{revision}`; {date.today().isoformat()}.",
         "",
         f"Milliseconds per step or training pass (best of 3 x {args.steps} consecutive steps, or a tenth as many "
         f"passes, median over {args.rounds} alternating "
