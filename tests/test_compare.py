@@ -493,11 +493,43 @@ def test_report_covers_the_runs_of_earlier_invocations(comparison, tmp_path, cap
     }  # fmt: skip
 
 
+def test_archive_rebuilds_the_report_and_skips_its_runs_without_their_folder(comparison, tmp_path, capsys):
+    """A fresh clone holds the archive but no run folder: the report is rebuilt and no archived run is redone."""
+    out, args, _ = comparison
+    table = (out / "results.md").read_text()
+    archive = tmp_path / "results" / "archive.json"
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    assert compare.main([*args[:-1], str(copy), "--archive", str(archive)]) == 0  # all finished: nothing trains
+    archived = compare.read_archive(archive)
+    assert [(r["spec"]["label"], r["spec"]["seed"]) for r in archived] == [
+        ("ElmurPolicy", 0), ("ElmurPolicy", 1), ("MlpLstmPolicy", 0), ("MlpLstmPolicy", 1)
+    ]  # fmt: skip
+    assert archived == [record for _, record in sorted(_records(out).items())]
+    fresh = tmp_path / "fresh"
+    assert compare.main(["--report-only", "--out", str(fresh), "--archive", str(archive)]) == 0
+    assert (fresh / "results.md").read_text() == table
+    capsys.readouterr()
+    assert compare.main([*args[:-1], str(fresh), "--archive", str(archive)]) == 0
+    assert "4 runs: 4 finished (skipped), 0 to run" in capsys.readouterr().out
+    # Other settings for the archived runs are refused before any training, naming the archive.
+    with pytest.raises(SystemExit):
+        compare.main([*args[:-1], str(tmp_path / "other"), "--archive", str(archive), "--timesteps", "4096"])
+    err = capsys.readouterr().err
+    assert f"the archive {archive} holds these runs with other settings" in err and "differs in timesteps" in err
+    assert not (tmp_path / "other" / "runs").exists()
+    archive.write_text('{"format": "sb3_elmur.compare archive 1", "records": [{"spec": {}}]}')
+    with pytest.raises(SystemExit):
+        compare.main(["--report-only", "--out", str(fresh), "--archive", str(archive)])
+    assert f"record 0 of the archive {archive} is not a run record of sb3_elmur.compare" in capsys.readouterr().err
+
+
 def test_elmur_ppo_runs_as_an_algorithm_of_the_comparison(tmp_path):
-    """``ALGO:POLICY`` picks the algorithm: the run trains with ElmurPPO and the table names it."""
-    out = tmp_path / "out"
-    _run_cli(*TINY_ARGS, "--policies", "ElmurPPO:ElmurPolicy", "--out", str(out), cwd=tmp_path)
+    """``ALGO:POLICY`` picks the algorithm: the run trains with ElmurPPO and the table names it. With --archive, the
+    run's record goes to the archive as the run finishes."""
+    out, archive = tmp_path / "out", tmp_path / "archive.json"
+    _run_cli(*TINY_ARGS, "--policies", "ElmurPPO:ElmurPolicy", "--out", str(out), "--archive", str(archive), cwd=tmp_path)
     ((label, _), record), = _records(out).items()
+    assert compare.read_archive(archive) == [record]
     assert label == "ElmurPPO-ElmurPolicy" and record["spec"]["algo"] == "ElmurPPO" and record["status"] == "finished"
     model_path = out / "runs" / "sb3_elmur-PassiveTMaze-v0" / label / "seed0_model.zip"
     assert ElmurPPO.load(model_path, device="cpu").num_timesteps == 2048

@@ -2,7 +2,7 @@
 described in :mod:`sb3_elmur.compare.cli`).
 
 Modules: ``spec`` (settings -> run specs, and their checks), ``envs`` (the envs of a spec), ``records`` (a run's
-files and record), ``locks`` (a run's lock), ``worker`` (one run, in its process), ``launcher`` (the runs' workers),
+files and record, and the archive of finished records), ``locks`` (a run's lock), ``worker`` (one run, in its process), ``launcher`` (the runs' workers),
 ``report`` (table and summary), ``plot`` (curves) and ``cli`` (the command).
 """
 
@@ -13,16 +13,22 @@ from sb3_elmur.compare.launcher import PreparedRuns, _outcome, launch_runs, prep
 from sb3_elmur.compare.locks import RunLock
 from sb3_elmur.compare.plot import CURVES, curve_label, plot_curves
 from sb3_elmur.compare.records import (
+    ARCHIVE_FORMAT,
     FAILED,
     FINISHED,
     PENDING,
     UNFINISHED,
     RunPaths,
+    add_to_archive,
+    archive_finished,
+    check_record,
     env_slug,
     group_records,
     new_record,
+    read_archive,
     read_record,
     record_paths_in,
+    restore_archived,
     run_name,
     run_scores,
 )
@@ -53,6 +59,7 @@ from sb3_elmur.compare.worker import EVAL_SEED_OFFSET, load_checkpoint, run_work
 
 __all__ = [
     "ALGORITHMS",
+    "ARCHIVE_FORMAT",
     "CONFIG_KEYS",
     "CURVES",
     "DEFAULT_POLICIES",
@@ -71,7 +78,10 @@ __all__ = [
     "RunLock",
     "RunPaths",
     "UNFINISHED",
+    "add_to_archive",
+    "archive_finished",
     "build_specs",
+    "check_record",
     "check_runs",
     "check_writable",
     "curve_label",
@@ -92,10 +102,12 @@ __all__ = [
     "parse_wrapper_list",
     "plot_curves",
     "prepare_runs",
+    "read_archive",
     "read_record",
     "record_paths_in",
     "resolve_classes",
     "resolve_policy",
+    "restore_archived",
     "run_name",
     "run_scores",
     "run_worker",

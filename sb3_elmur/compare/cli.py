@@ -23,7 +23,7 @@ from sb3_elmur.common.checks import check_device, check_int
 from sb3_elmur.compare import worker
 from sb3_elmur.compare.envs import check_runs
 from sb3_elmur.compare.launcher import launch_runs, prepare_runs
-from sb3_elmur.compare.records import read_record, record_paths_in
+from sb3_elmur.compare.records import archive_finished, read_record, record_paths_in, restore_archived
 from sb3_elmur.compare.report import write_report
 from sb3_elmur.compare.spec import (
     DEFAULT_POLICIES,
@@ -49,7 +49,7 @@ def _epilog() -> str:
         "(ENV=none for none).",
         "A --config file (JSON or YAML) takes the long option names with '_': envs, policies, seeds, timesteps, "
         "n_envs, eval_freq, eval_episodes, stochastic_eval, ppo_kwargs, policy_kwargs {label: {...}}, env_kwargs "
-        "{env: {...}}, wrappers {env: [name or {name: kwargs}]}, gym_packages, out, jobs, threads, device, "
+        "{env: {...}}, wrappers {env: [name or {name: kwargs}]}, gym_packages, out, archive, jobs, threads, device, "
         "elmur_scalars. Command-line values override it.",
         "Evaluations run at step 0, at the first rollout boundary at or after each multiple of --eval-freq, and at "
         "the end. Scores: final return (last evaluation), MMER (maximum over evaluations of the mean return) and "
@@ -60,7 +60,9 @@ def _epilog() -> str:
         "Output in --out: runs/<env>/<label>/seed<N>.json (+ .log, .lock while running, checkpoint while "
         "unfinished, final model), tensorboard/<env>/<label>_seed<N>_1, results.md, summary.json, "
         "learning_curves.png. The report covers every run in --out, also those of earlier invocations with other "
-        "policies or seeds; failed runs are marked in it.",
+        "policies or seeds; failed runs are marked in it. With --archive FILE, finished runs are also kept in FILE "
+        "(settings, evaluations, scores, wall time; no model): commit it, and a fresh clone rebuilds the report with "
+        "--report-only and resumes the comparison without redoing them.",
     ]
     return "\n\n".join(textwrap.fill(paragraph, 100, break_on_hyphens=False) for paragraph in paragraphs)
 
@@ -108,6 +110,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="JSON or YAML file with any of the settings above (default: none)")
     parser.add_argument("--out", help="output folder, created if missing (default: compare_runs)")
+    parser.add_argument(
+        "--archive", help="JSON file keeping the records of finished runs (e.g. in git): read first, so that the runs "
+        "it holds are not redone and are in the report without their run folder; each run that finishes is added "
+        "(default: none)",
+    )  # fmt: skip
     parser.add_argument("--jobs", type=int, help="runs at a time, one process each (default: 1)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: 1)")
     parser.add_argument("--device", help="torch device (default: cpu)")
@@ -139,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         return run_worker(Path(args.worker), args.deadline, args.lock_fd)
+    archive: Optional[Path] = None
     try:
         settings = settings_from_args(args)
         out = Path(settings.get("out") or "compare_runs")
@@ -153,12 +161,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_device(options["device"], "--device")
         if args.time_budget is not None and args.time_budget <= 0:
             raise ValueError(f"--time-budget must be positive, got {args.time_budget}")
-        if args.report_only:
-            if not record_paths_in(out):
-                raise ValueError(f"--report-only: no run records in {out / 'runs'}")
-        else:
-            specs = build_specs(settings)
+        specs = [] if args.report_only else build_specs(settings)
         check_writable(out)
+        archive = Path(settings["archive"]) if settings.get("archive") else None
+        if archive is not None:
+            restored = restore_archived(out, archive, specs)
+            if restored:
+                print(f"{len(restored)} finished runs restored from the archive {archive}", flush=True)
+            archive_finished(out, archive)  # the runs finished before this invocation, and a check that it is writable
+        if args.report_only and not record_paths_in(out):
+            raise ValueError(f"--report-only: no run records in {out / 'runs'}")
+    except OSError as error:
+        parser.error(f"the archive {archive}: {error.strerror or error}")
     except ValueError as error:
         parser.error(str(error))
     failed: List[Path] = []
@@ -181,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for busy in prepared.busy:
                 print(f"skipped, running elsewhere: {busy}", flush=True)
             deadline = worker._clock() + args.time_budget if args.time_budget else None
-            failed = launch_runs(prepared.to_run, jobs, deadline, prepared.locks)
+            failed = launch_runs(prepared.to_run, jobs, deadline, prepared.locks, archive)
         finally:
             prepared.release()
     text = write_report(out)

@@ -15,6 +15,7 @@ from sb3_elmur.compare.records import (
     FINISHED,
     UNFINISHED,
     RunPaths,
+    add_to_archive,
     final_success,
     last_error_line,
     new_record,
@@ -148,7 +149,11 @@ def _outcome(path: Path, returncode: int) -> Tuple[str, bool]:
 
 
 def launch_runs(
-    record_paths: List[Path], jobs: int, deadline: Optional[float], locks: Optional[Dict[Path, RunLock]] = None
+    record_paths: List[Path],
+    jobs: int,
+    deadline: Optional[float],
+    locks: Optional[Dict[Path, RunLock]] = None,
+    archive: Optional[Path] = None,
 ) -> List[Path]:
     """Run the workers, ``jobs`` at a time. The console gets one line when a run starts, one per evaluation (read
     from its record) and one when it ends, with its scores or why it failed; the rest of a worker's output goes to
@@ -159,6 +164,7 @@ def launch_runs(
     :param deadline: Unix time after which no run starts and the running ones stop cleanly
     :param locks: the runs' locks (record path -> lock), handed down to their workers and released (their files
         removed) when they end
+    :param archive: the archive file that each finished run's record is added to (default: none)
     :return: the record paths of runs that failed
     """
     locks = locks or {}
@@ -202,6 +208,10 @@ def launch_runs(
                 print(f"{run.tag}: {line}", flush=True)
                 if run_failed:
                     failed.append(run.path)
+                elif archive is not None:
+                    record = read_record(run.path)
+                    if record["status"] == FINISHED:
+                        add_to_archive(archive, [record])
             running = still_running
             if running:
                 time.sleep(0.2)

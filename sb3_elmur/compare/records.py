@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from sb3_elmur.common.utils import write_json_atomically
+
 FINISHED, UNFINISHED, FAILED, PENDING = "finished", "unfinished", "failed", "pending"
 
 
@@ -38,9 +40,15 @@ def read_record(path: Path) -> Dict[str, Any]:
             record = json.load(file)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read the run record {path} ({error}); delete it to redo the run") from error
+    check_record(record, f"the run record {path}", "delete it to redo the run")
+    return record
+
+
+def check_record(record: Any, name: str, remedy: str) -> None:
+    """Fail with an error naming ``name`` and ``remedy`` unless ``record`` holds what the report reads (an edited
+    or cut record is named, not a KeyError there)."""
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict) or "status" not in record:
-        raise ValueError(f"{path} is not a run record of sb3_elmur.compare; delete it to redo the run")
-    # The report reads these: a record without them (edited, or cut by hand) is named, not a KeyError there.
+        raise ValueError(f"{name} is not a run record of sb3_elmur.compare; {remedy}")
     evaluations = record.get("evaluations")
     missing = [key for key in ("timesteps", "mean_return") if not isinstance(evaluations, dict)
                or not isinstance(evaluations.get(key), list)]
@@ -50,10 +58,9 @@ def read_record(path: Path) -> Dict[str, Any]:
         missing += [key for key in ("final_mean_return", "mmer", "mmer_normalised", "wall_time_s") if key not in record]
     if missing:
         raise ValueError(
-            f"the run record {path} lacks {', '.join(missing)} (evaluations.timesteps and evaluations.mean_return are "
-            "lists in every record); delete it to redo the run"
+            f"{name} lacks {', '.join(missing)} (evaluations.timesteps and evaluations.mean_return are lists in every "
+            f"record); {remedy}"
         )
-    return record
 
 
 def record_paths_in(out: Path) -> List[Path]:
@@ -115,3 +122,75 @@ def run_scores(mean_returns: Sequence[float]) -> Dict[str, float]:
     mmer = float(max(mean_returns))
     return dict(final_mean_return=float(mean_returns[-1]), mmer=mmer, mmer_normalised=0.5 * mmer + 0.5)
 
+
+
+# The archive: one JSON file (e.g. committed to git) holding the records of finished runs, so that a fresh clone or
+# another machine rebuilds the report, and skips those runs, without their run folder.
+ARCHIVE_FORMAT = "sb3_elmur.compare archive 1"
+
+
+def read_archive(archive: Path) -> List[Dict[str, Any]]:
+    """The finished run records kept in the archive file ``archive`` (none if the file does not exist yet)."""
+    if not archive.exists():
+        return []
+    remedy = "fix or move the file (--archive names another)"
+    try:
+        with open(archive) as file:
+            data = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read the archive {archive} ({error}); {remedy}") from error
+    if not isinstance(data, dict) or data.get("format") != ARCHIVE_FORMAT or not isinstance(data.get("records"), list):
+        raise ValueError(f"{archive} is not an archive of sb3_elmur.compare ({ARCHIVE_FORMAT!r}); {remedy}")
+    for number, record in enumerate(data["records"]):
+        check_record(record, f"record {number} of the archive {archive}", remedy)
+        if record["status"] != FINISHED:
+            raise ValueError(f"record {number} of the archive {archive} is {record['status']}, not finished; {remedy}")
+    return data["records"]
+
+
+def restore_archived(out: Path, archive: Path, specs: Sequence[Dict[str, Any]] = ()) -> List[Path]:
+    """Write into ``out`` the archived records whose run has no record there, so that they count as finished.
+
+    :param out: output folder of the comparison
+    :param archive: the archive file
+    :param specs: the runs of this invocation: an archived run with other settings is refused, as in ``out``
+    :return: the record paths written
+    """
+    by_path = {RunPaths(out, spec).record: spec for spec in specs}
+    records = read_archive(archive)
+    conflicts = []
+    for record in records:
+        path = RunPaths(out, record["spec"]).record
+        current = read_record(path)["spec"] if path.exists() else by_path.get(path)
+        if current is not None and current != record["spec"]:
+            differences = sorted(key for key in set(current) | set(record["spec"])
+                                 if current.get(key) != record["spec"].get(key))
+            conflicts.append(f"{run_name(record['spec'])} (differs in {', '.join(differences)})")
+    if conflicts:
+        raise ValueError(f"the archive {archive} holds these runs with other settings; use another --archive (or "
+                         "--out, settings):\n  " + "\n  ".join(conflicts))
+    restored = []
+    for record in records:
+        path = RunPaths(out, record["spec"]).record
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(path, record)
+            restored.append(path)
+    return restored
+
+
+def add_to_archive(archive: Path, records: Sequence[Dict[str, Any]]) -> None:
+    """Add (or replace, by env id, label and seed) finished run records in the archive file, atomically."""
+    kept = {(r["spec"]["env_id"], r["spec"]["label"], r["spec"]["seed"]): r for r in read_archive(archive)}
+    for record in records:
+        if record["status"] != FINISHED:
+            raise ValueError(f"only finished runs are archived; {run_name(record['spec'])} is {record['status']}")
+        kept[(record["spec"]["env_id"], record["spec"]["label"], record["spec"]["seed"])] = record
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(archive, dict(format=ARCHIVE_FORMAT, records=[kept[key] for key in sorted(kept)]))
+
+
+def archive_finished(out: Path, archive: Path) -> None:
+    """Add the finished runs of ``out`` (of this and earlier invocations) to the archive file."""
+    records = [read_record(path) for path in record_paths_in(out)]
+    add_to_archive(archive, [record for record in records if record["status"] == FINISHED])

@@ -191,6 +191,7 @@ CONFIG_KEYS = (
     "wrappers",
     "gym_packages",
     "out",
+    "archive",
     "jobs",
     "threads",
     "device",
