@@ -446,6 +446,29 @@ def test_report_states_the_real_evaluation_interval(tmp_path):
     assert text.count("## E") == 2 and "every 1,536 steps" in text and text.count("| L (P) | A | 7 | 1/1 |") == 2
 
 
+def test_report_scores_each_policy_against_the_reference(tmp_path):
+    def record(label, seed, normalised):
+        spec = dict(env_id="E", label=label, policy="P", algo="A", seed=seed, timesteps=100, n_envs=1, eval_freq=50,
+                    eval_episodes=5, deterministic_eval=True, env_kwargs={}, wrappers=[], ppo_kwargs={"n_steps": 50})
+        mmer = 2 * normalised - 1
+        evaluations = dict(timesteps=[0, 50, 100], mean_return=[mmer] * 3, std_return=[0.0] * 3, mean_length=[3.0] * 3)
+        return dict(spec=spec, status="finished", evaluations=evaluations, final_mean_return=mmer, mmer=mmer,
+                    mmer_normalised=normalised, wall_time_s=1.0, n_parameters=7)  # fmt: skip
+
+    # Normalised MMER per seed: the reference R at 0.50 +- 0.01; A ahead, B tied (within 0.005), C behind by more
+    # than twice the pooled std, D behind but within it.
+    scores = dict(R=(0.49, 0.51), A=(0.51, 0.53), B=(0.50, 0.508), C=(0.40, 0.42), D=(0.47, 0.51))
+    records = [record(label, seed, value) for label, values in scores.items() for seed, value in enumerate(values)]
+    text = compare.write_table(records, tmp_path / "results.md", reference="R")
+    cells = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines() if "| A |" in line}
+    assert cells == {"R (P)": "-", "A (P)": "ahead (+0.020)", "B (P)": "tie (+0.004)",
+                     "C (P)": "behind (-0.090), beyond 2 std", "D (P)": "behind (-0.010)"}  # fmt: skip
+    tally = text.split("## Against R")[1].split("## Provenance")[0]
+    assert "- A: ahead on 1, tied on 0, behind on 0 (beyond 2 std on 0) of 1 env(s)" in tally
+    assert "- C: ahead on 0, tied on 0, behind on 1 (beyond 2 std on 1) of 1 env(s)" in tally
+    assert "against R" not in compare.write_table(records, tmp_path / "results.md")
+
+
 def test_curve_labels_count_seeds_in_the_singular_and_plural():
     assert compare.curve_label("ElmurPolicy", 1) == "ElmurPolicy (1 seed)"
     assert compare.curve_label("lstm", 3) == "lstm (3 seeds)"
@@ -517,6 +540,13 @@ def test_archive_rebuilds_the_report_and_skips_its_runs_without_their_folder(com
     err = capsys.readouterr().err
     assert f"the archive {archive} holds these runs with other settings" in err and "differs in timesteps" in err
     assert not (tmp_path / "other" / "runs").exists()
+    # The report scores the policies against a reference label; an unknown label is refused before any work.
+    assert compare.main(["--report-only", "--out", str(fresh), "--reference", "MlpLstmPolicy"]) == 0
+    assert "| ElmurPolicy | RecurrentPPO |" in capsys.readouterr().out and "## Against MlpLstmPolicy" in (
+        fresh / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        compare.main([*args[:-1], str(fresh), "--reference", "LSTM"])
+    assert "--reference LSTM: no policy of that label in this comparison" in capsys.readouterr().err
     archive.write_text('{"format": "sb3_elmur.compare archive 1", "records": [{"spec": {}}]}')
     with pytest.raises(SystemExit):
         compare.main(["--report-only", "--out", str(fresh), "--archive", str(archive)])

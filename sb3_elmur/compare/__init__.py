@@ -32,7 +32,7 @@ from sb3_elmur.compare.records import (
     run_name,
     run_scores,
 )
-from sb3_elmur.compare.report import evaluation_schedule, summarize, write_report, write_table
+from sb3_elmur.compare.report import TIE, against_reference, evaluation_schedule, summarize, write_report, write_table
 from sb3_elmur.compare.spec import (
     ALGORITHMS,
     CONFIG_KEYS,
@@ -77,8 +77,10 @@ __all__ = [
     "RESERVED_PPO_KWARGS",
     "RunLock",
     "RunPaths",
+    "TIE",
     "UNFINISHED",
     "add_to_archive",
+    "against_reference",
     "archive_finished",
     "build_specs",
     "check_record",

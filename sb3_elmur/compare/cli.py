@@ -24,7 +24,7 @@ from sb3_elmur.compare import worker
 from sb3_elmur.compare.envs import check_runs
 from sb3_elmur.compare.launcher import launch_runs, prepare_runs
 from sb3_elmur.compare.records import archive_finished, read_record, record_paths_in, restore_archived
-from sb3_elmur.compare.report import write_report
+from sb3_elmur.compare.report import TIE, write_report
 from sb3_elmur.compare.spec import (
     DEFAULT_POLICIES,
     DEFAULT_POLICY_KWARGS,
@@ -49,7 +49,8 @@ def _epilog() -> str:
         "(ENV=none for none).",
         "A --config file (JSON or YAML) takes the long option names with '_': envs, policies, seeds, timesteps, "
         "n_envs, eval_freq, eval_episodes, stochastic_eval, ppo_kwargs, policy_kwargs {label: {...}}, env_kwargs "
-        "{env: {...}}, wrappers {env: [name or {name: kwargs}]}, gym_packages, out, archive, jobs, threads, device, "
+        "{env: {...}}, wrappers {env: [name or {name: kwargs}]}, gym_packages, out, archive, reference, tie, jobs, "
+        "threads, device, "
         "elmur_scalars. Command-line values override it.",
         "Evaluations run at step 0, at the first rollout boundary at or after each multiple of --eval-freq, and at "
         "the end. Scores: final return (last evaluation), MMER (maximum over evaluations of the mean return) and "
@@ -123,6 +124,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="do not log ELMUR's memory scalars to TensorBoard (default: logged)",
     )  # fmt: skip
     parser.add_argument(
+        "--reference", metavar="LABEL", help="a policy label (e.g. MlpLstmPolicy) that the report scores the others "
+        "against per env: ahead, tied or behind by the normalised MMER mean (default: none)",
+    )  # fmt: skip
+    parser.add_argument("--tie", type=float, help=f"with --reference: normalised MMER means this close are a tie "
+                        f"(default: {TIE})")
+    parser.add_argument(
         "--time-budget", type=float, help="seconds: stop cleanly after this, resume later (default: no limit)"
     )
     parser.add_argument(
@@ -171,6 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             archive_finished(out, archive)  # the runs finished before this invocation, and a check that it is writable
         if args.report_only and not record_paths_in(out):
             raise ValueError(f"--report-only: no run records in {out / 'runs'}")
+        reference, tie = settings.get("reference"), settings.get("tie", TIE)
+        if isinstance(tie, bool) or not isinstance(tie, (int, float)) or not 0 <= tie < 1:
+            raise ValueError(f"--tie must be a number in [0, 1), got {tie!r}")
+        labels = {spec["label"] for spec in specs} | {path.parent.name for path in record_paths_in(out)}
+        if reference is not None and reference not in labels:
+            raise ValueError(f"--reference {reference}: no policy of that label in this comparison ({sorted(labels)})")
     except OSError as error:
         parser.error(f"the archive {archive}: {error.strerror or error}")
     except ValueError as error:
@@ -198,7 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             failed = launch_runs(prepared.to_run, jobs, deadline, prepared.locks, archive)
         finally:
             prepared.release()
-    text = write_report(out)
+    try:
+        text = write_report(out, reference, tie)
+    except ValueError as error:  # the reference's records could not be read
+        parser.error(str(error))
     if args.report_only and not text:
         parser.error(f"--report-only: no readable run records in {out / 'runs'}")
     if text:

@@ -24,6 +24,10 @@ from sb3_elmur.compare.records import (
 )
 
 
+# Normalised MMERs (POPGym's 0.5 * MMER + 0.5) this close are a tie: the POPGym comparison's rule.
+TIE = 0.005
+
+
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
@@ -86,15 +90,38 @@ def evaluation_schedule(records: List[Dict[str, Any]]) -> str:
     return f"at step 0, {every} and at the end"
 
 
+def against_reference(row: Dict[str, Any], reference: Dict[str, Any], tie: float = TIE) -> Optional[Dict[str, Any]]:
+    """How a summary row scores against the reference policy's row of the same env and settings.
+
+    :param row: a :func:`summarize` row
+    :param reference: the reference policy's row
+    :param tie: normalised MMER means this close are a tie
+    :return: ``lead`` (difference of the normalised MMER means), ``verdict`` ("ahead", "tie" or "behind") and
+        ``beyond_2_std`` (behind by more than twice the pooled std of the two rows, sqrt((std1^2 + std2^2) / 2));
+        None if either row has no finished seed
+    """
+    if "mmer_normalised" not in row or "mmer_normalised" not in reference:
+        return None
+    lead = row["mmer_normalised"] - reference["mmer_normalised"]
+    pooled_std = float(np.sqrt((row["mmer_normalised_std"] ** 2 + reference["mmer_normalised_std"] ** 2) / 2))
+    verdict = "tie" if abs(lead) <= tie else ("ahead" if lead > 0 else "behind")
+    return dict(lead=lead, verdict=verdict, beyond_2_std=verdict == "behind" and -lead > 2 * pooled_std)
+
+
 def _section_settings(spec: Dict[str, Any]) -> str:
     """The settings a table section states (runs that differ in them go to separate sections)."""
     keys = ("timesteps", "n_envs", "eval_freq", "eval_episodes", "deterministic_eval", "env_kwargs", "wrappers")
     return json.dumps([spec.get(key) for key in keys] + [spec.get("ppo_kwargs", {}).get("n_steps")], sort_keys=True)
 
 
-def write_table(records: List[Dict[str, Any]], path: Path) -> str:
+def write_table(records: List[Dict[str, Any]], path: Path, reference: Optional[str] = None, tie: float = TIE) -> str:
     """Markdown table of the :func:`summarize` rows of ``records``, one section per env and settings.
 
+    :param records: the run records
+    :param path: where to write it
+    :param reference: a policy label: a column says whether each other policy is ahead of it, tied or behind
+        (:func:`against_reference`), and a list ends the tables with the count per policy
+    :param tie: normalised MMER means this close are a tie
     :return: the markdown
     """
     lines = [
@@ -106,6 +133,12 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
         "time of one seed's run (training and evaluations). Failed runs are counted in the seeds column, left out of "
         "the scores and curves, and listed at the end.",
     ]
+    if reference is not None:
+        lines[-1] += (
+            f" Against {reference}: the lead of the normalised MMER mean; means within {tie} are a tie; \"beyond 2 "
+            "std\" marks a loss by more than twice the pooled std of the two rows."
+        )
+    tally: Dict[str, List[Dict[str, Any]]] = {}
     sections: Dict[Tuple[str, str], List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]] = {}
     for row, group in zip(summarize(records), group_records(records).values()):
         sections.setdefault((row["env_id"], _section_settings(group[0]["spec"])), []).append((row, group))
@@ -123,9 +156,10 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
             f"wrappers: {', '.join(str(w) for w in spec['wrappers']) or 'none'}.",
             "",
             "| policy | algorithm | parameters | seeds | final return | MMER | normalised MMER | final success | "
-            "wall time / seed |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "wall time / seed |" + (f" against {reference} |" if reference is not None else ""),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if reference is not None else ""),
         ]
+        reference_row = next((row for row, _ in section if row["label"] == reference), None)
         for row, _ in section:
             name = row["label"] if row["label"] == row["policy"] else f"{row['label']} ({row['policy']})"
             parameters = f"{row['n_parameters']:,}" if row["n_parameters"] else "-"
@@ -136,7 +170,15 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
                 f"| {name} | {row['algo']} | {parameters} | {seeds} | "
                 f"{_fmt(row, 'final_mean_return')} | {_fmt(row, 'mmer')} | {_fmt(row, 'mmer_normalised')} | "
                 f"{_fmt(row, 'final_success', 2)} | {_fmt(row, 'wall_time_s', 1, ' s')} |"
+                + (f" {_against_cell(row, reference_row, tie, tally)} |" if reference is not None else "")
             )
+    if reference is not None:
+        lines += ["", f"## Against {reference}", ""]
+        lines += [f"- {label}: ahead on {_count(outcomes, 'ahead')}, tied on {_count(outcomes, 'tie')}, behind on "
+                  f"{_count(outcomes, 'behind')} (beyond 2 std on {sum(o['beyond_2_std'] for o in outcomes)}) of "
+                  f"{len(outcomes)} env(s)" for label, outcomes in tally.items()]
+        if not tally:
+            lines.append(f"No env has finished runs of {reference} and of another policy.")
     lines += ["", "## Provenance", "", "The invocations that ran (or last resumed) the runs, with the code's commit and "
               "the date of each run's last session:", ""]
     provenance: Dict[Tuple[str, str, str], int] = {}
@@ -160,12 +202,30 @@ def write_table(records: List[Dict[str, Any]], path: Path) -> str:
     return text
 
 
-def write_report(out: Path) -> Optional[str]:
+def _against_cell(row: Dict[str, Any], reference_row: Optional[Dict[str, Any]], tie: float,
+                  tally: Dict[str, List[Dict[str, Any]]]) -> str:
+    """The table's cell of ``row`` against the reference (and the outcome added to ``tally``, by label)."""
+    if reference_row is None or row is reference_row:
+        return "-"
+    outcome = against_reference(row, reference_row, tie)
+    if outcome is None:
+        return "-"
+    tally.setdefault(row["label"], []).append(outcome)
+    return f"{outcome['verdict']} ({outcome['lead']:+.3f})" + (", beyond 2 std" if outcome["beyond_2_std"] else "")
+
+
+def _count(outcomes: List[Dict[str, Any]], verdict: str) -> int:
+    return sum(outcome["verdict"] == verdict for outcome in outcomes)
+
+
+def write_report(out: Path, reference: Optional[str] = None, tie: float = TIE) -> Optional[str]:
     """Table (``results.md``), summary (``summary.json``) and curves (``learning_curves.png``; where the envs report
     ``is_success``, ``success_curves.png``) in ``out``, of every
     run record there (this invocation's and earlier ones'), so that a run on a subset never drops the others.
 
     :param out: output folder of the comparison
+    :param reference: a policy label the others are scored against (:func:`write_table`)
+    :param tie: normalised MMER means this close are a tie
     :return: the table, or None if there is no run record
     """
     records = []
@@ -176,7 +236,10 @@ def write_report(out: Path) -> Optional[str]:
             print(f"left out of the report: {error}", file=sys.stderr)
     if not records:
         return None
-    text = write_table(records, out / "results.md")
+    if reference is not None and reference not in {record["spec"]["label"] for record in records}:
+        labels = sorted({record["spec"]["label"] for record in records})
+        raise ValueError(f"--reference {reference}: no run of that policy label in {out}; the labels there: {labels}")
+    text = write_table(records, out / "results.md", reference, tie)
     write_json_atomically(out / "summary.json", summarize(records))
     if importlib.util.find_spec("matplotlib") is not None:
         plot_curves(records, out / "learning_curves.png")

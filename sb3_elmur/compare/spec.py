@@ -192,6 +192,8 @@ CONFIG_KEYS = (
     "gym_packages",
     "out",
     "archive",
+    "reference",
+    "tie",
     "jobs",
     "threads",
     "device",
