@@ -498,7 +498,7 @@ def test_report_covers_the_runs_of_earlier_invocations(comparison, tmp_path, cap
     out, _, _ = comparison
     out = Path(shutil.copytree(out, tmp_path / "out"))
 
-    def launch_in_process(record_paths, jobs, deadline, locks):  # a worker process would import torch anew (slow)
+    def launch_in_process(record_paths, jobs, deadline, locks, archive):  # a worker process would import torch anew (slow)
         return [path for path in record_paths if run_worker(path, deadline, locks[path].fd) != 0]
 
     monkeypatch.setattr(compare.cli, "launch_runs", launch_in_process)
