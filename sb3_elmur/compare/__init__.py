@@ -2,8 +2,9 @@
 described in :mod:`sb3_elmur.compare.cli`).
 
 Modules: ``spec`` (settings -> run specs, and their checks), ``envs`` (the envs of a spec), ``records`` (a run's
-files and record, and the archive of finished records), ``locks`` (a run's lock), ``worker`` (one run, in its process), ``launcher`` (the runs' workers),
-``report`` (table and summary), ``plot`` (curves) and ``cli`` (the command).
+files and record, and the archive of finished records), ``locks`` (a run's lock), ``worker`` (one run, in its
+process), ``launcher`` (the runs' workers), ``report`` (table, summary and the verdicts against a reference),
+``plot`` (curves) and ``cli`` (the command).
 """
 
 from sb3_elmur.common.utils import zip_problem as _zip_problem
