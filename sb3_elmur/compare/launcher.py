@@ -21,6 +21,7 @@ from sb3_elmur.compare.records import (
     new_record,
     read_record,
     run_name,
+    spec_differences,
 )
 
 
@@ -53,7 +54,7 @@ def prepare_runs(out: Path, specs: List[Dict[str, Any]], options: Dict[str, Any]
     for spec in specs:
         paths = RunPaths(out, spec)
         if paths.record.exists():
-            differences = _spec_differences(read_record(paths.record)["spec"], spec)
+            differences = spec_differences(read_record(paths.record)["spec"], spec)
             if differences:
                 conflicts.append(f"{paths.record} (differs in {', '.join(differences)})")
     if conflicts:
@@ -85,10 +86,6 @@ def prepare_runs(out: Path, specs: List[Dict[str, Any]], options: Dict[str, Any]
         prepared.release()
         raise
     return prepared
-
-
-def _spec_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
 
 
 class _Running(NamedTuple):

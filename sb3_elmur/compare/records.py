@@ -123,6 +123,10 @@ def run_scores(mean_returns: Sequence[float]) -> Dict[str, float]:
     return dict(final_mean_return=float(mean_returns[-1]), mmer=mmer, mmer_normalised=0.5 * mmer + 0.5)
 
 
+def spec_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """The settings in which two run specs differ, sorted."""
+    return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+
 
 # The archive: one JSON file (e.g. committed to git) holding the records of finished runs, so that a fresh clone or
 # another machine rebuilds the report, and skips those runs, without their run folder.
@@ -163,8 +167,7 @@ def restore_archived(out: Path, archive: Path, specs: Sequence[Dict[str, Any]] =
         path = RunPaths(out, record["spec"]).record
         current = read_record(path)["spec"] if path.exists() else by_path.get(path)
         if current is not None and current != record["spec"]:
-            differences = sorted(key for key in set(current) | set(record["spec"])
-                                 if current.get(key) != record["spec"].get(key))
+            differences = spec_differences(current, record["spec"])
             conflicts.append(f"{run_name(record['spec'])} (differs in {', '.join(differences)})")
     if conflicts:
         raise ValueError(f"the archive {archive} holds these runs with other settings; use another --archive (or "
