@@ -21,7 +21,9 @@ The report (command, code commit, date, device) is rewritten as results come in,
 Nothing is downloaded: the machine needs torch with CUDA and what the README's test command installs, ``pip install
 -e ".[dev,maniskill]" && pip install --no-deps mikasa-robo-suite==1.0.0``, and a Vulkan driver (NVIDIA's) for SAPIEN.
 ``--dry-run`` runs the same code on the CPU, with CPU simulation, one env, 36 x 36 images and rollouts of 8 steps, and
-compiles with dynamo's eager backend (no code generation), in about a minute (``tests/test_gpu_check.py``).
+compiles with dynamo's eager backend (no code generation), in about a minute; its test and that of
+``benchmarks/maniskill_gpu.py --dry-run`` are slow tests, to run before a device session: ``python -m pytest -m slow -k
+dry_run``.
 """
 
 import argparse

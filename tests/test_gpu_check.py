@@ -24,8 +24,10 @@ def _run(args: List[str], timeout: float = 400) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 @needs_maniskill
 def test_dry_run_writes_every_section(tmp_path):
+    """The whole check on the CPU. Slow (75 s): run it before a device session, with ``pytest -m slow -k dry_run``."""
     out = tmp_path / "gpu_check.md"
     result = _run(["--dry-run", "--out", str(out)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -295,7 +295,9 @@ np.save(sys.argv[3], actions)
 
 
 @needs_maniskill
-@pytest.mark.parametrize("policy", ["MultiInputElmurPolicy", "MultiInputLstmPolicy"])
+# The LSTM on the adapter is in the default suite through rl-zoo3 (test_zoo_trains_lstm_on_a_mikasa_task); this
+# form of it, a minute of CPU rendering, runs with -m slow.
+@pytest.mark.parametrize("policy", ["MultiInputElmurPolicy", pytest.param("MultiInputLstmPolicy", marks=pytest.mark.slow)])
 def test_recurrent_ppo_trains_on_a_mikasa_task_saves_and_loads_in_a_new_process(policy: str, tmp_path) -> None:
     import sb3_elmur  # noqa: F401
     from sb3_contrib import RecurrentPPO
@@ -304,9 +306,10 @@ def test_recurrent_ppo_trains_on_a_mikasa_task_saves_and_loads_in_a_new_process(
     env = ManiSkillVecEnv("RememberColor3-v0", n_envs=2, obs_mode="rgb+joints", image_size=36, seed=0)
     policy_kwargs = (dict(d_model=32, n_layers=1, memory_size=2, context_length=10) if "Elmur" in policy
                      else dict(lstm_hidden_size=32))
-    model = RecurrentPPO(policy, env, n_steps=64, batch_size=64, n_epochs=1, policy_kwargs=policy_kwargs, seed=0)
-    model.learn(256)
-    assert model.num_timesteps == 256
+    # Two rollouts of 32 steps: every env step renders on the CPU
+    model = RecurrentPPO(policy, env, n_steps=32, batch_size=64, n_epochs=1, policy_kwargs=policy_kwargs, seed=0)
+    model.learn(128)
+    assert model.num_timesteps == 128
     model.save(tmp_path / "model")
     obs = env.reset()
     env.close()
@@ -346,9 +349,11 @@ def test_compare_runs_mikasa_ids_on_the_adapter() -> None:
         make_env({**spec, "wrappers": ["sb3_elmur.envs.popgym.PreviousActionWrapper"]}, n_envs=1, seed=0)
 
 
+@pytest.mark.slow
 @needs_maniskill
 def test_gpu_benchmark_dry_run_trains_saves_and_resumes(tmp_path) -> None:
-    """``benchmarks/maniskill_gpu.py --dry-run``: the GPU run's code on the CPU backend, tiny."""
+    """``benchmarks/maniskill_gpu.py --dry-run``: the GPU run's code on the CPU backend, tiny. Slow (80 s, three
+    processes that each start ManiSkill): run it before a device session, with ``pytest -m slow -k dry_run``."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "maniskill_gpu.py"
     command = [sys.executable, str(script), "--dry-run", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, cwd=tmp_path, timeout=300)
