@@ -553,6 +553,27 @@ def test_archive_rebuilds_the_report_and_skips_its_runs_without_their_folder(com
     assert f"record 0 of the archive {archive} is not a run record of sb3_elmur.compare" in capsys.readouterr().err
 
 
+def test_archive_additions_wait_for_each_other(comparison, tmp_path):
+    """Two invocations adding to one archive at the same moment: the second waits for the first's lock, then adds
+    to what the first wrote, so no record is lost."""
+    import threading
+
+    out, _, _ = comparison
+    first, second = [record for _, record in sorted(_records(out).items())][:2]
+    archive = tmp_path / "archive.json"
+    lock = tmp_path / ".archive.json.lock"
+    held = utils.open_locked(lock)  # the other invocation, between its read and its write
+    adding = threading.Thread(target=compare.add_to_archive, args=(archive, [second]))
+    adding.start()
+    adding.join(0.5)
+    assert adding.is_alive()  # waiting for the lock
+    utils.write_json_atomically(archive, dict(format=compare.ARCHIVE_FORMAT, records=[first]))  # its write
+    lock.unlink()
+    os.close(held)
+    adding.join(10)
+    assert not adding.is_alive() and compare.read_archive(archive) == [first, second] and not lock.exists()
+
+
 def test_elmur_ppo_runs_as_an_algorithm_of_the_comparison(tmp_path):
     """``ALGO:POLICY`` picks the algorithm: the run trains with ElmurPPO and the table names it. With --archive, the
     run's record goes to the archive as the run finishes."""

@@ -1,10 +1,11 @@
 """The files of one run (record, log, checkpoint, model) and its JSON record."""
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from sb3_elmur.common.utils import write_json_atomically
+from sb3_elmur.common.utils import open_locked, write_json_atomically
 
 FINISHED, UNFINISHED, FAILED, PENDING = "finished", "unfinished", "failed", "pending"
 
@@ -183,14 +184,25 @@ def restore_archived(out: Path, archive: Path, specs: Sequence[Dict[str, Any]] =
 
 
 def add_to_archive(archive: Path, records: Sequence[Dict[str, Any]]) -> None:
-    """Add (or replace, by env id, label and seed) finished run records in the archive file, atomically."""
-    kept = {(r["spec"]["env_id"], r["spec"]["label"], r["spec"]["seed"]): r for r in read_archive(archive)}
+    """Add (or replace, by env id, label and seed) finished run records in the archive file, atomically.
+
+    Two invocations may add at the same moment (their ``--out`` differ, their archive not): the read, change and
+    write happen under a lock beside the archive (``.<name>.lock``, removed afterwards), so neither loses the
+    other's records.
+    """
     for record in records:
         if record["status"] != FINISHED:
             raise ValueError(f"only finished runs are archived; {run_name(record['spec'])} is {record['status']}")
-        kept[(record["spec"]["env_id"], record["spec"]["label"], record["spec"]["seed"])] = record
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(archive, dict(format=ARCHIVE_FORMAT, records=[kept[key] for key in sorted(kept)]))
+    lock = archive.with_name(f".{archive.name}.lock")
+    fd = open_locked(lock, wait=True)
+    try:
+        kept = {(r["spec"]["env_id"], r["spec"]["label"], r["spec"]["seed"]): r for r in read_archive(archive)}
+        for record in records:
+            kept[(record["spec"]["env_id"], record["spec"]["label"], record["spec"]["seed"])] = record
+        write_json_atomically(archive, dict(format=ARCHIVE_FORMAT, records=[kept[key] for key in sorted(kept)]))
+    finally:
+        lock.unlink(missing_ok=True)  # before the unlock, so that a waiting writer opens a new lock file
+        os.close(fd)
 
 
 def archive_finished(out: Path, archive: Path) -> None:
