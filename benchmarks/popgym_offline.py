@@ -44,6 +44,7 @@ from sb3_elmur.common.utils import (
     train_and_evaluate_once,
     write_json_atomically,
 )
+from sb3_elmur.compare.report import verdict
 from sb3_elmur.envs.popgym import make_popgym_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
@@ -206,14 +207,13 @@ def table(out: Path, origin: Dict[str, str], name: str) -> str:
             means[name] = float(np.mean(values)) if values else None
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "-")
             seeds.append(str(len(values)))
-        verdict = "-"
+        scored = "-"
         if None not in means.values():
-            lead = means["ElmurPolicy"] - means["MlpLstmPolicy"]
-            verdict = "tie" if abs(lead) <= TIE else ("ahead" if lead > 0 else "behind")
-            verdicts.append(verdict)
+            scored = verdict(means["ElmurPolicy"] - means["MlpLstmPolicy"], TIE)
+            verdicts.append(scored)
         lines.append(f"| {task_dir.name} | {expert['mean_return']:.3f} | {cells[0]} | {cells[1]} | {'/'.join(seeds)} | "
-                     f"{verdict} |")
-    counts = {verdict: verdicts.count(verdict) for verdict in ("ahead", "tie", "behind")}
+                     f"{scored} |")
+    counts = {name: verdicts.count(name) for name in ("ahead", "tie", "behind")}
     lines += ["", f"ELMUR against BC-LSTM on {len(verdicts)} task(s): ahead on {counts['ahead']}, tied on "
               f"{counts['tie']}, behind on {counts['behind']}."]
     return "\n".join(lines) + "\n"

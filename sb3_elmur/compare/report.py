@@ -90,6 +90,11 @@ def evaluation_schedule(records: List[Dict[str, Any]]) -> str:
     return f"at step 0, {every} and at the end"
 
 
+def verdict(lead: float, tie: float = TIE) -> str:
+    """"ahead", "tie" or "behind": a lead (one mean minus the other's) of at most ``tie`` either way is a tie."""
+    return "tie" if abs(lead) <= tie else ("ahead" if lead > 0 else "behind")
+
+
 def against_reference(row: Dict[str, Any], reference: Dict[str, Any], tie: float = TIE) -> Optional[Dict[str, Any]]:
     """How a summary row scores against the reference policy's row of the same env and settings.
 
@@ -104,8 +109,8 @@ def against_reference(row: Dict[str, Any], reference: Dict[str, Any], tie: float
         return None
     lead = row["mmer_normalised"] - reference["mmer_normalised"]
     pooled_std = float(np.sqrt((row["mmer_normalised_std"] ** 2 + reference["mmer_normalised_std"] ** 2) / 2))
-    verdict = "tie" if abs(lead) <= tie else ("ahead" if lead > 0 else "behind")
-    return dict(lead=lead, verdict=verdict, beyond_2_std=verdict == "behind" and -lead > 2 * pooled_std)
+    scored = verdict(lead, tie)
+    return dict(lead=lead, verdict=scored, beyond_2_std=scored == "behind" and -lead > 2 * pooled_std)
 
 
 def _section_settings(spec: Dict[str, Any]) -> str:
@@ -214,8 +219,8 @@ def _against_cell(row: Dict[str, Any], reference_row: Optional[Dict[str, Any]], 
     return f"{outcome['verdict']} ({outcome['lead']:+.3f})" + (", beyond 2 std" if outcome["beyond_2_std"] else "")
 
 
-def _count(outcomes: List[Dict[str, Any]], verdict: str) -> int:
-    return sum(outcome["verdict"] == verdict for outcome in outcomes)
+def _count(outcomes: List[Dict[str, Any]], scored: str) -> int:
+    return sum(outcome["verdict"] == scored for outcome in outcomes)
 
 
 def write_report(out: Path, reference: Optional[str] = None, tie: float = TIE) -> Optional[str]:
