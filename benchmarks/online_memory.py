@@ -130,14 +130,42 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
                       f"{curve[-1][1]:.3f}", flush=True)
             return True
 
+    class UnfreezeBackbone(BaseCallback):
+        """A frozen backbone (``freeze_backbone``) starts training after the rollout that reaches ``at`` env steps:
+        its parameters get gradients again and one Adam takes all the policy's parameters (new moments)."""
+
+        def __init__(self, at: int) -> None:
+            super().__init__()
+            self.at = at
+
+        def _on_step(self) -> bool:
+            return True
+
+        def _on_rollout_end(self) -> None:
+            policy = self.model.policy
+            if policy.freeze_backbone and self.num_timesteps >= self.at:
+                for backbone in (policy.lstm_actor, policy.lstm_critic):
+                    if backbone is not None:
+                        backbone.requires_grad_(True)
+                policy.freeze_backbone = False
+                lr = policy.optimizer.param_groups[0]["lr"]
+                policy.optimizer = policy.optimizer_class(policy.parameters(), lr=lr, **policy.optimizer_kwargs)
+                print(f"{job['task']} {job['label']} seed {job['seed']}: backbone trains from {self.num_timesteps} "
+                      "steps", flush=True)
+
+    callbacks: List[BaseCallback] = [Evaluate()]
+    if job.get("unfreeze_backbone_at") is not None:
+        if not job["policy_kwargs"].get("freeze_backbone"):
+            raise ValueError("--unfreeze-backbone-at needs --policy-kwargs '{\"freeze_backbone\": true}'")
+        callbacks.append(UnfreezeBackbone(job["unfreeze_backbone_at"]))
     began = time.perf_counter()
-    model.learn(job["budget"], callback=Evaluate())
+    model.learn(job["budget"], callback=callbacks)
     wall = time.perf_counter() - began
     reached = [steps for steps, value in curve if value >= TARGET]
     return {
         "task": job["task"], "label": job["label"], "policy": job["policy"], "seed": job["seed"],
         "ppo_kwargs": job["ppo_kwargs"], "policy_kwargs": job["policy_kwargs"], "env_kwargs": job.get("env_kwargs", {}),
-        "budget": job["budget"],
+        "unfreeze_backbone_at": job.get("unfreeze_backbone_at"), "budget": job["budget"],
         "curve": curve, "final": curve[-1][1] if curve else None, "steps_to_target": reached[0] if reached else None,
         "train_steps_per_s": model.num_timesteps / max(wall - clock["eval"], 1e-9), "wall_s": wall,
     }
@@ -194,7 +222,10 @@ def report(out: Path, data: Dict[str, Any]) -> None:
     for label in dict.fromkeys(r["label"] for r in runs):
         rs = [r for r in runs if r["label"] == label]
         env_kwargs = f", env {rs[0]['env_kwargs']}" if rs[0].get("env_kwargs") else ""
-        lines.append(f"- {label}: ppo {rs[0]['ppo_kwargs'] or '{}'}, policy {rs[0]['policy_kwargs'] or '{}'}{env_kwargs}")
+        unfreeze = (f", backbone trains from {rs[0]['unfreeze_backbone_at']:,} env steps"
+                    if rs[0].get("unfreeze_backbone_at") is not None else "")
+        lines.append(f"- {label}: ppo {rs[0]['ppo_kwargs'] or '{}'}, policy {rs[0]['policy_kwargs'] or '{}'}{env_kwargs}"
+                     f"{unfreeze}")
         for command, commit, day in dict.fromkeys((r["command"], r["commit"], r["date"]) for r in rs):
             lines.append(f"  - `{command}` ({commit}, {day})")
     write_text_atomically(out.with_suffix(".md"), "\n".join(lines) + "\n")
@@ -257,6 +288,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--policy-kwargs", type=json.loads, default={}, help="Policy settings beyond the defaults, as JSON.")
     parser.add_argument("--env-kwargs", type=json.loads, default={},
                         help="Training env settings beyond the task's, as JSON (for example terminate_on_timeout).")
+    parser.add_argument("--unfreeze-backbone-at", type=positive_int_argument, default=None,
+                        help="Diagnosis: with --policy-kwargs '{\"freeze_backbone\": true}', the backbone starts "
+                        "training after the rollout that reaches this many env steps.")
     parser.add_argument("--eval-every", type=positive_int_argument, default=25_000,
                         help="Env steps between evaluations.")
     parser.add_argument("--budget", type=positive_int_argument, default=None,
@@ -269,6 +303,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name in ("ppo_kwargs", "policy_kwargs", "env_kwargs"):
         if not isinstance(getattr(args, name), dict):
             parser.error(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(args, name)!r}")
+    if args.unfreeze_backbone_at is not None and not args.policy_kwargs.get("freeze_backbone"):
+        parser.error("--unfreeze-backbone-at needs --policy-kwargs '{\"freeze_backbone\": true}'")
     if (args.ppo_kwargs or args.policy_kwargs or args.env_kwargs) and not args.label:
         parser.error("--ppo-kwargs, --policy-kwargs and --env-kwargs need a --label (runs at the defaults keep the "
                      "policy's name)")
@@ -278,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     done = {key(r) for r in load(args.out)["runs"]}
     jobs = [dict(task=task, policy=policy, label=args.label or policy, seed=seed, ppo_kwargs=args.ppo_kwargs,
                  policy_kwargs=args.policy_kwargs, env_kwargs=args.env_kwargs, eval_every=args.eval_every,
-                 budget=args.budget or TASKS[task]["budget"])
+                 unfreeze_backbone_at=args.unfreeze_backbone_at, budget=args.budget or TASKS[task]["budget"])
             for seed in args.seeds for task in args.tasks for policy in args.policies]
     todo = [job for job in jobs if key(job) not in done]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already recorded in {args.out.with_suffix('.json')}; "

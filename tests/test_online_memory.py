@@ -41,6 +41,23 @@ def test_online_memory_records_reports_and_resumes(tmp_path):
     assert again.returncode == 0 and "1 of 1 runs already recorded" in again.stdout
 
 
+def test_online_memory_unfreezes_a_frozen_backbone_at_the_step_given(tmp_path):
+    """The diagnosis option ``--unfreeze-backbone-at``: frozen for the first rollout, trained from the second."""
+    out = tmp_path / "om"
+    command = [sys.executable, str(BENCHMARKS / "online_memory.py"), "--tasks", "recall-30", "--policies", "ElmurPPO",
+               "--seeds", "0", "--budget", "2048", "--eval-every", "1024", "--jobs", "1", "--out", str(out),
+               "--label", "frozen start", "--policy-kwargs", '{"freeze_backbone": true}', "--unfreeze-backbone-at", "1000"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "recall-30 frozen start seed 0: backbone trains from 1024 steps" in result.stdout  # after the first rollout
+    (run,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert run["unfreeze_backbone_at"] == 1000
+    assert "backbone trains from 1,000 env steps" in out.with_suffix(".md").read_text()
+    refused = subprocess.run(command[:-6] + ["--label", "x", "--unfreeze-backbone-at", "1000"], capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "--unfreeze-backbone-at needs --policy-kwargs" in refused.stderr
+
+
 def test_ridge_probe_reads_separable_labels_and_not_noise():
     rng = np.random.default_rng(0)
     labels = rng.integers(3, size=400)
