@@ -280,3 +280,32 @@ def test_offline_benchmark_clones_an_expert_and_tabulates_both_policies(popgym_i
     assert "on 3 task(s): ahead on 1, tied on 1, behind on 1." in crafted
     again = subprocess.run(command + ["--gradient-steps", "3"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "gradient_steps=2, not 3" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_segment_positions_reports_each_model_and_their_mean(popgym_ids, tmp_path):
+    """``benchmarks/segment_positions.py`` with one model per seed: a row each after the first segment, and the mean
+    row is their mean; models whose segments differ are refused."""
+    task = "popgym-RepeatPreviousEasy-v0"
+    paths = []
+    for seed, context in ((0, 4), (1, 4), (2, 5)):
+        model = ElmurPPO("ElmurPolicy", DummyVecEnv([lambda: make_popgym_env(task)]), n_steps=8, batch_size=8, seed=seed,
+                         policy_kwargs=dict(d_model=8, n_layers=1, n_heads=1, memory_size=2, context_length=context))
+        paths.append(tmp_path / f"seed{seed}" / "model.zip")
+        paths[-1].parent.mkdir()
+        model.save(paths[-1])
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "segment_positions.py"
+    command = [sys.executable, str(script), str(paths[0]), str(paths[1]), "--env", task, "--episodes", "4",
+               "--n-envs", "2", "--out", str(tmp_path / "positions.md")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:-1]]
+            for line in (tmp_path / "positions.md").read_text().splitlines() if line.startswith("| right")}
+    per_model = [rows[f"right, after the first: {path}"] for path in paths[:2]]  # same file names: the paths name them
+    assert len(rows["right, after the first, mean"]) == 4
+    np.testing.assert_allclose(rows["right, after the first, mean"], np.mean(per_model, axis=0), atol=0.006)
+    mixed = subprocess.run([*command[:3], str(paths[2]), *command[4:-1], str(tmp_path / "mixed.md")],
+                           capture_output=True, text=True, timeout=300)
+    assert mixed.returncode == 2 and "segments differ in length ([4, 5])" in mixed.stderr
+    missing = subprocess.run([*command[:3], str(tmp_path / "none.zip"), *command[4:-1], str(tmp_path / "m.md")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "none.zip: no such model file" in missing.stderr
