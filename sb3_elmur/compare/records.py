@@ -1,11 +1,10 @@
 """The files of one run (record, log, checkpoint, model) and its JSON record."""
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from sb3_elmur.common.utils import open_locked, write_json_atomically
+from sb3_elmur.common.utils import exclusive_lock, write_json_atomically
 
 FINISHED, UNFINISHED, FAILED, PENDING = "finished", "unfinished", "failed", "pending"
 
@@ -193,16 +192,11 @@ def add_to_archive(archive: Path, records: Sequence[Dict[str, Any]]) -> None:
     for record in records:
         if record["status"] != FINISHED:
             raise ValueError(f"only finished runs are archived; {run_name(record['spec'])} is {record['status']}")
-    lock = archive.with_name(f".{archive.name}.lock")
-    fd = open_locked(lock, wait=True)
-    try:
+    with exclusive_lock(archive.with_name(f".{archive.name}.lock"), wait=True):
         kept = {(r["spec"]["env_id"], r["spec"]["label"], r["spec"]["seed"]): r for r in read_archive(archive)}
         for record in records:
             kept[(record["spec"]["env_id"], record["spec"]["label"], record["spec"]["seed"])] = record
         write_json_atomically(archive, dict(format=ARCHIVE_FORMAT, records=[kept[key] for key in sorted(kept)]))
-    finally:
-        lock.unlink(missing_ok=True)  # before the unlock, so that a waiting writer opens a new lock file
-        os.close(fd)
 
 
 def archive_finished(out: Path, archive: Path) -> None:
