@@ -154,9 +154,7 @@ def run_one(job: Dict[str, Any]) -> Dict[str, Any]:
                       "steps", flush=True)
 
     callbacks: List[BaseCallback] = [Evaluate()]
-    if job.get("unfreeze_backbone_at") is not None:
-        if not job["policy_kwargs"].get("freeze_backbone"):
-            raise ValueError("--unfreeze-backbone-at needs --policy-kwargs '{\"freeze_backbone\": true}'")
+    if job.get("unfreeze_backbone_at") is not None:  # main() has checked that the backbone starts frozen
         callbacks.append(UnfreezeBackbone(job["unfreeze_backbone_at"]))
     began = time.perf_counter()
     model.learn(job["budget"], callback=callbacks)
