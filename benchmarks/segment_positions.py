@@ -26,6 +26,7 @@ from sb3_elmur.common.utils import (
     load_algorithm,
     new_report_path,
     write_text_atomically,
+    zip_path,
 )
 from sb3_elmur.envs.popgym import is_popgym_id, make_popgym_env
 
@@ -71,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     out = new_report_path(parser, args.out, args.overwrite)
     for path in args.models:
-        if not Path(path).is_file():
+        if not zip_path(path).is_file():  # the file SB3's load reads (it adds .zip)
             parser.error(f"{path}: no such model file")
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
 

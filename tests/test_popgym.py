@@ -294,13 +294,14 @@ def test_segment_positions_reports_each_model_and_their_mean(popgym_ids, tmp_pat
         paths[-1].parent.mkdir()
         model.save(paths[-1])
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "segment_positions.py"
-    command = [sys.executable, str(script), str(paths[0]), str(paths[1]), "--env", task, "--episodes", "4",
+    names = [str(paths[0]), str(paths[1].with_suffix(""))]  # as SB3's load, a path without .zip names the zip
+    command = [sys.executable, str(script), *names, "--env", task, "--episodes", "4",
                "--n-envs", "2", "--out", str(tmp_path / "positions.md")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:-1]]
             for line in (tmp_path / "positions.md").read_text().splitlines() if line.startswith("| right")}
-    per_model = [rows[f"right, after the first: {path}"] for path in paths[:2]]  # same file names: the paths name them
+    per_model = [rows[f"right, after the first: {Path(name).name}"] for name in names]  # model.zip, model
     assert len(rows["right, after the first, mean"]) == 4
     np.testing.assert_allclose(rows["right, after the first, mean"], np.mean(per_model, axis=0), atol=0.006)
     mixed = subprocess.run([*command[:3], str(paths[2]), *command[4:-1], str(tmp_path / "mixed.md")],

@@ -128,6 +128,7 @@ def spec_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
 
 
+
 # The archive: one JSON file (e.g. committed to git) holding the records of finished runs, so that a fresh clone or
 # another machine rebuilds the report, and skips those runs, without their run folder.
 ARCHIVE_FORMAT = "sb3_elmur.compare archive 1"
@@ -192,10 +193,12 @@ def add_to_archive(archive: Path, records: Sequence[Dict[str, Any]]) -> None:
     for record in records:
         if record["status"] != FINISHED:
             raise ValueError(f"only finished runs are archived; {run_name(record['spec'])} is {record['status']}")
+    def key(record: Dict[str, Any]) -> Tuple[str, str, int]:
+        return record["spec"]["env_id"], record["spec"]["label"], record["spec"]["seed"]
+
     with exclusive_lock(archive.with_name(f".{archive.name}.lock"), wait=True):
-        kept = {(r["spec"]["env_id"], r["spec"]["label"], r["spec"]["seed"]): r for r in read_archive(archive)}
-        for record in records:
-            kept[(record["spec"]["env_id"], record["spec"]["label"], record["spec"]["seed"])] = record
+        kept = {key(record): record for record in read_archive(archive)}
+        kept.update((key(record), record) for record in records)
         write_json_atomically(archive, dict(format=ARCHIVE_FORMAT, records=[kept[key] for key in sorted(kept)]))
 
 
