@@ -159,7 +159,7 @@ class ElmurBackbone(nn.Module):
         self, features: th.Tensor, packed: Tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor
     ) -> Tuple[th.Tensor, Tuple[th.Tensor, th.Tensor]]:
         """Same contract as ``RecurrentActorCriticPolicy._process_sequence``: flat [N * T, F] features of
-        N sequences of T steps (N from the state's batch size) -> flat [N * T, output_dim] latents."""
+        N sequences of T steps (N from the state's batch size) -> flat [N * T, d_model] latents."""
         if not self._threads_checked:
             self._threads_checked = True
             self._warn_if_many_threads(features.device)

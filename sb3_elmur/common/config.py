@@ -55,9 +55,6 @@ class ElmurConfig:
         ``context_length`` steps, across the segment boundary). Memory reads and writes stay per segment. With it on,
         the state carries every layer's inputs over the previous segment (``n_layers * context_length * d_model``
         floats more per env). An extension beyond the paper; the measurements: ``docs/model.md``
-    :param output_read: the model's output carries, beside the last layer's tokens, that layer's memory read
-        (layer-normalised on its own): ``2 * d_model`` wide. The heads then see what memory returns however the
-        token stream learns (an extension beyond the paper; the measurements: ``docs/model.md``)
     """
 
     d_model: int = 32
@@ -82,7 +79,6 @@ class ElmurConfig:
     detach_memory: bool = False
     read_init_std: float = 0.1
     cross_segment_attention: str = "off"
-    output_read: bool = False
 
     def __post_init__(self) -> None:
         if self.max_distance is None:
@@ -93,10 +89,8 @@ class ElmurConfig:
         self.distance_buckets = check_int("ElmurConfig.distance_buckets", self.distance_buckets)
         for name in ("alpha", "memory_init_std", "dropout", "attn_dropout", "memory_dropout", "read_init_std"):
             setattr(self, name, check_float(f"ElmurConfig.{name}", getattr(self, name)))
-        for name in ("use_memory_read", "use_memory_write", "use_distance_bias", "detach_memory", "output_read"):
+        for name in ("use_memory_read", "use_memory_write", "use_distance_bias", "detach_memory"):
             setattr(self, name, check_bool(f"ElmurConfig.{name}", getattr(self, name)))
-        if self.output_read and not self.use_memory_read:
-            raise ValueError("ElmurConfig.output_read=True needs use_memory_read=True (it outputs the memory read)")
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"ElmurConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 < self.alpha <= 1.0:
@@ -127,11 +121,6 @@ class ElmurConfig:
     def previous_length(self) -> int:
         """Steps of the previous segment that a token's self-attention sees keys of: 0 ("off"), else K."""
         return 0 if self.cross_segment_attention == "off" else self.context_length
-
-    @property
-    def output_dim(self) -> int:
-        """Width of the model's output per step: ``d_model``, twice that with ``output_read``."""
-        return 2 * self.d_model if self.output_read else self.d_model
 
     @property
     def n_distance_buckets(self) -> int:

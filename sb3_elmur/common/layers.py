@@ -1,7 +1,7 @@
 """The layers of ELMUR: attention with learned distance biases, and the memory layer (read, write)."""
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -155,15 +155,9 @@ class ElmurLayer(nn.Module):
         self.register_buffer("causal_mask", torch.zeros(k, kp + k).masked_fill(~seen, float("-inf")), persistent=False)
 
     def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
-        return self._sublayer_and_branch(x, norm, fn)[0]
-
-    def _sublayer_and_branch(self, x: torch.Tensor, norm: nn.Module, fn) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The residual sub-layer ``fn`` on x, normalised before (pre) or after (post), and the branch fn's output."""
         if self.config.norm == "pre":
-            branch = fn(norm(x))
-            return x + branch, branch
-        branch = fn(x)
-        return norm(x + branch), branch
+            return x + fn(norm(x))
+        return norm(x + fn(x))
 
     def memory_bias(
         self, token_steps: torch.Tensor, positions: torch.Tensor, slots_query: bool
@@ -210,18 +204,12 @@ class ElmurLayer(nn.Module):
             causal_bias = causal_bias + previous_mask
         return self._sublayer(x, self.ln_self_attn, lambda h: self.self_attn(h, context, causal_bias))
 
-    def read_memory(
-        self, x: torch.Tensor, memory: torch.Tensor, read_bias: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Memory read and feed-forward sub-layers of tokens x [N, T, D]; ``read_bias`` from :meth:`memory_bias`.
-
-        :return: the tokens after both sub-layers, and what the read returned [N, T, D] (None without a read)
-        """
-        read = None
+    def read_memory(self, x: torch.Tensor, memory: torch.Tensor, read_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Memory read and feed-forward sub-layers of tokens x [N, T, D]; ``read_bias`` from :meth:`memory_bias`."""
         if self.config.use_memory_read:
             mem = _dropout(memory, self.config.memory_dropout, self.training)
-            x, read = self._sublayer_and_branch(x, self.ln_read, lambda h: self.read(h, mem, read_bias))
-        return self._sublayer(x, self.ln_mlp, self.mlp), read
+            x = self._sublayer(x, self.ln_read, lambda h: self.read(h, mem, read_bias))
+        return self._sublayer(x, self.ln_mlp, self.mlp)
 
     def candidates(self, x: torch.Tensor, memory: torch.Tensor, write_bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Write candidates [N, M, D]: the slots attend to the layer's output tokens x [N, K, D]."""

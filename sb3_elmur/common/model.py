@@ -62,8 +62,6 @@ class ElmurModel(nn.Module):
         self.embed = nn.Linear(input_dim, config.d_model)
         self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.n_layers))
         self.ln_out = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()
-        # output_read: the last layer's read, normalised on its own, so that its scale is not the token stream's.
-        self.ln_read_out = nn.LayerNorm(config.d_model) if config.output_read else None
         self.apply(self._init_weights)
         with torch.no_grad():  # the memory read's value and output projections at config.read_init_std
             for layer in self.layers:
@@ -119,7 +117,7 @@ class ElmurModel(nn.Module):
         :param x: [N, T, input_dim] inputs
         :param state: state before the first step (from :meth:`initial_state` or a previous call)
         :param episode_starts: [N, T] bool, True where a new episode begins (resets that row's memory)
-        :return: outputs [N, T, output_dim] and the state after the last step
+        :return: outputs [N, T, d_model] and the state after the last step
         """
         if x.dim() != 3 or x.shape[-1] != self.input_dim:
             raise ValueError(f"expected inputs of shape [batch, time, {self.input_dim}], got {tuple(x.shape)}")
@@ -151,10 +149,10 @@ class ElmurModel(nn.Module):
         completes = [c if any_complete else None
                      for c, any_complete in zip(plan.complete.unbind(1), plan.complete.any(0).tolist())]
         token_steps = plan.segment_start_step.unsqueeze(-1) + position
-        h, memory, positions, _, inputs, reads = self._run_segments(
+        h, memory, positions, _, inputs = self._run_segments(
             grid, token_steps, state.memory, state.positions, resets, completes, state.previous
         )
-        out = self._output(h, reads)[index]  # from [N, S, K, D]
+        out = self.ln_out(h)[index]  # from [N, S, K, D]
         previous = self._last_complete_inputs(plan, state.previous, inputs) if self.config.previous_length else state.previous
 
         # The last segment, if incomplete, becomes the state's prefix.
@@ -163,11 +161,6 @@ class ElmurModel(nn.Module):
         segment = grid[torch.arange(n, device=x.device), plan.segment_index[:, -1], : k - 1]
         segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
         return out, ElmurState(memory, positions, segment, last_step + 1, previous)
-
-    def _output(self, tokens: torch.Tensor, reads: Optional[torch.Tensor]) -> torch.Tensor:
-        """The model's output from the last layer's tokens [..., D] and, with ``output_read``, its reads [..., D]."""
-        out = self.ln_out(tokens)
-        return out if reads is None else torch.cat([out, self.ln_read_out(reads)], dim=-1)
 
     def _last_complete_inputs(self, plan: _SegmentPlan, previous: torch.Tensor, inputs: List[torch.Tensor]) -> torch.Tensor:
         """Every layer's inputs [N, L, K, D] over each row's last complete segment of its episode (zeros if none):
@@ -195,7 +188,7 @@ class ElmurModel(nn.Module):
         query_index: Optional[torch.Tensor] = None,
         outputs: Optional[torch.Tensor] = None,
         query: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """The layer stack, for training and acting alike: segments [N, S, K, D] at episode steps [N, S, K] through
         every layer, from ``memory`` [N, L, M, D] and its slot ``positions`` [N, L, M].
 
@@ -212,8 +205,7 @@ class ElmurModel(nn.Module):
             new token to the next, with no lookup in the segment)
         :return: the last layer's outputs [N, S, K, D] (with ``outputs``: at the new token only, [N, 1, 1, D]),
             memory and positions after the segments, (S = 1) every layer's outputs [N, L, K, D], the cache of the
-            next step, every layer's inputs [N, S, K, D], and with ``output_read`` the last layer's reads (shaped as
-            its outputs; else None)
+            next step, and every layer's inputs [N, S, K, D]
         """
         n, n_segments, k, d = grid.shape
         # Slot positions and LRU choices depend on the plan only, never on memory content: schedule them for every
@@ -237,7 +229,7 @@ class ElmurModel(nn.Module):
         # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
         # only the memory read, feed-forward and write go segment by segment (with the schedule above: training
         # passes 1.37-1.52x faster, benchmarks/results/training_speed.md).
-        h, new_memory, layer_outputs, inputs, reads = grid, [], [], [], []
+        h, new_memory, layer_outputs, inputs = grid, [], [], []
         for i, layer in enumerate(self.layers):
             inputs.append(h)
             layer_positions = read_positions[:, :, i].reshape(n * n_segments, -1)
@@ -259,9 +251,7 @@ class ElmurModel(nn.Module):
             segment_outputs = []
             for s in range(n_segments):
                 layer_memory = self._restart(layer_memory, resets[s], self.memory_init[i])
-                out, read = layer.read_memory(x[:, s], layer_memory, read_biases[s])
-                if self.config.output_read and i == len(self.layers) - 1:
-                    reads.append(read)
+                out = layer.read_memory(x[:, s], layer_memory, read_biases[s])
                 if outputs is not None:  # the new token's output: the next layer's query, spliced into the cache
                     query, out = out, outputs[:, i].scatter(1, query_index, out)
                 if write_weights[s] is not None:
@@ -274,8 +264,7 @@ class ElmurModel(nn.Module):
             layer_outputs.append(segment_outputs[-1])
         # Most acting steps neither write nor restart a memory: the state keeps its tensor, with no stack of copies.
         unchanged = not any_write and all(reset is None for reset in resets) and not self.config.detach_memory
-        return (h, memory if unchanged else torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, 1),
-                inputs, torch.stack(reads, dim=1) if reads else None)
+        return h, memory if unchanged else torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, 1), inputs
 
     def step(
         self,
@@ -296,7 +285,7 @@ class ElmurModel(nn.Module):
         :param outputs: [N, L, K, D] layer outputs of the state's current segment (as returned with ``state``),
             or None to compute them from the state
         :param return_outputs: return the layer outputs for the next call (else None)
-        :return: output [N, output_dim], state after the step, layer outputs of its segment
+        :return: output [N, d_model], state after the step, layer outputs of its segment
         """
         n = x.shape[0]
         if x.shape != (n, self.input_dim) or state.step.shape != (n,) or episode_starts.shape != (n,):
@@ -352,21 +341,18 @@ class ElmurModel(nn.Module):
         previous = state.previous
         if reset is not None and self.config.previous_length:
             previous = previous.masked_fill(reset.view(n, 1, 1, 1), 0.0)
-        h, memory, positions, layer_outputs, inputs, reads = self._run_segments(
+        h, memory, positions, layer_outputs, inputs = self._run_segments(
             tokens.unsqueeze(1), token_steps.unsqueeze(1), state.memory, state.positions, [reset], [complete],
             previous, offset, token_index, outputs, embedded,
         )
         if self.config.previous_length and complete is not None:  # the completed segment becomes the previous one
             previous = torch.where(complete.view(n, 1, 1, 1), torch.stack([x[:, 0] for x in inputs], dim=1), previous)
-        def at_new_token(x: torch.Tensor) -> torch.Tensor:  # [N, 1, 1, D] (the cache's) or [N, 1, K, D]
-            return x.view(n, d) if outputs is not None else x[:, 0].gather(1, token_index)[:, 0]
-
-        out = self._output(at_new_token(h), None if reads is None else at_new_token(reads))
+        out = h.view(n, d) if outputs is not None else h[:, 0].gather(1, token_index)[:, 0]
         if complete is not None:  # the next segment starts empty
             tokens = tokens.masked_fill(complete.view(n, 1, 1), 0.0)
         segment = tokens[:, : k - 1]  # a view either way: the same strides for the next step's compiled graph
         next_state = ElmurState(memory, positions, segment, step + 1, previous)
-        return out, next_state, layer_outputs if return_outputs else None
+        return self.ln_out(out), next_state, layer_outputs if return_outputs else None
 
     def _restart(self, memory: torch.Tensor, reset: Optional[torch.Tensor], initial: torch.Tensor) -> torch.Tensor:
         """Memory [N, ...] from its ``initial`` content where ``reset`` [N] (None: nowhere), detached between
