@@ -18,7 +18,6 @@ import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
 from sb3_elmur.envs import TMazeVecEnv
 from sb3_elmur.common.actor import ElmurActor
-from sb3_elmur.common.layers import ElmurLayer
 from tests.dummy_envs import RandomLengthEnv
 from tests.test_policies import assert_minibatches_match_rollout
 
@@ -110,34 +109,6 @@ def test_frozen_backbone_trains_only_the_heads_and_stays_frozen_after_load(algo,
     assert not any(p.requires_grad for p in loaded.policy.lstm_actor.parameters())
     optimized = {id(p) for group in loaded.policy.optimizer.param_groups for p in group["params"]}
     assert optimized.isdisjoint(id(p) for p in loaded.policy.lstm_actor.parameters())
-
-
-@pytest.mark.parametrize("algo", [ElmurPPO, RecurrentPPO], ids=["ElmurPPO", "RecurrentPPO"])
-def test_frozen_memory_path_keeps_read_and_write_and_trains_the_rest(algo, tmp_path):
-    """freeze_backbone="memory": every layer's read and write (ElmurLayer.MEMORY_PATH) stay at their initial weights,
-    the embedding, self-attention and feed-forward train; rollouts still equal training, and a loaded model keeps
-    it."""
-    env = make_vec_env(RandomLengthEnv, n_envs=3, seed=0, env_kwargs=dict(action_space=spaces.Discrete(3),
-                                                                         observation_space=VECTOR))
-    kwargs = dict(sequence_length=10, memory_horizon=13) if algo is ElmurPPO else {}
-    model = algo("ElmurPolicy", env, n_steps=30, batch_size=30, n_epochs=2, seed=0,
-                 policy_kwargs=dict(**SMALL, freeze_backbone="memory"), **kwargs)
-
-    before = {name: p.clone() for name, p in model.policy.lstm_actor.model.layers.named_parameters()}
-    if algo is ElmurPPO:
-        _assert_rollouts_match_training(model, rollouts=2)
-    else:
-        model.learn(60)
-    changed = {name for name, p in model.policy.lstm_actor.model.layers.named_parameters()
-               if not torch.equal(p, before[name])}
-    frozen = {name for name in before if name.split(".")[1] in ElmurLayer.MEMORY_PATH}  # "0.read.query.weight"
-    assert frozen and changed and frozen.isdisjoint(changed)
-    assert any(".self_attn." in name for name in changed) and any(".mlp." in name for name in changed)
-    model.save(tmp_path / "frozen_memory")
-    loaded = algo.load(tmp_path / "frozen_memory", env=env)
-    assert loaded.policy.freeze_backbone == "memory"
-    trainable = {name for name, p in loaded.policy.lstm_actor.model.layers.named_parameters() if p.requires_grad}
-    assert trainable == set(before) - frozen
 
 
 def test_episode_start_resets_only_that_env():
@@ -274,8 +245,7 @@ def test_bad_configurations_are_named():
     (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
     (dict(compile_acting="yes"), "compile_acting must be True or False, got 'yes'"),
     (dict(policy_kwargs=dict(detach_critic="False")), "detach_critic must be True or False, got 'False'"),
-    (dict(policy_kwargs=dict(freeze_backbone="yes")), "freeze_backbone must be True, False or 'memory', got 'yes'"),
-    (dict(policy_kwargs=dict(freeze_backbone=1.0)), "freeze_backbone must be True, False or 'memory', got 1.0"),
+    (dict(policy_kwargs=dict(freeze_backbone="yes")), "freeze_backbone must be True or False, got 'yes'"),
     (dict(policy_kwargs=dict(shared_backbone="False")), "shared_backbone must be True or False, got 'False'"),
 ])
 def test_silently_wrong_arguments_are_refused(kwargs, message):
