@@ -123,11 +123,6 @@ class ElmurLayer(nn.Module):
     ``ElmurModel._run_segments`` calls the sub-layers in turn (:meth:`self_attend`, :meth:`read_memory`,
     :meth:`candidates`), for whole segments in training and for one new token in acting."""
 
-    # The sub-modules of the memory path: the read, the write and its candidates' feed-forward, their norms and
-    # distance biases (what ``ElmurPolicy(freeze_backbone="memory")`` keeps at its initial weights).
-    MEMORY_PATH = ("read", "ln_read", "read_bias", "write", "ln_write", "memory_mlp", "ln_memory_mlp", "ln_candidate",
-                   "write_bias")
-
     def __init__(self, config: ElmurConfig) -> None:
         super().__init__()
         self.config = config

@@ -127,9 +127,7 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         extractor and the heads (an extension beyond the paper, opt-in). Use it when a cue must be recalled far
         back: PPO's early updates wash a held cue out of a trained backbone's output, while a frozen one keeps it
         (``benchmarks/results/online_memory.md``; pair it with ``read_init_std=0.3`` so the untrained read is
-        sharp). Training is cheaper too: no gradient goes through the backbone. ``"memory"``: only the memory path of
-        every layer (read, write and their norms and biases, ``ElmurLayer.MEMORY_PATH``) keeps its initial weights;
-        the embedding, self-attention and feed-forward learn.
+        sharp). Training is cheaper too: no gradient goes through the backbone.
     :param elmur_kwargs: Fields of :class:`~sb3_elmur.common.config.ElmurConfig`
     :raises InsufficientMemoryError: the config's sizes ask for more memory than the machine has (named)
     """
@@ -155,18 +153,14 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         optimizer_kwargs: Optional[Dict[str, Any]] = None,
         shared_backbone: bool = True,
         detach_critic: bool = False,
-        freeze_backbone: Union[bool, str] = False,
+        freeze_backbone: bool = False,
         **elmur_kwargs: Any,
     ) -> None:
         if use_sde:
             raise ValueError("ElmurPolicy does not support gSDE (use_sde=True): use the default Gaussian noise")
         shared_backbone = check_bool("shared_backbone", shared_backbone)
         detach_critic = check_bool("detach_critic", detach_critic)
-        if isinstance(freeze_backbone, str) and freeze_backbone != "memory" or not isinstance(
-            freeze_backbone, (bool, np.bool_, str)
-        ):
-            raise ValueError(f"freeze_backbone must be True, False or 'memory', got {freeze_backbone!r}")
-        freeze_backbone = freeze_backbone if freeze_backbone == "memory" else bool(freeze_backbone)
+        freeze_backbone = check_bool("freeze_backbone", freeze_backbone)
         share_features_extractor = check_bool("share_features_extractor", share_features_extractor)
         if shared_backbone and not share_features_extractor:
             raise ValueError("shared_backbone=True needs share_features_extractor=True")
@@ -217,11 +211,7 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         self.freeze_backbone = freeze_backbone
         for backbone in (self.lstm_actor, self.lstm_critic):
             if backbone is not None:
-                backbone.requires_grad_(freeze_backbone is not True)
-                if freeze_backbone == "memory":
-                    for layer in backbone.model.layers:
-                        for name in layer.MEMORY_PATH:
-                            getattr(layer, name).requires_grad_(False)
+                backbone.requires_grad_(not freeze_backbone)
         trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
 
