@@ -281,10 +281,7 @@ class ElmurModel(nn.Module):
             layer_outputs.append(segment_outputs[-1])
         # Most acting steps neither write nor restart a memory: the state keeps its tensor, with no stack of copies.
         unchanged = not any_write and all(reset is None for reset in resets) and not self.config.detach_memory
-        if trained is not None:
-            h, reservoir = trained, h
-        else:
-            reservoir = None
+        h, reservoir = (h, None) if trained is None else (trained, h)
         return (h, memory if unchanged else torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, 1),
                 inputs, reservoir)
 
@@ -369,6 +366,7 @@ class ElmurModel(nn.Module):
         )
         if self.config.previous_length and complete is not None:  # the completed segment becomes the previous one
             previous = torch.where(complete.view(n, 1, 1, 1), torch.stack([x[:, 0] for x in inputs], dim=1), previous)
+
         def at_new_token(x: torch.Tensor) -> torch.Tensor:  # [N, 1, 1, D] (with the cache) or [N, 1, K, D]
             return x.view(n, d) if outputs is not None else x[:, 0].gather(1, token_index)[:, 0]
 
