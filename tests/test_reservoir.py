@@ -1,6 +1,6 @@
 """Reservoir layers (``ElmurConfig.reservoir_layers``, an extension beyond the paper): fixed random layers beside the
 trained ones; acting equals training with them, for every algorithm, buffer and observation kind, and training never
-changes them."""
+changes them. Step == sequence: ``test_model``'s tests, with reservoirs among their configs."""
 
 import numpy as np
 import pytest
@@ -18,32 +18,6 @@ torch.set_num_threads(1)
 RESERVOIR = dict(reservoir_layers=1)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"norm": "pre", "n_layers": 1, "reservoir_layers": 2},
-                                    {"cross_segment_attention": "previous"}])
-def test_step_equals_sequence(kwargs):
-    """Step by step (with and without the layer-output cache), in chunks or at once: the same outputs and states."""
-    model = test_model._model(**{**RESERVOIR, **kwargs})
-    gen = torch.Generator().manual_seed(3)
-    n, t = 4, 29
-    x = torch.randn(n, t, 5, generator=gen)
-    starts = torch.rand(n, t, generator=gen) < 0.08
-    starts[0, 5] = starts[1, 0] = True
-    state = model.initial_state(n)
-    with torch.no_grad():
-        seq_out, seq_state = model(x, state, starts)
-        assert seq_out.shape == (n, t, 2 * model.config.d_model)
-        outputs, step_state = None, state
-        for i in range(t):
-            if i == 13:
-                outputs = None  # as after unpacking a packed state
-            out, step_state, outputs = model.step(x[:, i], step_state, starts[:, i], outputs)
-            torch.testing.assert_close(out, seq_out[:, i], atol=1e-5, rtol=0)
-        test_model._assert_states_close(seq_state, step_state)
-        out_a, mid = model(x[:, :10], state, starts[:, :10])
-        out_b, _ = model(x[:, 10:], mid, starts[:, 10:])
-    torch.testing.assert_close(torch.cat([out_a, out_b], dim=1), seq_out, atol=1e-5, rtol=0)
-
-
 def test_reservoir_is_fixed_owns_a_memory_and_fills_half_the_output():
     """The embedding and the reservoir's weights are buffers (no gradient, no optimizer), each reservoir layer owns a
     memory row that its writes fill, and the output's second half is the reservoir's: the trained layers leave it
@@ -55,6 +29,7 @@ def test_reservoir_is_fixed_owns_a_memory_and_fills_half_the_output():
     assert "embed.weight" in dict(model.named_buffers()) and "layers.2.read.query.weight" in dict(model.named_buffers())
     x = torch.randn(2, 9, 5)
     out, state = model(x, model.initial_state(2))
+    assert out.shape == (2, 9, 2 * model.config.d_model)
     assert state.memory.shape[1] == model.config.memory_layers == n_trained + 1
     assert (state.positions[:, n_trained] >= 0).any()  # the reservoir's memory was written
     with torch.no_grad():
@@ -135,17 +110,7 @@ def test_save_load_predict_and_a_state_without_the_reservoir_is_refused(tmp_path
     assert loaded.policy.lstm_actor.model.config.reservoir_layers == 1
     for (name, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
         assert torch.equal(a, b), name
-    rng = np.random.default_rng(0)
-    states = [None, None]
-    for t in range(11):
-        obs = rng.uniform(-1, 1, (2, 3)).astype(np.float32)
-        starts = np.array([t == 0, t in (0, 7)])
-        actions = []
-        for i, m in enumerate((model, loaded)):
-            action, states[i] = m.predict(obs, states[i], starts, deterministic=True)
-            actions.append(action)
-        np.testing.assert_array_equal(actions[0], actions[1])
-        np.testing.assert_allclose(states[0][0], states[1][0], atol=1e-6)
+    test_policies.assert_predicts_alike(model, loaded)
     without = test_policies._model(spaces.Discrete(3), n_layers=2).policy
     _, state = without.predict(np.zeros((2, 3), dtype=np.float32), None, np.ones(2, dtype=bool))
     with pytest.raises(Exception, match="reservoir_layers=1"):
