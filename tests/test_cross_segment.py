@@ -188,17 +188,7 @@ def test_save_load_and_predict(tmp_path, algo):
     model.save(tmp_path / "model.zip")
     loaded = cls.load(tmp_path / "model.zip")
     assert loaded.policy.lstm_actor.model.config.cross_segment_attention == "window"
-    rng = np.random.default_rng(0)
-    states = [None, None]
-    for t in range(15):
-        obs = rng.uniform(-1, 1, (2, 3)).astype(np.float32)
-        starts = np.array([t == 0, t in (0, 9)])
-        actions = []
-        for i, m in enumerate((model, loaded)):
-            action, states[i] = m.predict(obs, states[i], starts, deterministic=True)
-            actions.append(action)
-        np.testing.assert_array_equal(actions[0], actions[1])
-        np.testing.assert_allclose(states[0][0], states[1][0], atol=1e-6)
+    test_policies.assert_predicts_alike(model, loaded)
 
 
 

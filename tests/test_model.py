@@ -56,6 +56,8 @@ def _assert_states_close(a: ElmurState, b: ElmurState, atol: float = 1e-5) -> No
         {"use_memory_write": False},
         {"use_distance_bias": False, "n_layers": 1},
         {"detach_memory": True},
+        {"reservoir_layers": 1},
+        {"reservoir_layers": 2, "n_layers": 1, "norm": "pre"},
     ],
 )
 def test_stepwise_equals_sequence(kwargs):
@@ -362,6 +364,8 @@ def test_bad_inputs_raise_clear_errors():
         {"context_length": 1, "memory_size": 1},
         {"use_memory_write": False},
         {"use_memory_read": False, "empty_slot_write": "blend"},
+        {"reservoir_layers": 1, "cross_segment_attention": "previous"},
+        {"reservoir_layers": 2, "n_layers": 1, "norm": "pre"},
     ],
 )
 def test_step_with_layer_outputs_equals_sequence(kwargs):

@@ -45,6 +45,22 @@ def _model(action_space, observation_space=VECTOR, policy="ElmurPolicy", n_envs=
     )
 
 
+def assert_predicts_alike(model, other, steps: int = 15) -> None:
+    """Two models (one saved, the other loaded from it) predict the same greedy actions and states, step by step on
+    2 envs of 3-float observations, one restarting mid-episode."""
+    rng = np.random.default_rng(0)
+    states = [None, None]
+    for t in range(steps):
+        obs = rng.uniform(-1, 1, (2, 3)).astype(np.float32)
+        starts = np.array([t == 0, t in (0, 9)])
+        actions = []
+        for i, m in enumerate((model, other)):
+            action, states[i] = m.predict(obs, states[i], starts, deterministic=True)
+            actions.append(action)
+        np.testing.assert_array_equal(actions[0], actions[1])
+        np.testing.assert_allclose(states[0][0], states[1][0], atol=1e-6)
+
+
 def _assert_rollout_matches_training(model) -> None:
     """Log-probs and values recomputed over every stored minibatch equal those computed while acting."""
     _, callback = model._setup_learn(10_000, None)

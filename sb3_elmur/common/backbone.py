@@ -33,6 +33,8 @@ def layout_tag(config: ElmurConfig) -> int:
     key = f"elmur-state-v1:{config.n_layers},{config.memory_size},{config.d_model},{config.context_length}"
     if config.previous_length:  # layouts without cross-segment attention keep the tags they always had
         key += f",previous={config.previous_length}"
+    if config.reservoir_layers:  # and so do those without a reservoir
+        key += f",reservoir={config.reservoir_layers}"
     return zlib.crc32(key.encode()) % (2**23 - 1) + 1
 
 
@@ -65,8 +67,8 @@ class ElmurBackbone(nn.Module):
         self.model = ElmurModel(int(features_dim), config)
         c = config
         self._sizes = [
-            1, 1, c.n_layers * c.memory_size, c.n_layers * c.memory_size * c.d_model, (c.context_length - 1) * c.d_model,
-            c.n_layers * c.previous_length * c.d_model,
+            1, 1, c.memory_layers * c.memory_size, c.memory_layers * c.memory_size * c.d_model,
+            (c.context_length - 1) * c.d_model, c.memory_layers * c.previous_length * c.d_model,
         ]
         self.state_size = sum(self._sizes)
         self.hidden_size = (self.state_size + 1) // 2
@@ -83,7 +85,8 @@ class ElmurBackbone(nn.Module):
         c = self.model.config
         return (
             f"ElmurConfig(n_layers={c.n_layers}, memory_size={c.memory_size}, d_model={c.d_model}, "
-            f"context_length={c.context_length}"
+            + (f"reservoir_layers={c.reservoir_layers}, " if c.reservoir_layers else "")
+            + f"context_length={c.context_length}"
             + (f", cross_segment_attention={c.cross_segment_attention!r})" if c.previous_length else ")")
         )
 
@@ -133,11 +136,11 @@ class ElmurBackbone(nn.Module):
         tag, step, positions, memory, segment, previous = flat.split(self._sizes, dim=1)
         # Steps and positions are integers stored exactly (below MAX_EXACT_STEP): no rounding needed.
         decoded = ElmurState(
-            memory=memory.reshape(n, c.n_layers, c.memory_size, c.d_model),
-            positions=positions.long().reshape(n, c.n_layers, c.memory_size),
+            memory=memory.reshape(n, c.memory_layers, c.memory_size, c.d_model),
+            positions=positions.long().reshape(n, c.memory_layers, c.memory_size),
             segment=segment.reshape(n, c.context_length - 1, c.d_model),
             step=step[:, 0].long(),
-            previous=previous.reshape(n, c.n_layers, c.previous_length, c.d_model),
+            previous=previous.reshape(n, c.memory_layers, c.previous_length, c.d_model),
         )
         # The common case costs one comparison and one sync: every row is a state of this layout.
         ours = tag[:, 0] == self.layout_tag
@@ -159,7 +162,7 @@ class ElmurBackbone(nn.Module):
         self, features: th.Tensor, packed: Tuple[th.Tensor, th.Tensor], episode_starts: th.Tensor
     ) -> Tuple[th.Tensor, Tuple[th.Tensor, th.Tensor]]:
         """Same contract as ``RecurrentActorCriticPolicy._process_sequence``: flat [N * T, F] features of
-        N sequences of T steps (N from the state's batch size) -> flat [N * T, d_model] latents."""
+        N sequences of T steps (N from the state's batch size) -> flat [N * T, output_dim] latents."""
         if not self._threads_checked:
             self._threads_checked = True
             self._warn_if_many_threads(features.device)

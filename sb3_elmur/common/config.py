@@ -55,6 +55,12 @@ class ElmurConfig:
         ``context_length`` steps, across the segment boundary). Memory reads and writes stay per segment. With it on,
         the state carries every layer's inputs over the previous segment (``n_layers * context_length * d_model``
         floats more per env). An extension beyond the paper; the measurements: ``docs/model.md``
+    :param reservoir_layers: layers beside the trained ones that keep their random initial weights (a reservoir, as in
+        echo state networks): they read the same embedded tokens, each owns a memory like any layer, and the model's
+        output is the trained layers' output and the reservoir's side by side (``2 * d_model`` wide). The embedding
+        is fixed too, so the reservoir's input never drifts: what its memory returns stays in the output however
+        training changes the other layers, which wash a cue held far back out of their output (an extension beyond
+        the paper, opt-in; the measurements: ``docs/model.md``). 0 (default): none
     """
 
     d_model: int = 32
@@ -79,6 +85,7 @@ class ElmurConfig:
     detach_memory: bool = False
     read_init_std: float = 0.1
     cross_segment_attention: str = "off"
+    reservoir_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.max_distance is None:
@@ -87,6 +94,7 @@ class ElmurConfig:
         for name in ("d_model", "n_layers", "n_heads", "memory_size", "context_length", "mlp_ratio", "max_distance"):
             setattr(self, name, check_int(f"ElmurConfig.{name}", getattr(self, name)))
         self.distance_buckets = check_int("ElmurConfig.distance_buckets", self.distance_buckets)
+        self.reservoir_layers = check_int("ElmurConfig.reservoir_layers", self.reservoir_layers, minimum=0)
         for name in ("alpha", "memory_init_std", "dropout", "attn_dropout", "memory_dropout", "read_init_std"):
             setattr(self, name, check_float(f"ElmurConfig.{name}", getattr(self, name)))
         for name in ("use_memory_read", "use_memory_write", "use_distance_bias", "detach_memory"):
@@ -123,6 +131,16 @@ class ElmurConfig:
         return 0 if self.cross_segment_attention == "off" else self.context_length
 
     @property
+    def memory_layers(self) -> int:
+        """Layers that own a memory (and a row of the state): the trained ones and the reservoir's."""
+        return self.n_layers + self.reservoir_layers
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the model's output per step: ``d_model``, twice that with a reservoir."""
+        return 2 * self.d_model if self.reservoir_layers else self.d_model
+
+    @property
     def n_distance_buckets(self) -> int:
         """Entries of each distance-bias table (see :class:`DistanceBias`)."""
         return self.max_distance + 1 if self.distance_bias == "clamped" else self.distance_buckets
@@ -135,7 +153,7 @@ class ElmurConfig:
         :return: ``[(bytes, "argument=value: what"), ...]``
         """
         d, k, h, r = self.d_model, self.context_length, self.n_heads, self.mlp_ratio
-        n, m = self.n_layers, self.memory_size
+        n, m = self.memory_layers, self.memory_size
         # Per layer: four attentions (q, kv, proj: 4 D^2 + 4 D each), two MLPs, layer norms; float32.
         weights = n * (4 * (4 * d * d + 4 * d) + 2 * (2 * r * d * d + r * d + d) + 12 * d) * 4
         # Per layer: the relative bias and the [K, Kp + K] offsets (int64) and causal mask (float32).
@@ -156,13 +174,14 @@ class ElmurConfig:
 
     def state_bytes(self) -> int:
         """Bytes of one row of :class:`ElmurState` (memory, slot positions, segment tokens, step, previous segment)."""
-        n, m, d = self.n_layers, self.memory_size, self.d_model
+        n, m, d = self.memory_layers, self.memory_size, self.d_model
         previous = n * self.previous_length * d * 4
         return n * m * d * 4 + n * m * 8 + (self.context_length - 1) * self.d_model * 4 + 8 + previous
 
     def describe(self) -> str:
         """The size fields, for messages."""
-        return (f"ElmurConfig(d_model={self.d_model}, n_layers={self.n_layers}, memory_size={self.memory_size}, "
+        reservoir = f", reservoir_layers={self.reservoir_layers}" if self.reservoir_layers else ""
+        return (f"ElmurConfig(d_model={self.d_model}, n_layers={self.n_layers}{reservoir}, memory_size={self.memory_size}, "
                 f"context_length={self.context_length})")
 
     def check_memory(self, input_dim: int = 0, n_states: int = 0, copies: int = 1, what: str = "ElmurModel") -> None:

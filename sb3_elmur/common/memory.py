@@ -13,7 +13,8 @@ class ElmurState(NamedTuple):
     ``segment`` [B, K-1, D] input tokens of the current, incomplete segment (the first ``step % K`` are
     valid, the rest zeros); ``step`` [B] steps taken in the current episode; ``previous`` [B, L, Kp, D] every
     layer's inputs over the last completed segment of the episode, which cross-segment attention attends to (Kp = 0,
-    an empty tensor, without it; zeros where the episode has completed no segment).
+    an empty tensor, without it; zeros where the episode has completed no segment). L counts every layer that owns a
+    memory: the trained ones, then the reservoir's (``ElmurConfig.memory_layers``).
     """
 
     memory: torch.Tensor

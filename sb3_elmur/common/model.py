@@ -60,15 +60,23 @@ class ElmurModel(nn.Module):
         # out-of-memory kill or a bare allocator error, with no word of which argument asked for it.
         config.check_memory(input_dim)
         self.embed = nn.Linear(input_dim, config.d_model)
-        self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.n_layers))
+        # The trained layers, then the reservoir's (config.reservoir_layers): layer i owns row i of the state's memory.
+        self.layers = nn.ModuleList(ElmurLayer(config) for _ in range(config.memory_layers))
         self.ln_out = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()
+        self.ln_reservoir_out = None
+        if config.reservoir_layers:
+            self.ln_reservoir_out = nn.LayerNorm(config.d_model) if config.norm == "pre" else nn.Identity()
         self.apply(self._init_weights)
         with torch.no_grad():  # the memory read's value and output projections at config.read_init_std
             for layer in self.layers:
                 layer.read.key_value.weight[config.d_model:].mul_(config.read_init_std / INIT_STD)
                 layer.read.proj.weight.mul_(config.read_init_std / INIT_STD)
-        init = torch.randn(config.n_layers, config.memory_size, config.d_model) * config.memory_init_std
+        init = torch.randn(config.memory_layers, config.memory_size, config.d_model) * config.memory_init_std
         self.register_buffer("memory_init", init)
+        if config.reservoir_layers:
+            # Fixed weights are buffers, not parameters: no optimizer, freezing or unfreezing ever reaches them.
+            for module in (self.embed, self.ln_reservoir_out, *self.layers[config.n_layers:]):
+                _fix_weights(module)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -83,10 +91,10 @@ class ElmurModel(nn.Module):
         device = device if device is not None else self.memory_init.device
         return ElmurState(
             memory=self.memory_init.to(device).unsqueeze(0).expand(batch_size, -1, -1, -1).clone(),
-            positions=torch.full((batch_size, cfg.n_layers, cfg.memory_size), -1, dtype=torch.long, device=device),
+            positions=torch.full((batch_size, cfg.memory_layers, cfg.memory_size), -1, dtype=torch.long, device=device),
             segment=torch.zeros(batch_size, cfg.context_length - 1, cfg.d_model, device=device),
             step=torch.zeros(batch_size, dtype=torch.long, device=device),
-            previous=torch.zeros(batch_size, cfg.n_layers, cfg.previous_length, cfg.d_model, device=device),
+            previous=torch.zeros(batch_size, cfg.memory_layers, cfg.previous_length, cfg.d_model, device=device),
         )
 
     def _plan(self, step: torch.Tensor, episode_starts: torch.Tensor) -> _SegmentPlan:
@@ -117,7 +125,7 @@ class ElmurModel(nn.Module):
         :param x: [N, T, input_dim] inputs
         :param state: state before the first step (from :meth:`initial_state` or a previous call)
         :param episode_starts: [N, T] bool, True where a new episode begins (resets that row's memory)
-        :return: outputs [N, T, d_model] and the state after the last step
+        :return: outputs [N, T, output_dim] and the state after the last step
         """
         if x.dim() != 3 or x.shape[-1] != self.input_dim:
             raise ValueError(f"expected inputs of shape [batch, time, {self.input_dim}], got {tuple(x.shape)}")
@@ -149,10 +157,10 @@ class ElmurModel(nn.Module):
         completes = [c if any_complete else None
                      for c, any_complete in zip(plan.complete.unbind(1), plan.complete.any(0).tolist())]
         token_steps = plan.segment_start_step.unsqueeze(-1) + position
-        h, memory, positions, _, inputs = self._run_segments(
+        h, memory, positions, _, inputs, reservoir = self._run_segments(
             grid, token_steps, state.memory, state.positions, resets, completes, state.previous
         )
-        out = self.ln_out(h)[index]  # from [N, S, K, D]
+        out = self._output(h, reservoir)[index]  # from [N, S, K, D]
         previous = self._last_complete_inputs(plan, state.previous, inputs) if self.config.previous_length else state.previous
 
         # The last segment, if incomplete, becomes the state's prefix.
@@ -161,6 +169,11 @@ class ElmurModel(nn.Module):
         segment = grid[torch.arange(n, device=x.device), plan.segment_index[:, -1], : k - 1]
         segment = segment * (position[: k - 1] < n_valid.unsqueeze(1)).unsqueeze(-1).to(x.dtype)
         return out, ElmurState(memory, positions, segment, last_step + 1, previous)
+
+    def _output(self, tokens: torch.Tensor, reservoir: Optional[torch.Tensor]) -> torch.Tensor:
+        """The model's output from the last trained layer's tokens [..., D] and the last reservoir layer's."""
+        out = self.ln_out(tokens)
+        return out if reservoir is None else torch.cat([out, self.ln_reservoir_out(reservoir)], dim=-1)
 
     def _last_complete_inputs(self, plan: _SegmentPlan, previous: torch.Tensor, inputs: List[torch.Tensor]) -> torch.Tensor:
         """Every layer's inputs [N, L, K, D] over each row's last complete segment of its episode (zeros if none):
@@ -188,7 +201,7 @@ class ElmurModel(nn.Module):
         query_index: Optional[torch.Tensor] = None,
         outputs: Optional[torch.Tensor] = None,
         query: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
         """The layer stack, for training and acting alike: segments [N, S, K, D] at episode steps [N, S, K] through
         every layer, from ``memory`` [N, L, M, D] and its slot ``positions`` [N, L, M].
 
@@ -205,7 +218,8 @@ class ElmurModel(nn.Module):
             new token to the next, with no lookup in the segment)
         :return: the last layer's outputs [N, S, K, D] (with ``outputs``: at the new token only, [N, 1, 1, D]),
             memory and positions after the segments, (S = 1) every layer's outputs [N, L, K, D], the cache of the
-            next step, and every layer's inputs [N, S, K, D]
+            next step, every layer's inputs [N, S, K, D], and the last reservoir layer's outputs (shaped as the last
+            layer's; None without a reservoir). L counts the reservoir's layers, after the trained ones.
         """
         n, n_segments, k, d = grid.shape
         # Slot positions and LRU choices depend on the plan only, never on memory content: schedule them for every
@@ -229,8 +243,11 @@ class ElmurModel(nn.Module):
         # Layer-major: a layer's self-attention needs no memory, so it runs on all segments in one batched call;
         # only the memory read, feed-forward and write go segment by segment (with the schedule above: training
         # passes 1.37-1.52x faster, benchmarks/results/training_speed.md).
-        h, new_memory, layer_outputs, inputs = grid, [], [], []
+        h, new_memory, layer_outputs, inputs, trained = grid, [], [], [], None
+        embedded, last_layers = query, (self.config.n_layers - 1, len(self.layers) - 1)
         for i, layer in enumerate(self.layers):
+            if i == self.config.n_layers:  # the reservoir: from the embedded tokens again, with no gradient
+                trained, h, query = h, grid.detach(), embedded
             inputs.append(h)
             layer_positions = read_positions[:, :, i].reshape(n * n_segments, -1)
             if outputs is None:
@@ -259,12 +276,14 @@ class ElmurModel(nn.Module):
                     layer_memory = _blend(layer_memory, candidates, write_weights[s][:, i])
                 segment_outputs.append(out)
             # Acting with the cache, the last layer's outputs are its new token's (query), so no stack of them.
-            h = query.unsqueeze(1) if outputs is not None and i == len(self.layers) - 1 else torch.stack(segment_outputs, 1)
+            h = query.unsqueeze(1) if outputs is not None and i in last_layers else torch.stack(segment_outputs, 1)
             new_memory.append(layer_memory)
             layer_outputs.append(segment_outputs[-1])
         # Most acting steps neither write nor restart a memory: the state keeps its tensor, with no stack of copies.
         unchanged = not any_write and all(reset is None for reset in resets) and not self.config.detach_memory
-        return h, memory if unchanged else torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, 1), inputs
+        h, reservoir = (h, None) if trained is None else (trained, h)
+        return (h, memory if unchanged else torch.stack(new_memory, dim=1), positions, torch.stack(layer_outputs, 1),
+                inputs, reservoir)
 
     def step(
         self,
@@ -285,7 +304,7 @@ class ElmurModel(nn.Module):
         :param outputs: [N, L, K, D] layer outputs of the state's current segment (as returned with ``state``),
             or None to compute them from the state
         :param return_outputs: return the layer outputs for the next call (else None)
-        :return: output [N, d_model], state after the step, layer outputs of its segment
+        :return: output [N, output_dim], state after the step, layer outputs of its segment
         """
         n = x.shape[0]
         if x.shape != (n, self.input_dim) or state.step.shape != (n,) or episode_starts.shape != (n,):
@@ -341,18 +360,22 @@ class ElmurModel(nn.Module):
         previous = state.previous
         if reset is not None and self.config.previous_length:
             previous = previous.masked_fill(reset.view(n, 1, 1, 1), 0.0)
-        h, memory, positions, layer_outputs, inputs = self._run_segments(
+        h, memory, positions, layer_outputs, inputs, reservoir = self._run_segments(
             tokens.unsqueeze(1), token_steps.unsqueeze(1), state.memory, state.positions, [reset], [complete],
             previous, offset, token_index, outputs, embedded,
         )
         if self.config.previous_length and complete is not None:  # the completed segment becomes the previous one
             previous = torch.where(complete.view(n, 1, 1, 1), torch.stack([x[:, 0] for x in inputs], dim=1), previous)
-        out = h.view(n, d) if outputs is not None else h[:, 0].gather(1, token_index)[:, 0]
+
+        def at_new_token(x: torch.Tensor) -> torch.Tensor:  # [N, 1, 1, D] (with the cache) or [N, 1, K, D]
+            return x.view(n, d) if outputs is not None else x[:, 0].gather(1, token_index)[:, 0]
+
+        out = self._output(at_new_token(h), None if reservoir is None else at_new_token(reservoir))
         if complete is not None:  # the next segment starts empty
             tokens = tokens.masked_fill(complete.view(n, 1, 1), 0.0)
         segment = tokens[:, : k - 1]  # a view either way: the same strides for the next step's compiled graph
         next_state = ElmurState(memory, positions, segment, step + 1, previous)
-        return self.ln_out(out), next_state, layer_outputs if return_outputs else None
+        return out, next_state, layer_outputs if return_outputs else None
 
     def _restart(self, memory: torch.Tensor, reset: Optional[torch.Tensor], initial: torch.Tensor) -> torch.Tensor:
         """Memory [N, ...] from its ``initial`` content where ``reset`` [N] (None: nowhere), detached between
@@ -380,6 +403,15 @@ class ElmurModel(nn.Module):
         cfg = self.config
         weights, written = lru_weights(positions, token_steps[:, -1], cfg.alpha, cfg.empty_slot_write == "hard", complete)
         return positions, weights, written
+
+
+def _fix_weights(module: nn.Module) -> None:
+    """Turn every parameter of ``module`` (and its sub-modules) into a buffer of the same name: kept, saved and moved
+    with the model, never trained."""
+    for child in module.modules():
+        for name, parameter in list(child.named_parameters(recurse=False)):
+            delattr(child, name)
+            child.register_buffer(name, parameter.detach())
 
 
 def _per_segment(bias: Optional[torch.Tensor], n_segments: int) -> List[Optional[torch.Tensor]]:

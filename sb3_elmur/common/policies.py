@@ -177,7 +177,7 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
             # ELMUR has many small parameter tensors: on CPU, torch's default per-tensor loop made the Adam step
             # a sixth of PPO's training time; the multi-tensor form cuts that to a few percent (as on GPU).
             optimizer_kwargs = {"foreach": True}
-        self.lstm_output_dim = self.elmur_config.d_model  # width the heads are built for
+        self.lstm_output_dim = self.elmur_config.output_dim  # width the heads are built for
         # RecurrentActorCriticPolicy.__init__ would build LSTMs: build the plain actor-critic, then our backbones.
         ActorCriticPolicy.__init__(
             self,
@@ -210,8 +210,8 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         self.lstm_hidden_state_shape = (1, 1, self.lstm_actor.hidden_size)
         self.freeze_backbone = freeze_backbone
         for backbone in (self.lstm_actor, self.lstm_critic):
-            if backbone is not None:
-                backbone.requires_grad_(not freeze_backbone)
+            if backbone is not None and freeze_backbone:
+                backbone.requires_grad_(False)
         trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
 
@@ -354,7 +354,7 @@ class ElmurPolicy(RecurrentActorCriticPolicy):
         :param obs: observations [N * T, ...], sequence-major (a dict of them for Dict spaces)
         :param state: state before each sequence's first step ([N] rows)
         :param episode_starts: [N, T] bool
-        :return: outputs [N, T, d_model] and the state after each sequence's last step
+        :return: outputs [N, T, output_dim] and the state after each sequence's last step
         """
         n, t = episode_starts.shape
         features = self.extract_features(obs)

@@ -10,8 +10,8 @@ observation preprocessing (images scaled, Discrete one-hot, Dict observations th
 backbone, the heads, and for Box actions the clipping that ``predict`` does. Outside it: VecNormalize's observation
 statistics, if training used them.
 
-Inputs, in this order (ONNX names; the TorchScript module takes them positionally); N rows, ``L = n_layers``,
-``M = memory_size``, ``D = d_model``, ``K = context_length``:
+Inputs, in this order (ONNX names; the TorchScript module takes them positionally); N rows, ``L = n_layers``
+(plus ``reservoir_layers``), ``M = memory_size``, ``D = d_model``, ``K = context_length``:
 
 =================  ===============  =======  ==========================================================================
 name               shape            dtype    meaning

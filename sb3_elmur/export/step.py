@@ -61,7 +61,7 @@ def state_specs(config: ElmurConfig, prefix: str = "") -> List[TensorSpec]:
     :param config: the backbone's config
     :param prefix: "" for the actor's (shared) backbone, "critic_" for a separate critic's
     """
-    n, m, d, k = config.n_layers, config.memory_size, config.d_model, config.context_length
+    n, m, d, k = config.memory_layers, config.memory_size, config.d_model, config.context_length
     whose = "" if not prefix else " (the critic's backbone)"
     return [
         TensorSpec(f"{prefix}memory", ("batch", n, m, d), "float32", f"memory slots of every layer{whose}"),
@@ -89,7 +89,7 @@ def typed_state(parts: Sequence[th.Tensor], config: ElmurConfig) -> Tuple[ElmurS
     if config.previous_length:
         previous = parts[4]
     else:
-        previous = memory.new_zeros(memory.shape[0], config.n_layers, 0, config.d_model)
+        previous = memory.new_zeros(memory.shape[0], config.memory_layers, 0, config.d_model)
     return ElmurState(memory, positions, segment, step, previous), parts[-1]
 
 
@@ -230,7 +230,7 @@ class ExportedStep(nn.Module):
                   for spec in observation_specs(self.policy.observation_space, self.channels_last)]
         for _, model in self.backbones:
             cfg = model.config
-            cache = th.zeros(batch_size, cfg.n_layers, cfg.context_length, cfg.d_model)
+            cache = th.zeros(batch_size, cfg.memory_layers, cfg.context_length, cfg.d_model)
             inputs += state_tensors(model.initial_state(batch_size), cache, cfg)
         inputs.append(th.ones(batch_size, dtype=th.bool))
         if not self.deterministic:

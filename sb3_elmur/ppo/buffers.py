@@ -115,11 +115,13 @@ class ElmurRolloutBuffer:
         self.episode_starts = th.zeros(shape, dtype=th.bool, device=self.device)
         self.anchor_slots = th.full(shape, -1, dtype=th.int32, device=self.device)
         slots = (self.n_anchor_slots, n_envs)
-        self.anchor_memory = th.zeros(*slots, config.n_layers, config.memory_size, config.d_model, device=self.device)
-        self.anchor_positions = th.zeros(*slots, config.n_layers, config.memory_size, dtype=th.int32, device=self.device)
+        self.anchor_memory = th.zeros(*slots, config.memory_layers, config.memory_size, config.d_model, device=self.device)
+        self.anchor_positions = th.zeros(*slots, config.memory_layers, config.memory_size, dtype=th.int32,
+                                         device=self.device)
         self.anchor_steps = th.zeros(slots, dtype=th.int32, device=self.device)
         # Empty (Kp = 0) without cross-segment attention.
-        self.anchor_previous = th.zeros(*slots, config.n_layers, config.previous_length, config.d_model, device=self.device)
+        self.anchor_previous = th.zeros(*slots, config.memory_layers, config.previous_length, config.d_model,
+                                        device=self.device)
         self.next_slot = th.zeros(n_envs, dtype=th.long, device=self.device)
         self.env_index = th.arange(n_envs, device=self.device)
         steps = (buffer_size, n_envs)
