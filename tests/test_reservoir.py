@@ -42,7 +42,7 @@ def test_reservoir_is_fixed_owns_a_memory_and_fills_half_the_output():
 
 
 def test_default_model_is_unchanged():
-    """Without a reservoir the model, its parameters and the random draws that make them stay as they were."""
+    """Without a reservoir (the default) the model has its trained layers only, and its embedding trains."""
     assert ElmurConfig().reservoir_layers == 0 and ElmurConfig().output_dim == ElmurConfig().d_model
     model = test_model._model()
     assert len(model.layers) == model.config.n_layers and model.ln_reservoir_out is None
