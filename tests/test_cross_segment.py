@@ -131,16 +131,8 @@ def test_elmur_ppo_keeps_every_other_boundary_under_a_tenth_of_the_packed_state(
 
 
 def test_elmur_ppo_rollout_matches_training_dict_image_and_compiled():
-    cross = dict(cross_segment_attention="previous")
-    test_ppo._assert_rollouts_match_training(
-        test_ppo._model(observation_space=test_ppo.DICT, policy="MultiInputElmurPolicy", memory_horizon=0,
-                        policy_kwargs=cross), rollouts=2)
-    image = test_ppo._model(observation_space=test_ppo.IMAGE, memory_horizon=4, policy="CnnElmurPolicy", n_envs=2,
-                            policy_kwargs=dict(cross, features_extractor_kwargs=dict(features_dim=16)))
-    test_ppo._assert_rollouts_match_training(image, rollouts=2)
-    compiled = test_ppo._model(compile_acting=True, n_envs=2, memory_horizon=4,
-                               policy_kwargs=dict(cross_segment_attention="window"))
-    test_ppo._assert_rollouts_match_training(compiled, rollouts=2)
+    test_ppo.assert_dict_image_and_compiled_rollouts_match(dict(cross_segment_attention="previous"),
+                                                           dict(cross_segment_attention="window"))
 
 
 @pytest.mark.parametrize("mode, action_space", zip(MODES, [spaces.Discrete(3), spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)]),

@@ -63,6 +63,18 @@ def _assert_rollouts_match_training(model, rollouts: int = 3) -> None:
     assert check.rollouts == rollouts and check.episode_starts >= 2  # episodes end mid-rollout and cross rollouts
 
 
+def assert_dict_image_and_compiled_rollouts_match(policy_kwargs: dict, compiled_policy_kwargs: dict) -> None:
+    """Rollout == training with a model option on, for Dict and image observations (``policy_kwargs``) and with
+    compiled acting (``compiled_policy_kwargs``)."""
+    _assert_rollouts_match_training(_model(observation_space=DICT, policy="MultiInputElmurPolicy", memory_horizon=0,
+                                           policy_kwargs=policy_kwargs), rollouts=2)
+    image = _model(observation_space=IMAGE, memory_horizon=4, policy="CnnElmurPolicy", n_envs=2,
+                   policy_kwargs=dict(policy_kwargs, features_extractor_kwargs=dict(features_dim=16)))
+    _assert_rollouts_match_training(image, rollouts=2)
+    compiled = _model(compile_acting=True, n_envs=2, memory_horizon=4, policy_kwargs=compiled_policy_kwargs)
+    _assert_rollouts_match_training(compiled, rollouts=2)
+
+
 @pytest.mark.parametrize("action_space", ACTION_SPACES, ids=["discrete", "box", "multidiscrete", "multibinary"])
 @pytest.mark.parametrize("memory_horizon", [0, 13], ids=["no-horizon", "horizon"])
 def test_rollout_matches_training(action_space, memory_horizon):

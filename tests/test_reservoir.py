@@ -70,15 +70,7 @@ def test_elmur_ppo_rollout_matches_training_and_the_reservoir_stays(action_space
 
 
 def test_elmur_ppo_rollout_matches_training_dict_image_and_compiled():
-    test_ppo._assert_rollouts_match_training(
-        test_ppo._model(observation_space=test_ppo.DICT, policy="MultiInputElmurPolicy", memory_horizon=0,
-                        policy_kwargs=RESERVOIR), rollouts=2)
-    image = test_ppo._model(observation_space=test_ppo.IMAGE, memory_horizon=4, policy="CnnElmurPolicy", n_envs=2,
-                            policy_kwargs=dict(RESERVOIR, features_extractor_kwargs=dict(features_dim=16)))
-    test_ppo._assert_rollouts_match_training(image, rollouts=2)
-    compiled = test_ppo._model(compile_acting=True, n_envs=2, memory_horizon=4,
-                               policy_kwargs=dict(RESERVOIR, cross_segment_attention="previous"))
-    test_ppo._assert_rollouts_match_training(compiled, rollouts=2)
+    test_ppo.assert_dict_image_and_compiled_rollouts_match(RESERVOIR, dict(RESERVOIR, cross_segment_attention="previous"))
 
 
 @pytest.mark.parametrize("policy, observation_space", [("ElmurPolicy", test_policies.VECTOR),

@@ -189,15 +189,16 @@ class ElmurConfig:
 
         :param input_dim: size of each step's input vector
         :param n_states: rows of :class:`ElmurState` to count besides the model
-        :param copies: copies of the parameters to count (e.g. 4 for training: parameters, gradients and Adam's
-            two moments)
+        :param copies: copies of the trained layers' weights to count (e.g. 4 for training: parameters, gradients and
+            Adam's two moments)
         :param what: who allocates, for the message
         :raises InsufficientMemoryError: it does not fit
         """
         parts = self.model_bytes(input_dim)
         weights = next(size for size, name in parts if name.startswith("d_model="))
+        trained = weights * self.n_layers // self.memory_layers  # a reservoir's fixed weights have one copy only
         state = n_states * self.state_bytes()
-        total = sum(size for size, _ in parts) + (copies - 1) * weights + state
+        total = sum(size for size, _ in parts) + (copies - 1) * trained + state
         largest = parts[0][1]
         if state > parts[0][0]:
             largest = (f"memory_size={self.memory_size} and context_length={self.context_length}: {n_states} "

@@ -203,10 +203,10 @@ class ElmurPPO(RecurrentPPO):
         buffer = (timeline * n_envs * (obs_bytes + 5) + anchor_slots * n_envs * anchor_bytes
                   + n_steps * n_envs * (get_action_dim(self.action_space) + 5) * 4)
         # A training row recomputes up to memory_horizon + anchor_interval - 1 steps before its sequence (fewer
-        # where an episode starts), with gradients: at least 24 floats per step, layer and d_model were saved for
-        # the backward pass (measured 28-56 at the default config).
+        # where an episode starts), with gradients: at least 24 floats per step, trained layer and d_model were saved
+        # for the backward pass (measured 28-56 at the default config; a reservoir runs without gradients).
         rows = max(1, (self.batch_size or n_steps * n_envs) // self.sequence_length)
-        activations = rows * (history + self.sequence_length) * config.memory_layers * config.d_model * 24 * 4
+        activations = rows * (history + self.sequence_length) * config.n_layers * config.d_model * 24 * 4
         largest = "memory_horizon" if self.memory_horizon >= n_steps else "n_steps (or n_envs)"
         check_memory(
             buffer + activations,
