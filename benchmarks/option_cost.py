@@ -1,7 +1,8 @@
-"""What cross-segment attention costs: acting and training time, state and buffer bytes, with the option off,
-"previous" and "window", at the default config and at a wide one, in one run.
+"""What an opt-in model option costs (cross-segment attention, reservoir layers): acting and training time, state
+and buffer bytes, at each of its values against the default, at the default config and at a wide one, in one run.
 
-    python benchmarks/cross_segment_cost.py --out benchmarks/results/cross_segment_cost.md
+    python benchmarks/option_cost.py --option cross_segment_attention   # benchmarks/results/cross_segment_cost.md
+    python benchmarks/option_cost.py --option reservoir_layers          # benchmarks/results/reservoir_cost.md
 
 Acting: ElmurPPO's acting step (``ElmurActor``, heads, action sampling, value) for 8 envs, eager. Training: one
 forward and backward pass of the ELMUR model over one minibatch of ElmurPPO's defaults (``batch_size //
@@ -35,13 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.p
 from reports import median_ms_alternating  # noqa: E402
 
 CONFIGS = {"default": {}, "wide": dict(d_model=128, n_layers=4, n_heads=4, memory_size=4, context_length=32)}
-MODES = ["off", "previous", "window"]
+# Each option's values, the default first (the ratios' reference), and its report's title and file.
+OPTIONS: Dict[str, Dict[str, Any]] = {
+    "cross_segment_attention": {"values": ["off", "previous", "window"], "title": "Cross-segment attention",
+                                "out": "benchmarks/results/cross_segment_cost.md"},
+    "reservoir_layers": {"values": [0, 1, 2], "title": "Reservoir layers", "out": "benchmarks/results/reservoir_cost.md"},
+}
 
 
-def build(config: Dict[str, Any], mode: str, n_envs: int) -> Dict[str, Any]:
-    """An ElmurPPO of the config on T-Maze, and its acting and training closures."""
+def build(config: Dict[str, Any], option: str, value: Any, n_envs: int) -> Dict[str, Any]:
+    """An ElmurPPO of the config with ``option=value`` on T-Maze, and its acting and training closures."""
     env = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
-    model = ElmurPPO("ElmurPolicy", env, seed=0, policy_kwargs=dict(config, cross_segment_attention=mode))
+    model = ElmurPPO("ElmurPolicy", env, seed=0, policy_kwargs=dict(config, **{option: value}))
     policy, elmur = model.policy, model.policy.lstm_actor.model
     actor = ElmurActor(policy, n_envs)
     obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs, dtype=torch.bool)
@@ -71,53 +77,57 @@ def build(config: Dict[str, Any], mode: str, n_envs: int) -> Dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python benchmarks/cross_segment_cost.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python benchmarks/option_cost.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--option", choices=sorted(OPTIONS), default="cross_segment_attention",
+                        help="The ElmurConfig option to measure, at each of its values.")
     parser.add_argument("--n-envs", type=positive_int_argument, default=8, help="Envs acted for at once.")
     parser.add_argument("--acting-steps", type=positive_int_argument, default=300, help="Acting steps per timed round.")
     parser.add_argument("--training-passes", type=positive_int_argument, default=5,
                         help="Training passes per timed round.")
     parser.add_argument("--rounds", type=positive_int_argument, default=5,
-                        help="Timed rounds per case, alternating between the modes.")
-    parser.add_argument("--out", default="benchmarks/results/cross_segment_cost.md", help="Report to write (Markdown).")
+                        help="Timed rounds per case, alternating between the option's values.")
+    parser.add_argument("--out", help="Report to write (Markdown); by default the option's file in benchmarks/results.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing report.")
     args = parser.parse_args()
-    out = new_report_path(parser, args.out, args.overwrite)
+    option = OPTIONS[args.option]
+    out = new_report_path(parser, args.out or option["out"], args.overwrite)
+    default = str(option["values"][0])
     torch.set_num_threads(1)  # small models on CPU: more threads only add overhead
     results: Dict[str, Dict[str, Dict[str, float]]] = {}
     for config_name, config in CONFIGS.items():
-        cases = {mode: build(config, mode, args.n_envs) for mode in MODES}
-        acting = median_ms_alternating({mode: case["act"] for mode, case in cases.items()}, args.acting_steps, args.rounds)
-        training = median_ms_alternating({mode: case["train"] for mode, case in cases.items()}, args.training_passes,
+        cases = {str(value): build(config, args.option, value, args.n_envs) for value in option["values"]}
+        acting = median_ms_alternating({value: case["act"] for value, case in cases.items()}, args.acting_steps, args.rounds)
+        training = median_ms_alternating({value: case["train"] for value, case in cases.items()}, args.training_passes,
                                          args.rounds, warmup=3)
         results[config_name] = {
-            mode: {"acting_ms": acting[mode], "training_ms": training[mode],
-                   **{key: float(value) for key, value in case.items() if key.endswith("bytes") or key.endswith("step")}}
-            for mode, case in cases.items()
+            value: {"acting_ms": acting[value], "training_ms": training[value],
+                    **{key: float(number) for key, number in case.items() if key.endswith("bytes") or key.endswith("step")}}
+            for value, case in cases.items()
         }
     lines = [
-        "# Cross-segment attention: what it costs",
+        f"# {option['title']}: what it costs",
         "",
-        f"Command: `python benchmarks/cross_segment_cost.py {' '.join(sys.argv[1:])}` (code "
+        f"Command: `python benchmarks/option_cost.py {' '.join(sys.argv[1:])}` (code "
         f"{code_commit(Path(__file__).parent)}, {date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at the end, torch {torch.__version__}, one thread). Acting: one ElmurPPO "
         f"rollout step of {args.n_envs} envs (policy, heads, sampling, value; eager), median of {args.rounds} alternating "
         f"rounds of {args.acting_steps} steps. Training: forward and backward over one minibatch of ElmurPPO's default "
-        f"shape, median of {args.rounds} rounds of {args.training_passes}. Ratios are against the option off, in the "
-        "same run.",
+        f"shape, median of {args.rounds} rounds of {args.training_passes}. Ratios are against {args.option}={default} "
+        "(the default), in the same run.",
         "",
         f"Configs: default = `{ElmurConfig().describe()}` (the defaults of this commit); wide = `{CONFIGS['wide']}`.",
         "",
-        "| config | cross_segment_attention | acting ms/step | x off | training ms/pass | x off | state bytes/env | "
+        f"| config | {args.option} | acting ms/step | x {default} | training ms/pass | x {default} | state bytes/env | "
         "RecurrentPPO packed bytes/env/step | ElmurPPO stored bytes/env/step |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for config_name, modes in results.items():
-        off = modes["off"]
-        for mode, r in modes.items():
+    for config_name, values in results.items():
+        reference = values[default]
+        for value, r in values.items():
             lines.append(
-                f"| {config_name} | {mode} | {r['acting_ms']:.3f} | {r['acting_ms'] / off['acting_ms']:.2f} | "
-                f"{r['training_ms']:.1f} | {r['training_ms'] / off['training_ms']:.2f} | {r['state_bytes']:.0f} | "
+                f"| {config_name} | {value} | {r['acting_ms']:.3f} | {r['acting_ms'] / reference['acting_ms']:.2f} | "
+                f"{r['training_ms']:.1f} | {r['training_ms'] / reference['training_ms']:.2f} | {r['state_bytes']:.0f} | "
                 f"{r['packed_bytes']:.0f} | {r['buffer_bytes_per_step']:.0f} |"
             )
     text = "\n".join(lines) + "\n"
