@@ -38,9 +38,9 @@ from reports import median_ms_alternating  # noqa: E402
 CONFIGS = {"default": {}, "wide": dict(d_model=128, n_layers=4, n_heads=4, memory_size=4, context_length=32)}
 # Each option's values, the default first (the ratios' reference), and its report's title and file.
 OPTIONS: Dict[str, Dict[str, Any]] = {
-    "cross_segment_attention": {"values": ["off", "previous", "window"], "title": "Cross-segment attention",
+    "cross_segment_attention": {"values": ["off", "previous", "window"], "title": "Cross-segment attention: what it costs",
                                 "out": "benchmarks/results/cross_segment_cost.md"},
-    "reservoir_layers": {"values": [0, 1, 2], "title": "Reservoir layers", "out": "benchmarks/results/reservoir_cost.md"},
+    "reservoir_layers": {"values": [0, 1, 2], "title": "Reservoir layers: what they cost", "out": "benchmarks/results/reservoir_cost.md"},
 }
 
 
@@ -106,7 +106,7 @@ def main() -> None:
             for value, case in cases.items()
         }
     lines = [
-        f"# {option['title']}: what it costs",
+        f"# {option['title']}",
         "",
         f"Command: `python benchmarks/option_cost.py {' '.join(sys.argv[1:])}` (code "
         f"{code_commit(Path(__file__).parent)}, {date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} CPUs, "
