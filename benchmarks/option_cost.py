@@ -40,7 +40,8 @@ CONFIGS = {"default": {}, "wide": dict(d_model=128, n_layers=4, n_heads=4, memor
 OPTIONS: Dict[str, Dict[str, Any]] = {
     "cross_segment_attention": {"values": ["off", "previous", "window"], "title": "Cross-segment attention: what it costs",
                                 "out": "benchmarks/results/cross_segment_cost.md"},
-    "reservoir_layers": {"values": [0, 1, 2], "title": "Reservoir layers: what they cost", "out": "benchmarks/results/reservoir_cost.md"},
+    "reservoir_layers": {"values": [0, 1, 2], "title": "Reservoir layers: what they cost",
+                         "out": "benchmarks/results/reservoir_cost.md"},
 }
 
 
