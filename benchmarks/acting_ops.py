@@ -19,13 +19,10 @@ from typing import Callable, Dict
 
 import torch
 from sb3_contrib import RecurrentPPO
-from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import VecEnv
 from torch.profiler import ProfilerActivity, profile
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
-from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.utils import (
     code_commit,
     new_report_path,
@@ -35,27 +32,12 @@ from sb3_elmur.common.utils import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
-from reports import median_ms_alternating  # noqa: E402
-
-
-def tmaze_env(n_envs: int) -> VecEnv:
-    return make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+from reports import elmur_acting_step, median_ms_alternating, tmaze_env  # noqa: E402
 
 
 def elmur_step(n_envs: int, compile: bool) -> Callable[[], None]:
     env = tmaze_env(n_envs)
-    policy = ElmurPPO("ElmurPolicy", env, seed=0).policy
-    actor = ElmurActor(policy, n_envs, compile=compile)
-    obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs, dtype=torch.bool)
-
-    def step() -> None:
-        with torch.no_grad(), unvalidated_distributions():  # as ElmurPPO's rollouts
-            latent_pi, latent_vf = actor.step(obs, starts)
-            distribution = policy._get_action_dist_from_latent(latent_pi)
-            actions = distribution.get_actions()
-            distribution.log_prob(actions), policy.value_net(latent_vf)
-
-    return step
+    return elmur_acting_step(ElmurPPO("ElmurPolicy", env, seed=0).policy, env, compile)
 
 
 def lstm_step(n_envs: int) -> Callable[[], None]:

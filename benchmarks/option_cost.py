@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any, Dict
 
 import torch
-from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_elmur  # noqa: F401
 from sb3_elmur import ElmurPPO
-from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.config import ElmurConfig
 from sb3_elmur.common.utils import (
     code_commit,
@@ -33,7 +31,7 @@ from sb3_elmur.common.utils import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/reports.py, also when run by runpy
-from reports import median_ms_alternating  # noqa: E402
+from reports import elmur_acting_step, median_ms_alternating, tmaze_env  # noqa: E402
 
 CONFIGS = {"default": {}, "wide": dict(d_model=128, n_layers=4, n_heads=4, memory_size=4, context_length=32)}
 # Each option's values, the default first (the ratios' reference), and its report's title and file.
@@ -47,18 +45,10 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
 
 def build(config: Dict[str, Any], option: str, value: Any, n_envs: int) -> Dict[str, Any]:
     """An ElmurPPO of the config with ``option=value`` on T-Maze, and its acting and training closures."""
-    env = make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+    env = tmaze_env(n_envs)
     model = ElmurPPO("ElmurPolicy", env, seed=0, policy_kwargs=dict(config, **{option: value}))
     policy, elmur = model.policy, model.policy.lstm_actor.model
-    actor = ElmurActor(policy, n_envs)
-    obs, starts = torch.as_tensor(env.reset()), torch.zeros(n_envs, dtype=torch.bool)
-
-    def act() -> None:
-        with torch.no_grad(), unvalidated_distributions():  # as ElmurPPO's rollouts
-            latent_pi, latent_vf = actor.step(obs, starts)
-            distribution = policy._get_action_dist_from_latent(latent_pi)
-            actions = distribution.get_actions()
-            distribution.log_prob(actions), policy.value_net(latent_vf)
+    act = elmur_acting_step(policy, env)
 
     buffer = model.rollout_buffer
     rows = max(1, model.batch_size // buffer.sequence_length)  # sequences of one minibatch

@@ -1,7 +1,7 @@
 """What the reports of the long benchmarks (recall_offline, tmaze_offline, popgym_offline, tmaze_vs_lstm) share:
 their options, where a report and a run record come from (command, commit, machine, date), the records a report is
 rebuilt from in a fresh clone, and its .json and .md files; and the timing of the speed benchmarks (acting_ops,
-option_cost, export_speed). Not a script: the scripts import it from their folder."""
+option_cost, export_speed), with their env and ElmurPPO's acting step. Not a script: the scripts import it from their folder."""
 
 import argparse
 import contextlib
@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
 from sb3_elmur.common.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
 # What a report names besides its runs (the last command's)
@@ -165,3 +168,24 @@ def median_ms_alternating(
                 function()
             times[name].append((time.perf_counter() - start) / calls * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def tmaze_env(n_envs: int) -> VecEnv:
+    """The speed benchmarks' env: passive T-Maze, corridor 100, seed 0."""
+    return make_vec_env("sb3_elmur/PassiveTMaze-v0", n_envs=n_envs, seed=0, env_kwargs={"corridor_length": 100})
+
+
+def elmur_acting_step(policy: Any, env: VecEnv, compile: bool = False) -> Callable[[], None]:
+    """One ElmurPPO rollout step of ``policy`` (an ElmurPolicy) on ``env``'s first observations: ``ElmurActor``,
+    heads, action sampling and log-prob, value, without gradients, as ElmurPPO's rollouts."""
+    actor = ElmurActor(policy, env.num_envs, compile=compile)
+    obs, starts = torch.as_tensor(env.reset()), torch.zeros(env.num_envs, dtype=torch.bool)
+
+    def step() -> None:
+        with torch.no_grad(), unvalidated_distributions():  # as ElmurPPO's rollouts
+            latent_pi, latent_vf = actor.step(obs, starts)
+            distribution = policy._get_action_dist_from_latent(latent_pi)
+            actions = distribution.get_actions()
+            distribution.log_prob(actions), policy.value_net(latent_vf)
+
+    return step
