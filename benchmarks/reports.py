@@ -1,7 +1,8 @@
 """What the reports of the long benchmarks (recall_offline, tmaze_offline, popgym_offline, tmaze_vs_lstm) share:
 their options, where a report and a run record come from (command, commit, machine, date), the records a report is
 rebuilt from in a fresh clone, and its .json and .md files; and the timing of the speed benchmarks (acting_ops,
-option_cost, export_speed), with their env and ElmurPPO's acting step. Not a script: the scripts import it from their folder."""
+option_cost, export_speed), with their env and ElmurPPO's acting step. Not a script: the scripts import it from their
+folder."""
 
 import argparse
 import contextlib
