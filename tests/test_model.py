@@ -420,3 +420,19 @@ def test_read_init_std_sets_the_memory_reads_value_and_output_weights_only():
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="read_init_std"):
             ElmurConfig(read_init_std=bad)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"cross_segment_attention": "previous"}, {"reservoir_layers": 1, "memory_size": 3}])
+def test_config_state_fields_are_the_states_tensors(kwargs):
+    # The one written layout (ElmurConfig.state_fields) must be the state the model makes: field names and order,
+    # element counts and bytes; state_bytes, the packed state and ElmurPPO's memory check all read it.
+    config = ElmurConfig(d_model=8, n_heads=2, context_length=5, **kwargs)
+    state = ElmurModel(3, config).initial_state(1)
+    fields = config.state_fields()
+    assert [name for name, _, _ in fields] == ["step", "positions", "memory", "segment", "previous"]
+    for name, count, size in fields:
+        tensor = getattr(state, name)
+        assert (tensor.numel(), tensor.element_size()) == (count, size), name
+    assert config.state_bytes() == sum(t.numel() * t.element_size() for t in state)
+    if config.previous_length:
+        assert "cross_segment_attention='previous'" in config.describe()

@@ -263,7 +263,7 @@ def test_state_of_another_layout_or_size_is_refused():
     other = _policy(d_model=8, context_length=11)
     assert other.lstm_actor.hidden_size == policy.lstm_actor.hidden_size
     _, other_state = other.predict(obs)
-    expected = r"not made by an ElmurPolicy with ElmurConfig\(n_layers=2, memory_size=2, d_model=16, context_length=4\)"
+    expected = r"not made by an ElmurPolicy with ElmurConfig\(d_model=16, n_layers=2, memory_size=2, context_length=4\)"
     with pytest.raises(RecurrentStateError, match=expected):
         policy.predict(obs, other_state)
     mixed = tuple(np.concatenate([np.zeros_like(s[:, :1]), s[:, 1:]], axis=1) for s in other_state)

@@ -51,7 +51,7 @@ class ElmurBackbone(nn.Module):
 
     Packed layout of one row (``state_size`` floats, split in two halves, zero-padded):
     ``[layout tag, step, positions (L*M), memory (L*M*D), segment tokens ((K-1)*D), previous segment (L*Kp*D)]``
-    (Kp = K with cross-segment attention, else 0). The tag (see
+    (Kp = K with cross-segment attention, else 0; :meth:`ElmurConfig.state_fields` is that list). The tag (see
     :func:`layout_tag`) tells a state of this layout from any other; a row whose tag is 0 is a fresh row and
     unpacks to the initial state, so all-zero states (what ``predict`` and ``RecurrentPPO`` start from) are
     valid.
@@ -65,11 +65,8 @@ class ElmurBackbone(nn.Module):
     def __init__(self, features_dim: int, config: ElmurConfig) -> None:
         super().__init__()
         self.model = ElmurModel(int(features_dim), config)
-        c = config
-        self._sizes = [
-            1, 1, c.memory_layers * c.memory_size, c.memory_layers * c.memory_size * c.d_model,
-            (c.context_length - 1) * c.d_model, c.memory_layers * c.previous_length * c.d_model,
-        ]
+        # The layout tag, then the state's fields in ElmurConfig's order, one float each element.
+        self._sizes = [1] + [count for _, count, _ in config.state_fields()]
         self.state_size = sum(self._sizes)
         self.hidden_size = (self.state_size + 1) // 2
         self._padding = 2 * self.hidden_size - self.state_size
@@ -79,16 +76,6 @@ class ElmurBackbone(nn.Module):
     @property
     def input_size(self) -> int:
         return self.model.input_dim
-
-    def describe_layout(self) -> str:
-        """The config fields that set the packed layout, for error messages."""
-        c = self.model.config
-        return (
-            f"ElmurConfig(n_layers={c.n_layers}, memory_size={c.memory_size}, d_model={c.d_model}, "
-            + (f"reservoir_layers={c.reservoir_layers}, " if c.reservoir_layers else "")
-            + f"context_length={c.context_length}"
-            + (f", cross_segment_attention={c.cross_segment_attention!r})" if c.previous_length else ")")
-        )
 
     def check_packed_shape(self, packed: Any) -> None:
         """Check that ``packed`` is a (hidden, cell) pair of arrays of this layout's shape ``[1, N, hidden_size]``.
@@ -109,7 +96,7 @@ class ElmurBackbone(nn.Module):
         if shapes[0][2] != self.hidden_size:
             raise RecurrentStateError(
                 f"recurrent state of size {shapes[0][2]}, but this policy's packed state has size {self.hidden_size} "
-                f"(it expects a state made by an ElmurPolicy with {self.describe_layout()})"
+                f"(it expects a state made by an ElmurPolicy with {self.model.config.describe()})"
             )
 
     def pack(self, state: ElmurState) -> Tuple[th.Tensor, th.Tensor]:
@@ -151,7 +138,7 @@ class ElmurBackbone(nn.Module):
         if bool(foreign.any()):
             row = int(foreign.nonzero()[0, 0])
             raise RecurrentStateError(
-                f"this state was not made by an ElmurPolicy with {self.describe_layout()}: row {row} has layout tag "
+                f"this state was not made by an ElmurPolicy with {self.model.config.describe()}: row {row} has layout tag "
                 f"{float(tag[row, 0])!r}, expected {self.layout_tag} (or 0 for a fresh row). Pass the state that this "
                 "policy returned, or None to start new episodes."
             )

@@ -172,17 +172,28 @@ class ElmurConfig:
             parts.append((n * 2 * self.n_distance_buckets * (h * 4 + 8), f"distance_buckets={self.distance_buckets}"))
         return sorted(parts, reverse=True)
 
+    def state_fields(self) -> List[Tuple[str, int, int]]:
+        """One row of :class:`ElmurState`, field by field, in the order the packed state lays them out:
+        (name, number of elements, bytes per element as the state holds it)."""
+        n, m, d = self.memory_layers, self.memory_size, self.d_model
+        return [
+            ("step", 1, 8),
+            ("positions", n * m, 8),
+            ("memory", n * m * d, 4),
+            ("segment", (self.context_length - 1) * d, 4),
+            ("previous", n * self.previous_length * d, 4),
+        ]
+
     def state_bytes(self) -> int:
         """Bytes of one row of :class:`ElmurState` (memory, slot positions, segment tokens, step, previous segment)."""
-        n, m, d = self.memory_layers, self.memory_size, self.d_model
-        previous = n * self.previous_length * d * 4
-        return n * m * d * 4 + n * m * 8 + (self.context_length - 1) * self.d_model * 4 + 8 + previous
+        return sum(count * size for _, count, size in self.state_fields())
 
     def describe(self) -> str:
-        """The size fields, for messages."""
+        """The size fields (all that set the state's layout), for messages."""
         reservoir = f", reservoir_layers={self.reservoir_layers}" if self.reservoir_layers else ""
+        cross = f", cross_segment_attention={self.cross_segment_attention!r}" if self.previous_length else ""
         return (f"ElmurConfig(d_model={self.d_model}, n_layers={self.n_layers}{reservoir}, memory_size={self.memory_size}, "
-                f"context_length={self.context_length})")
+                f"context_length={self.context_length}{cross})")
 
     def check_memory(self, input_dim: int = 0, n_states: int = 0, copies: int = 1, what: str = "ElmurModel") -> None:
         """Refuse a config whose model (and states) cannot fit in RAM, naming the argument that asks the most.
