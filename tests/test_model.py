@@ -425,7 +425,7 @@ def test_read_init_std_sets_the_memory_reads_value_and_output_weights_only():
 @pytest.mark.parametrize("kwargs", [{}, {"cross_segment_attention": "previous"}, {"reservoir_layers": 1, "memory_size": 3}])
 def test_config_state_fields_are_the_states_tensors(kwargs):
     # The one written layout (ElmurConfig.state_fields) must be the state the model makes: field names and order,
-    # element counts and bytes; state_bytes, the packed state and ElmurPPO's memory check all read it.
+    # element counts and bytes; state_bytes (so ElmurConfig.check_memory) and the packed state's split read it.
     config = ElmurConfig(d_model=8, n_heads=2, context_length=5, **kwargs)
     state = ElmurModel(3, config).initial_state(1)
     fields = config.state_fields()
