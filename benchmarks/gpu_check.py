@@ -161,7 +161,7 @@ def _train(case: str, env: Any, obs_mode: str, size: Dict[str, Any]) -> Dict[str
 def _act(policy: Any, obs: Any, variant: str, size: Dict[str, Any], steps: int = 50) -> Dict[str, Any]:
     """ElmurPPO's acting step (actor, action, log-prob and value) of every env, timed over ``steps`` steps after two
     segments of warm-up (compiling every graph: on the CPU, steps that complete a segment have their own)."""
-    from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
+    from sb3_elmur.common.actor import ElmurActor
     from sb3_elmur.ppo.ppo import as_device_tensor
 
     device, n_envs = size["device"], size["n_envs"]
@@ -178,11 +178,7 @@ def _act(policy: Any, obs: Any, variant: str, size: Dict[str, Any], steps: int =
     def step() -> None:
         if graphs:  # a new step: the graph's outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.no_grad(), unvalidated_distributions():
-            latent_pi, latent_vf = actor.step(obs, starts)
-            distribution = policy._get_action_dist_from_latent(latent_pi)
-            actions = distribution.get_actions()
-            distribution.log_prob(actions), policy.value_net(latent_vf)
+        actor.sample(obs, starts)
 
     start = time.perf_counter()
     for _ in range(2 * policy.elmur_config.context_length + 1):

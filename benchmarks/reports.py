@@ -22,7 +22,7 @@ import torch
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
+from sb3_elmur.common.actor import ElmurActor
 from sb3_elmur.common.utils import code_commit, new_report_path, write_json_atomically, write_text_atomically
 
 # What a report names besides its runs (the last command's)
@@ -181,12 +181,4 @@ def elmur_acting_step(policy: Any, env: VecEnv, compile: bool = False) -> Callab
     heads, action sampling and log-prob, value, without gradients, as ElmurPPO's rollouts."""
     actor = ElmurActor(policy, env.num_envs, compile=compile)
     obs, starts = torch.as_tensor(env.reset()), torch.zeros(env.num_envs, dtype=torch.bool)
-
-    def step() -> None:
-        with torch.no_grad(), unvalidated_distributions():  # as ElmurPPO's rollouts
-            latent_pi, latent_vf = actor.step(obs, starts)
-            distribution = policy._get_action_dist_from_latent(latent_pi)
-            actions = distribution.get_actions()
-            distribution.log_prob(actions), policy.value_net(latent_vf)
-
-    return step
+    return lambda: actor.sample(obs, starts)

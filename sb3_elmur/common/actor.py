@@ -125,6 +125,19 @@ class ElmurActor:
             self.state, self.outputs = state, outputs
         return latent_pi, latent_vf
 
+    def sample(self, obs: Union[th.Tensor, Dict[str, th.Tensor]], episode_starts: th.Tensor) -> Tuple[th.Tensor, ...]:
+        """One rollout step of every env: :meth:`step`, then the heads, without gradients or distribution checks.
+
+        :param obs: observations of the envs, as tensors
+        :param episode_starts: [n] bool, True where the observation starts an episode
+        :return: sampled actions, their log-probs and the values (what ElmurPPO's rollouts store)
+        """
+        with th.no_grad(), unvalidated_distributions():
+            latent_pi, latent_vf = self.step(obs, episode_starts)
+            distribution = self.policy._get_action_dist_from_latent(latent_pi)
+            actions = distribution.get_actions()
+            return actions, distribution.log_prob(actions), self.policy.value_net(latent_vf)
+
     def defer_observation_checks(self) -> None:
         """Check observations without making the host wait at every step (on a GPU, ``host_sync``): from now on each
         step adds to a flag on the device, read once by :meth:`check_deferred_observations`."""

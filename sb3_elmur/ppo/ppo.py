@@ -13,7 +13,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_elmur.common.actor import ElmurActor, unvalidated_distributions
+from sb3_elmur.common.actor import ElmurActor
 from sb3_elmur.common.checks import check_bool, check_device, check_int, check_max_grad_norm, check_memory, format_bytes
 from sb3_elmur.common.host_sync import is_accelerated
 from sb3_elmur.common.memory import ElmurState
@@ -253,14 +253,10 @@ class ElmurPPO(RecurrentPPO):
             bounds = [th.as_tensor(bound, device=device) for bound in (self.action_space.low, self.action_space.high)]
         n_steps = 0
         while n_steps < n_rollout_steps:
-            with th.no_grad(), unvalidated_distributions():
-                obs = as_device_tensor(self._last_obs, device)
-                starts = th.as_tensor(self._last_episode_starts, dtype=th.bool, device=device)
-                rollout_buffer.record_anchor(actor.state, starts)
-                latent_pi, latent_vf = actor.step(obs, starts)
-                distribution = self.policy._get_action_dist_from_latent(latent_pi)
-                actions = distribution.get_actions()
-                log_probs, values = distribution.log_prob(actions), self.policy.value_net(latent_vf)
+            obs = as_device_tensor(self._last_obs, device)
+            starts = th.as_tensor(self._last_episode_starts, dtype=th.bool, device=device)
+            rollout_buffer.record_anchor(actor.state, starts)
+            actions, log_probs, values = actor.sample(obs, starts)
             if env_device is not None:  # the env takes tensors on its device: no copy through the host
                 env_actions = actions.reshape((-1, *self.action_space.shape))
                 if bounds is not None:
